@@ -1,0 +1,199 @@
+"""A1111 "parameters" infotext: build, parse, and carry it in image files.
+
+The text has three parts separated by newlines (see shared/reference/a1111-compat.md):
+the prompt (may span lines), an optional `Negative prompt: ...` part, and one last line of
+`Key: value` pairs joined by ", ". Every tool that reads A1111 images (A1111 itself, Forge,
+ComfyUI importers, civitai) expects exactly this, so the quoting and parsing rules below follow
+A1111's `create_infotext` / `parse_generation_parameters` behaviour, not our taste.
+"""
+from __future__ import annotations
+
+import io
+import json
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+from PIL import Image, PngImagePlugin
+
+PARAMETERS_KEY = "parameters"
+NEGATIVE_PREFIX = "Negative prompt:"
+
+# A1111 only treats the last line as parameters when it holds at least this many pairs; with
+# fewer it is the end of the prompt (a prompt line such as "style: ink" must stay a prompt).
+MIN_PARAM_PAIRS = 3
+
+# A key as A1111 writes them: starts with a word character, then words, spaces, '-' or '/'.
+_KEY = re.compile(r"\s*(\w[\w \-/]*):\s*")
+_SIZE = re.compile(r"^(\d+)x(\d+)$")
+
+# Schedule names that pre-1.9 A1111 glued onto the sampler ("DPM++ 2M Karras"). Longest first so
+# "SGM Uniform" wins over "Uniform".
+_OLD_SCHEDULE_SUFFIXES = (
+    "Align Your Steps", "Polyexponential", "SGM Uniform", "Exponential", "KL Optimal",
+    "Karras", "Uniform", "Simple", "Normal", "Beta",
+)
+
+# EXIF tags: the Exif sub-IFD pointer and UserComment inside it (where A1111 puts the text in
+# JPEG/WebP files). UserComment starts with an 8-byte character-code prefix.
+_EXIF_IFD = 0x8769
+_USER_COMMENT = 0x9286
+_UNICODE_PREFIX = b"UNICODE\x00"
+_ASCII_PREFIX = b"ASCII\x00\x00\x00"
+
+
+def quote(value) -> str:
+    """The value as A1111 writes it: JSON-quoted only when it holds ',', ':' or a newline."""
+    text = str(value)
+    if "," not in text and ":" not in text and "\n" not in text:
+        return text
+    return json.dumps(text, ensure_ascii=False)
+
+
+def build_infotext(prompt: str, negative_prompt: str, params: Mapping[str, object]) -> str:
+    """The full infotext; params keep their given order, None values are left out."""
+    pairs = []
+    for key, value in params.items():
+        if value is None:
+            continue
+        if _KEY.fullmatch(f"{key}:") is None or key != key.strip():
+            raise ValueError(f"infotext key {key!r} must be words, spaces, '-' or '/'")
+        # A1111 writes a flag whose value equals its key as the bare key.
+        pairs.append(key if key == value else f"{key}: {quote(value)}")
+    negative = f"\n{NEGATIVE_PREFIX} {negative_prompt}" if negative_prompt else ""
+    # A1111 strips the whole text, so an empty prompt leaves no blank first line.
+    return f"{prompt}{negative}\n{', '.join(pairs)}".strip()
+
+
+def _scan_pairs(line: str) -> list[tuple[str, str]]:
+    """`Key: value` pairs of a parameters line; quoted values are decoded, bare words skipped."""
+    pairs = []
+    decoder = json.JSONDecoder()
+    pos = 0
+    while pos < len(line):
+        key_match = _KEY.match(line, pos)
+        if key_match is None:
+            # Not a pair (e.g. a bare flag); skip to the next comma like A1111's regex does.
+            comma = line.find(",", pos)
+            if comma < 0:
+                break
+            pos = comma + 1
+            continue
+        key, pos = key_match.group(1).strip(), key_match.end()
+        value = None
+        if line.startswith('"', pos):
+            try:
+                decoded, end = decoder.raw_decode(line, pos)
+            except ValueError:
+                decoded = None
+            rest = line[end:].lstrip() if decoded is not None else ""
+            if isinstance(decoded, str) and (rest == "" or rest.startswith(",")):
+                value = decoded
+                pos = len(line) - len(rest) + 1
+        if value is None:
+            comma = line.find(",", pos)
+            end = len(line) if comma < 0 else comma
+            value, pos = line[pos:end].strip(), end + 1
+        pairs.append((key, value))
+    return pairs
+
+
+def _split_old_sampler(result: dict[str, object]) -> None:
+    """Read pre-1.9 "DPM++ 2M Karras" as Sampler "DPM++ 2M" + Schedule type "Karras"."""
+    sampler = result.get("Sampler")
+    if not isinstance(sampler, str) or "Schedule type" in result:
+        return
+    for schedule in _OLD_SCHEDULE_SUFFIXES:
+        suffix = f" {schedule}"
+        if sampler.endswith(suffix) and len(sampler) > len(suffix):
+            result["Sampler"] = sampler[: -len(suffix)]
+            result["Schedule type"] = schedule
+            return
+
+
+def parse_infotext(text: str) -> dict[str, object]:
+    """Fields of an infotext: Prompt, Negative prompt, then each key as written (values are
+    strings); `Size: WxH` becomes Size-1/Size-2 as A1111 does."""
+    *lines, last = text.strip().split("\n")
+    pairs = _scan_pairs(last)
+    if len(pairs) < MIN_PARAM_PAIRS:
+        lines.append(last)
+        pairs = []
+
+    prompt: list[str] = []
+    negative: list[str] = []
+    for line in lines:
+        line = line.strip()
+        if not negative and line.startswith(NEGATIVE_PREFIX):
+            negative.append(line[len(NEGATIVE_PREFIX):].strip())
+        elif negative:
+            negative.append(line)
+        else:
+            prompt.append(line)
+
+    result: dict[str, object] = {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(negative)}
+    for key, value in pairs:
+        size = _SIZE.match(value)
+        if size:
+            result[f"{key}-1"], result[f"{key}-2"] = size.group(1), size.group(2)
+        else:
+            result[key] = value
+    _split_old_sampler(result)
+    return result
+
+
+def write_png_with_infotext(image: Image.Image, infotext: str | None) -> bytes:
+    """PNG bytes of the image with a "parameters" text chunk (iTXt when not latin-1, via
+    Pillow's PngInfo); no chunk when infotext is None."""
+    if image.mode not in ("1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"):
+        image = image.convert("RGBA" if "A" in image.getbands() else "RGB")
+    info = None
+    if infotext is not None:
+        info = PngImagePlugin.PngInfo()
+        info.add_text(PARAMETERS_KEY, infotext)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def _decode_user_comment(raw) -> str | None:
+    if isinstance(raw, str):
+        return raw.rstrip("\x00") or None
+    if not isinstance(raw, (bytes, bytearray)) or len(raw) < 8:
+        return None
+    prefix, body = bytes(raw[:8]), bytes(raw[8:])
+    if prefix == _UNICODE_PREFIX:
+        # A1111 (piexif) writes UTF-16 big-endian; some tools write little-endian. For text
+        # that is mostly ASCII the zero bytes sit at even offsets in BE and odd offsets in LE.
+        if body[:2] in (b"\xfe\xff", b"\xff\xfe"):
+            text = body.decode("utf-16", errors="replace")
+        else:
+            big_endian = body[0::2].count(0) >= body[1::2].count(0)
+            text = body.decode("utf-16-be" if big_endian else "utf-16-le", errors="replace")
+    elif prefix == _ASCII_PREFIX:
+        text = body.decode("ascii", errors="replace")
+    else:
+        text = body.decode("utf-8", errors="replace")
+    return text.rstrip("\x00") or None
+
+
+def read_infotext(source: str | Path | Image.Image) -> str | None:
+    """The "parameters" text of a PNG, or the EXIF UserComment of a JPEG/WebP; None if absent."""
+    if isinstance(source, Image.Image):
+        return _read_from_image(source)
+    with Image.open(source) as image:
+        return _read_from_image(image)
+
+
+def _read_from_image(image: Image.Image) -> str | None:
+    text = image.info.get(PARAMETERS_KEY)
+    if text is None and isinstance(image, PngImagePlugin.PngImageFile):
+        # Text chunks after the image data are only read once the file is loaded.
+        text = image.text.get(PARAMETERS_KEY)
+    if isinstance(text, str):
+        return text
+    try:
+        exif = image.getexif()
+    except Exception:  # a broken EXIF block is no reason to fail reading the image
+        return None
+    return _decode_user_comment(exif.get_ifd(_EXIF_IFD).get(_USER_COMMENT))
