@@ -1,0 +1,186 @@
+"""The generation request: one frozen dataclass, validated once at the edge.
+
+CLI flags, UI widgets and HTTP JSON all arrive as a mapping of field name -> raw value.
+`GenerationRequest.validate` coerces and range-checks each field and raises `RequestError` naming
+the field and the allowed range. Inside the engine a request is trusted as-is.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from engine.errors import RequestError
+from engine.samplers import DEFAULT_SAMPLER, check_sampler, split_legacy_name
+
+MODES = ("txt2img", "img2img")
+RESIZE_MODES = ("just resize", "crop and resize", "resize and fill")
+MAX_SIDE = 3072  # a long side for panoramas; the area is what the pixel budget bounds
+BUDGET_SIDE = 2048
+MAX_PIXELS = BUDGET_SIDE * BUDGET_SIDE  # the pixel budget: a 2048x2048 image, or a wider one of the same area
+MAX_SEED = 2**32 - 1
+
+# field: (low, high) for numbers, inclusive
+RANGES = {
+    "steps": (1, 150),
+    "cfg_scale": (0.0, 30.0),
+    "batch_size": (1, 8),
+    "batch_count": (1, 100),
+    "denoising_strength": (0.0, 1.0),
+    "seed": (-1, MAX_SEED),
+}
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    mode: str = "txt2img"
+    prompt: str = ""
+    negative_prompt: str = ""
+    seed: int = -1  # -1: pick one at random when the job runs
+    steps: int = 20
+    cfg_scale: float = 7.0
+    sampler: str = DEFAULT_SAMPLER
+    schedule_type: str = "Automatic"
+    width: int = 512
+    height: int = 512
+    batch_size: int = 1
+    batch_count: int = 1
+    init_image: Any = None  # PIL.Image for img2img
+    denoising_strength: float = 0.75
+    resize_mode: str = "just resize"
+    save_images: bool = True
+    save_grid: bool = False
+
+    @property
+    def total_images(self) -> int:
+        return self.batch_size * self.batch_count
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def validate(cls, fields: Mapping[str, Any], *, size_multiple: int) -> "GenerationRequest":
+        """Build a request from raw values; `size_multiple` is the model's VAE scale factor."""
+        unknown = sorted(set(fields) - set(cls.field_names()))
+        if unknown:
+            raise RequestError(unknown[0], f"unknown field; known fields: {', '.join(cls.field_names())}")
+        defaults = cls()
+        raw = {name: fields.get(name) for name in cls.field_names()}
+        raw = {k: (getattr(defaults, k) if v is None else v) for k, v in raw.items()}
+
+        mode = _choice("mode", raw["mode"], MODES)
+        values: dict[str, Any] = {"mode": mode}
+        values["prompt"] = _text("prompt", raw["prompt"])
+        values["negative_prompt"] = _text("negative_prompt", raw["negative_prompt"])
+        for name in ("seed", "steps", "batch_size", "batch_count"):
+            values[name] = _int(name, raw[name])
+        for name in ("cfg_scale", "denoising_strength"):
+            values[name] = _float(name, raw[name])
+        sampler, legacy_schedule = split_legacy_name(str(raw["sampler"]))
+        schedule = str(raw["schedule_type"])
+        if legacy_schedule and schedule == "Automatic":
+            schedule = legacy_schedule
+        check_sampler(sampler, schedule)
+        values["sampler"], values["schedule_type"] = sampler, schedule
+        values["resize_mode"] = _choice("resize_mode", raw["resize_mode"], RESIZE_MODES)
+        values["save_images"] = _bool("save_images", raw["save_images"])
+        values["save_grid"] = _bool("save_grid", raw["save_grid"])
+
+        init = raw["init_image"]
+        if mode == "img2img":
+            if init is None:
+                raise RequestError("init_image", "img2img needs an init image")
+            if not hasattr(init, "size") or not hasattr(init, "convert"):
+                raise RequestError("init_image", "must be an image")
+        elif init is not None:
+            raise RequestError("init_image", "only img2img takes an init image")
+        values["init_image"] = init
+
+        width_given = fields.get("width") is not None or fields.get("height") is not None
+        if mode == "img2img" and not width_given:
+            values["width"], values["height"] = fit_size(init.size, size_multiple)
+        else:
+            values["width"] = _size("width", raw["width"], size_multiple)
+            values["height"] = _size("height", raw["height"], size_multiple)
+        if values["width"] * values["height"] > MAX_PIXELS:
+            raise RequestError("width", f"{values['width']}x{values['height']} is over the pixel budget "
+                                        f"of {MAX_PIXELS} pixels ({BUDGET_SIDE}x{BUDGET_SIDE})")
+        return cls(**values)
+
+
+def fit_size(size: tuple[int, int], multiple: int) -> tuple[int, int]:
+    """An init image's size, shrunk into the pixel budget and snapped down to the size step."""
+    w, h = size
+    scale = min(1.0, math.sqrt(MAX_PIXELS / max(1, w * h)), MAX_SIDE / max(w, h))
+    w, h = int(w * scale), int(h * scale)
+    return max(multiple, w - w % multiple), max(multiple, h - h % multiple)
+
+
+def _range_error(name: str, value: Any) -> RequestError:
+    low, high = RANGES[name]
+    return RequestError(name, f"must be between {low} and {high}, got {value!r}")
+
+
+def _int(name: str, value: Any) -> int:
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        as_float = float(value)
+        if not as_float.is_integer():
+            raise ValueError
+        result = int(as_float)
+    except (TypeError, ValueError, OverflowError):
+        raise RequestError(name, f"must be a whole number between {RANGES[name][0]} and {RANGES[name][1]}, got {value!r}") from None
+    low, high = RANGES[name]
+    if not low <= result <= high:
+        raise _range_error(name, value)
+    return result
+
+
+def _float(name: str, value: Any) -> float:
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        result = float(value)
+    except (TypeError, ValueError):
+        raise RequestError(name, f"must be a number between {RANGES[name][0]} and {RANGES[name][1]}, got {value!r}") from None
+    low, high = RANGES[name]
+    if not (math.isfinite(result) and low <= result <= high):
+        raise _range_error(name, value)
+    return result
+
+
+def _size(name: str, value: Any, multiple: int) -> int:
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        result = int(value) if float(value).is_integer() else None
+    except (TypeError, ValueError, OverflowError):
+        result = None
+    if result is None or not multiple <= result <= MAX_SIDE or result % multiple:
+        raise RequestError(name, f"must be a multiple of {multiple} between {multiple} and {MAX_SIDE}, got {value!r}")
+    return result
+
+
+def _text(name: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise RequestError(name, f"must be text, got {type(value).__name__}")
+    if len(value) > 20000:
+        raise RequestError(name, f"is {len(value)} characters long; at most 20000 are allowed")
+    return value
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise RequestError(name, f"must be one of {', '.join(allowed)}, got {value!r}")
+    return value
+
+
+def _bool(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+        return value.lower() in ("true", "1")
+    raise RequestError(name, f"must be true or false, got {value!r}")

@@ -1,0 +1,31 @@
+"""Session-wide fixtures: one tiny random-weight SD 1.x model and one Engine on it."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import engine  # noqa: E402,F401 - the torchvision shim must precede transformers
+
+
+@pytest.fixture(scope="session")
+def tiny_models_dir(tmp_path_factory) -> Path:
+    from engine.tiny import save_sd1_folder
+
+    models = tmp_path_factory.mktemp("models")
+    save_sd1_folder(models / "Stable-diffusion" / "tiny-sd1")
+    return models
+
+
+@pytest.fixture(scope="session")
+def sd_engine(tiny_models_dir, tmp_path_factory):
+    from engine.engine import Engine, EngineConfig
+
+    root = tmp_path_factory.mktemp("engine")
+    eng = Engine(EngineConfig(tiny_models_dir, root / "outputs", root / "data"))
+    eng.load_model("tiny-sd1")
+    return eng

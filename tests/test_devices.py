@@ -1,0 +1,87 @@
+"""The device/precision decisions, as a table, and the out-of-memory ladder's order."""
+import pytest
+import torch
+
+from engine.devices import Hardware, plan_for
+from engine.errors import RequestError
+from engine.families import FAMILIES, Family
+
+CPU = Hardware(physical_cores=4)
+CPU_BF16 = Hardware(cpu_bf16=True, physical_cores=4)
+CUDA = Hardware(cuda=True, cuda_name="NVIDIA GeForce RTX 3060", cuda_vram_gb=12, cuda_bf16=True, physical_cores=8)
+CUDA_1660 = Hardware(cuda=True, cuda_name="NVIDIA GeForce GTX 1660", cuda_vram_gb=6, physical_cores=4)
+MPS = Hardware(mps=True, physical_cores=8)
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+
+# hardware, family, device, precision -> device, unet, text encoder, vae, upcast attention
+TABLE = [
+    (CPU, Family.SD1, "auto", "auto", "cpu", F32, F32, F32, False),
+    (CPU_BF16, Family.SD1, "auto", "auto", "cpu", BF16, F32, F32, False),
+    (CPU, Family.SD1, "auto", "fp16", "cpu", F32, F32, F32, False),       # fp16 never on a CPU
+    (CPU_BF16, Family.SD2_V, "auto", "fp16", "cpu", BF16, F32, F32, False),
+    (CPU_BF16, Family.SD1, "auto", "fp32", "cpu", F32, F32, F32, False),  # the user's word wins
+    (CUDA, Family.SD1, "auto", "auto", "cuda", F16, F16, F16, False),
+    (CUDA, Family.SD2_V, "auto", "auto", "cuda", F16, F16, F16, True),    # SD 2.x: attention upcast
+    (CUDA, Family.SDXL, "auto", "auto", "cuda", F16, F16, F32, False),    # SDXL's VAE overflows fp16
+    (CUDA, Family.SDXL, "auto", "bf16", "cuda", BF16, BF16, BF16, False),
+    (CUDA, Family.SD1, "cpu", "auto", "cpu", F32, F32, F32, False),       # --device cpu
+    (CUDA_1660, Family.SD1, "auto", "auto", "cuda", F32, F32, F32, False),  # GTX 16xx: black images in fp16
+    (CUDA_1660, Family.SD1, "auto", "bf16", "cuda", F16, F16, F16, False),  # no bf16 on Turing
+    (MPS, Family.SD1, "auto", "auto", "mps", F16, F16, F32, False),
+    (MPS, Family.SD2, "auto", "auto", "mps", F16, F16, F32, True),
+]
+
+
+@pytest.mark.parametrize("hw,family,device,precision,dev,unet,te,vae,upcast", TABLE)
+def test_plan_table(hw, family, device, precision, dev, unet, te, vae, upcast):
+    plan = plan_for(FAMILIES[family], hw, device, precision)
+    assert (plan.device, plan.unet_dtype, plan.text_encoder_dtype, plan.vae_dtype, plan.upcast_attention) == \
+        (dev, unet, te, vae, upcast)
+
+
+def test_fp16_is_never_planned_on_cpu_for_any_family():
+    for family in FAMILIES.values():
+        for hw in (CPU, CPU_BF16):
+            for precision in ("auto", "fp32", "fp16", "bf16"):
+                plan = plan_for(family, hw, "cpu", precision)
+                assert torch.float16 not in (plan.unet_dtype, plan.text_encoder_dtype, plan.vae_dtype)
+
+
+def test_cpu_plan_uses_physical_cores():
+    assert plan_for(FAMILIES[Family.SD1], CPU).threads == 4
+
+
+def test_missing_cuda_is_a_clear_error():
+    with pytest.raises(RequestError, match="device: cuda was asked for"):
+        plan_for(FAMILIES[Family.SD1], CPU, "cuda")
+
+
+def test_unknown_precision_names_the_allowed_values():
+    with pytest.raises(RequestError, match="precision: must be one of auto, fp32, fp16, bf16"):
+        plan_for(FAMILIES[Family.SD1], CPU, "auto", "int4")
+
+
+def test_oom_ladder_on_cuda_goes_slicing_offload_cpu_then_stops():
+    family = FAMILIES[Family.SD1]
+    plan = plan_for(family, CUDA)
+    rungs = []
+    while plan is not None:
+        rungs.append((plan.rung, plan.device, plan.attention_slicing, plan.cpu_offload))
+        plan = plan.step_down(CUDA, family)
+    assert rungs == [("full", "cuda", False, False), ("sliced", "cuda", True, False),
+                     ("offload", "cuda", True, True), ("cpu", "cpu", False, False)]
+
+
+def test_oom_ladder_on_mps_skips_offload():
+    family = FAMILIES[Family.SD1]
+    sliced = plan_for(family, MPS).step_down(MPS, family)
+    assert sliced.rung == "sliced"
+    last = sliced.step_down(MPS, family)
+    assert last.device == "cpu" and last.unet_dtype == torch.float32
+    assert "running on the CPU" in last.notes[-1]
+
+
+def test_fp32_vae_fix_keeps_the_rest_of_the_plan():
+    plan = plan_for(FAMILIES[Family.SD1], CUDA)
+    fixed = plan.with_fp32_vae()
+    assert fixed.vae_dtype == torch.float32 and fixed.unet_dtype == torch.float16

@@ -1,0 +1,87 @@
+"""Request validation: every bad field gets one line naming it and the allowed range."""
+import pytest
+from PIL import Image
+
+from engine.errors import RequestError
+from engine.request import MAX_PIXELS, GenerationRequest
+
+
+def validate(**fields):
+    return GenerationRequest.validate(fields, size_multiple=8)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("steps", 0, "steps: must be between 1 and 150"),
+    ("steps", "many", "steps: must be a whole number between 1 and 150"),
+    ("steps", 2.5, "steps: must be a whole number"),
+    ("cfg_scale", 31, "cfg_scale: must be between 0.0 and 30.0"),
+    ("cfg_scale", float("nan"), "cfg_scale: must be between"),
+    ("width", 500, "width: must be a multiple of 8 between 8 and 3072"),
+    ("height", 4096, "height: must be a multiple of 8 between 8 and 3072"),
+    ("batch_size", 9, "batch_size: must be between 1 and 8"),
+    ("batch_count", 0, "batch_count: must be between 1 and 100"),
+    ("seed", -2, "seed: must be between -1 and 4294967295"),
+    ("sampler", "Euler b", "sampler: unknown sampler 'Euler b'"),
+    ("schedule_type", "Karras", "schedule_type: Euler a supports Automatic, Uniform, not 'Karras'"),
+    ("mode", "inpaint", "mode: must be one of txt2img, img2img"),
+    ("prompt", 5, "prompt: must be text"),
+    ("colour", "red", "colour: unknown field"),
+])
+def test_bad_field_is_named_with_its_range(field, value, message):
+    with pytest.raises(RequestError) as err:
+        validate(**{field: value})
+    assert str(err.value).startswith(message)
+    assert "\n" not in str(err.value)
+
+
+def test_size_step_comes_from_the_model():
+    assert GenerationRequest.validate({"width": 66, "height": 64}, size_multiple=2).width == 66
+    with pytest.raises(RequestError, match="width: must be a multiple of 8"):
+        GenerationRequest.validate({"width": 66}, size_multiple=8)
+
+
+def test_pixel_budget():
+    with pytest.raises(RequestError, match=f"pixel budget of {MAX_PIXELS}"):
+        validate(width=3072, height=2048)
+
+
+def test_strings_from_cli_are_coerced():
+    r = validate(steps="30", cfg_scale="6.5", seed="42", width="768")
+    assert (r.steps, r.cfg_scale, r.seed, r.width) == (30, 6.5, 42, 768)
+
+
+def test_defaults_are_a1111s():
+    r = validate(prompt="x")
+    assert (r.steps, r.cfg_scale, r.sampler, r.width, r.height, r.seed, r.denoising_strength) == \
+        (20, 7.0, "Euler a", 512, 512, -1, 0.75)
+
+
+def test_legacy_sampler_name_splits_into_schedule():
+    r = validate(sampler="DPM++ 2M Karras")
+    assert (r.sampler, r.schedule_type) == ("DPM++ 2M", "Karras")
+
+
+def test_img2img_needs_an_init_image():
+    with pytest.raises(RequestError, match="init_image: img2img needs an init image"):
+        validate(mode="img2img")
+
+
+def test_img2img_strength_range():
+    with pytest.raises(RequestError, match="denoising_strength: must be between 0.0 and 1.0"):
+        validate(mode="img2img", init_image=Image.new("RGB", (64, 64)), denoising_strength=1.5)
+
+
+def test_img2img_size_defaults_to_init_image_snapped_to_step():
+    r = validate(mode="img2img", init_image=Image.new("RGB", (517, 389)))
+    assert (r.width, r.height) == (512, 384)
+
+
+def test_img2img_huge_init_image_is_scaled_into_budget():
+    r = validate(mode="img2img", init_image=Image.new("RGB", (6000, 4000)))
+    assert r.width * r.height <= MAX_PIXELS and r.width % 8 == 0 and r.width > r.height
+
+
+def test_request_is_frozen():
+    r = validate(prompt="x")
+    with pytest.raises(AttributeError):
+        r.steps = 3
