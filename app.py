@@ -1,0 +1,196 @@
+"""Easel: command line and server entry point.
+
+    python app.py                      start the web UI (same as `serve`)
+    python app.py txt2img --prompt ... generate from the command line; saved paths go to stdout
+    python app.py img2img --init-img FILE --strength 0.8 --prompt ...
+    python app.py models               models found, their family and device/precision plan
+    python app.py pnginfo FILE         the parameters saved in an image, and its watermark status
+    python app.py selftest             check the install with a tiny random model (no weights needed)
+    python app.py download             fetch the default SD 1.5 checkpoint (needs internet)
+
+Exit codes: 0 done, 2 bad input (one `error: ...` line on stderr), 1 runtime failure.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+EXIT_BAD_INPUT = 2
+EXIT_FAILURE = 1
+
+
+class BadInput(Exception):
+    pass
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, no usage dump: exit 2
+        raise BadInput(message)
+
+
+def _add_engine_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--models-dir", type=Path, default=ROOT / "models",
+                   help="models folder (A1111 layout: Stable-diffusion/, VAE/, ESRGAN/ ...)")
+    p.add_argument("--outdir", type=Path, default=ROOT / "outputs", help="where images are saved")
+    p.add_argument("--data-dir", type=Path, default=ROOT / "data", help="settings and caches")
+    p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
+    p.add_argument("--precision", default="auto", help="auto, fp32, fp16 or bf16 (wins over per-model settings)")
+    p.add_argument("--no-watermark", action="store_true", help="do not embed the invisible watermark")
+
+
+def _add_generation_options(p: argparse.ArgumentParser, img2img: bool) -> None:
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--model", default=None, help="a name from `app.py models`, or a checkpoint path")
+    p.add_argument("--seed", default=None, help="-1 for random")
+    p.add_argument("--steps", default=None)
+    p.add_argument("--cfg-scale", default=None)
+    p.add_argument("--sampler", default=None, help="A1111 name, e.g. 'Euler a', 'DPM++ 2M'")
+    p.add_argument("--scheduler", default=None, help="schedule type: Automatic, Uniform, Karras, Exponential")
+    p.add_argument("--width", default=None)
+    p.add_argument("--height", default=None)
+    p.add_argument("--n-samples", default=None, help="images per batch (batch size)")
+    p.add_argument("--n-iter", default=None, help="number of batches (batch count)")
+    p.add_argument("--grid", action="store_true", help="also save a grid of the batch")
+    if img2img:
+        p.add_argument("--init-img", required=True, type=Path)
+        p.add_argument("--strength", default=None, help="denoising strength 0-1 (default 0.75)")
+        p.add_argument("--resize-mode", default=None, help="just resize, crop and resize, resize and fill")
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="app.py", description="Easel: a local Stable Diffusion studio")
+    sub = parser.add_subparsers(dest="command", parser_class=Parser)
+    for name in ("serve", "txt2img", "img2img", "models", "pnginfo", "selftest", "download"):
+        p = sub.add_parser(name)
+        if name != "selftest":
+            _add_engine_options(p)
+        if name in ("txt2img", "img2img"):
+            _add_generation_options(p, img2img=name == "img2img")
+        if name == "pnginfo":
+            p.add_argument("file", type=Path)
+        if name == "serve":
+            _add_serve_options(p)
+    return parser
+
+
+def _add_serve_options(p: argparse.ArgumentParser) -> None:
+    try:
+        from ui.server import add_serve_options
+    except ImportError:
+        return
+    add_serve_options(p)
+
+
+def _engine(args):
+    from engine.engine import Engine, EngineConfig
+
+    return Engine(EngineConfig(models_dir=args.models_dir, outputs_dir=args.outdir, data_dir=args.data_dir,
+                               device=args.device, precision=args.precision, watermark=not args.no_watermark))
+
+
+def _generate(args, mode: str) -> int:
+    from PIL import Image, UnidentifiedImageError
+
+    engine = _engine(args)
+    model = args.model
+    if model and Path(model).exists():
+        model = engine.library.add_external(Path(model)).name  # a path typed by the user on their own machine
+    fields = {
+        "mode": mode, "prompt": args.prompt, "negative_prompt": args.negative_prompt, "seed": args.seed,
+        "steps": args.steps, "cfg_scale": args.cfg_scale, "sampler": args.sampler, "schedule_type": args.scheduler,
+        "width": args.width, "height": args.height, "batch_size": args.n_samples, "batch_count": args.n_iter,
+        "save_grid": args.grid or None,
+    }
+    if mode == "img2img":
+        try:
+            init = Image.open(args.init_img)
+            init.load()
+        except (OSError, UnidentifiedImageError):
+            raise BadInput(f"init-img: {args.init_img} is not a readable image file") from None
+        fields.update(init_image=init, denoising_strength=args.strength, resize_mode=args.resize_mode)
+    request = engine.make_request(fields, model=model)
+    result = engine.generate(request, model=model)
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
+    for path in result.paths:
+        print(path)
+    if result.grid_path:
+        print(result.grid_path)
+    return 0
+
+
+def _models(args) -> int:
+    engine = _engine(args)
+    statuses = engine.models()
+    if not statuses:
+        print(f"no models in {engine.library.checkpoint_dir}")
+    for s in statuses:
+        if s.error:
+            print(f"{s.name}\n    cannot be used: {s.error}")
+        else:
+            print(f"{s.name}\n    family: {s.family}\n    plan:   {s.plan}")
+    return 0
+
+
+def _pnginfo(args) -> int:
+    from engine.engine import read_png_info
+
+    if not args.file.is_file():
+        raise BadInput(f"file: {args.file} does not exist")
+    info = read_png_info(args.file)
+    print(info.parameters if info.parameters else "(no parameters found)")
+    print("Watermark: " + {True: "Easel watermark found", False: "none found", None: "image too small to tell"}[info.watermark])
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+            argv = ["serve", *argv]
+        args = build_parser().parse_args(argv)
+        import engine  # noqa: F401 - installs the torchvision shim before transformers loads
+
+        from engine.errors import EaselError, ModelNotFoundError, RequestError
+
+        try:
+            if args.command in ("txt2img", "img2img"):
+                return _generate(args, args.command)
+            if args.command == "models":
+                return _models(args)
+            if args.command == "pnginfo":
+                return _pnginfo(args)
+            if args.command == "selftest":
+                from engine.selftest import run_selftest
+
+                run_selftest()
+                return 0
+            if args.command == "download":
+                from engine.download import download_default_model
+
+                print(download_default_model(args.models_dir))
+                return 0
+            from ui.server import serve
+
+            return serve(_engine(args), args)
+        except (RequestError, ModelNotFoundError) as e:
+            raise BadInput(str(e)) from None
+        except EaselError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_FAILURE
+    except BadInput as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return EXIT_FAILURE
+    except Exception as e:  # a bug or an environment failure: still one line, exit 1
+        print(f"error: {type(e).__name__}: {e}".splitlines()[0], file=sys.stderr)
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

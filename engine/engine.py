@@ -1,0 +1,156 @@
+"""Engine: the one object the CLI, the web UI and the HTTP API talk to.
+
+It owns the model library, the model manager and the generator, and runs one generation at a
+time (a lock per engine, which is per device). Every method takes plain values or a validated
+request and returns plain values, so callers need no torch.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+from engine.devices import Hardware
+from engine.errors import EaselError, ModelNotFoundError, RequestError
+from engine.families import FAMILIES
+from engine.generator import GenerationResult, Generator, Job, OutputSettings
+from engine.infotext import parse_infotext, read_infotext
+from engine.library import ModelLibrary
+from engine.manager import LoadedModel, ModelManager, ModelSettings
+from engine.request import GenerationRequest
+from engine.samplers import SAMPLERS, SCHEDULE_TYPES
+from engine.watermark import Watermarker
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    models_dir: Path
+    outputs_dir: Path
+    data_dir: Path  # per-checkpoint settings, hash cache
+    device: str = "auto"
+    precision: str = "auto"
+    watermark: bool = True
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    name: str
+    family: str | None  # the family's label, or None when it could not be identified
+    plan: str | None    # the device/precision plan, in words
+    error: str | None   # why it cannot be used
+    loaded: bool
+
+
+@dataclass(frozen=True)
+class PngInfo:
+    parameters: str | None
+    fields: dict
+    watermark: bool | None  # True: Easel's mark found; None: image too small to tell
+
+
+class Engine:
+    def __init__(self, config: EngineConfig, hardware: Hardware | None = None):
+        self.config = config
+        self.hardware = hardware or Hardware.detect()
+        self.library = ModelLibrary(config.models_dir)
+        self.manager = ModelManager(self.library, self.hardware, device=config.device, precision=config.precision,
+                                    settings=ModelSettings(config.data_dir / "model-settings.json"),
+                                    cache_dir=config.data_dir / "cache")
+        self.watermarker = Watermarker()
+        self.generator = Generator(self.manager, OutputSettings(config.outputs_dir, config.watermark), self.watermarker)
+        self._busy = threading.Lock()
+
+    # --- models -----------------------------------------------------------------------------
+    def refresh_models(self) -> list[ModelStatus]:
+        self.library.refresh()
+        return self.models()
+
+    def models(self) -> list[ModelStatus]:
+        statuses = []
+        current = self.manager.current
+        for entry in self.library.entries():
+            try:
+                family = self.manager.identify(entry)
+                plan = self.manager.plan(entry, family)
+                statuses.append(ModelStatus(entry.name, FAMILIES[family].label, plan.describe(), None,
+                                            bool(current and current.entry == entry)))
+            except EaselError as e:
+                statuses.append(ModelStatus(entry.name, None, None, str(e), False))
+        return statuses
+
+    def model_names(self) -> list[str]:
+        return [e.name for e in self.library.entries()]
+
+    @property
+    def current_model(self) -> str | None:
+        return self.manager.current.entry.name if self.manager.current else None
+
+    def load_model(self, name: str | None = None) -> LoadedModel:
+        if name is None:
+            if self.manager.current:
+                return self.manager.current
+            entries = self.library.entries()
+            if not entries:
+                raise ModelNotFoundError(
+                    f"model: no checkpoint found; put a .safetensors file in {self.library.checkpoint_dir}")
+            name = entries[0].name
+        return self.manager.load(name)
+
+    def set_model_precision(self, name: str, precision: str) -> None:
+        entry = self.library.resolve(name)
+        self.manager.settings.set_precision(entry.name, precision)
+        if self.manager.current and self.manager.current.entry == entry:
+            self.manager.unload()
+
+    # --- generation ---------------------------------------------------------------------------
+    samplers = tuple(SAMPLERS)
+    schedule_types = SCHEDULE_TYPES
+
+    def make_request(self, fields: Mapping[str, Any], model: str | None = None) -> GenerationRequest:
+        """Validate raw fields against the (loaded) model: sizes step by its VAE scale factor."""
+        loaded = self.load_model(model)
+        return GenerationRequest.validate(fields, size_multiple=loaded.vae_scale_factor)
+
+    def generate(self, request: GenerationRequest, job: Job | None = None, model: str | None = None) -> GenerationResult:
+        with self._busy:
+            loaded = self.load_model(model)
+            return self.generator.run(request, loaded, job)
+
+    # --- PNG info -----------------------------------------------------------------------------
+    def png_info(self, source) -> PngInfo:
+        return read_png_info(source, self.watermarker)
+
+    # --- demo ---------------------------------------------------------------------------------
+    @classmethod
+    def demo(cls, config: EngineConfig, hardware: Hardware | None = None) -> "Engine":
+        """An engine whose only model is a tiny random-weight one (its images are noise), so the
+        UI can be tried and tested with no checkpoint on disk."""
+        from engine.tiny import save_sd1_folder
+
+        models_dir = config.data_dir / "demo-models"
+        folder = models_dir / "Stable-diffusion" / DEMO_MODEL_NAME
+        if not (folder / "model_index.json").is_file():
+            save_sd1_folder(folder)
+        engine = cls(replace(config, models_dir=models_dir), hardware)
+        engine.is_demo = True
+        return engine
+
+    is_demo = False
+
+
+DEMO_MODEL_NAME = "demo-tiny-random (makes noise)"
+
+
+def read_png_info(source, watermarker: Watermarker | None = None) -> PngInfo:
+    """Parameters and watermark status of an image (a path or a PIL image)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        image = source if isinstance(source, Image.Image) else Image.open(source)
+        image.load()
+    except (OSError, UnidentifiedImageError):
+        raise RequestError("image", f"{source} is not a readable image") from None
+    text = read_infotext(image)
+    mark = (watermarker or Watermarker()).detect(image.convert("RGB"))
+    return PngInfo(text, parse_infotext(text) if text else {}, mark)

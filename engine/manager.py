@@ -1,0 +1,216 @@
+"""ModelManager: loads one checkpoint at a time and places it as its DevicePlan says.
+
+The plan for a checkpoint comes from `devices.plan_for`, with the user's overrides in this order:
+the command line's --device/--precision, then the precision stored for that checkpoint, then auto.
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.checkpoints import identify_model, load_pipeline
+from engine.devices import DevicePlan, Hardware, Precision, plan_for
+from engine.errors import EaselError, RequestError
+from engine.families import FAMILIES, Family, FamilyInfo
+from engine.library import ModelEntry, ModelLibrary, model_hash
+from engine.prompts import PromptEncoder
+
+IMG2IMG_PIPELINES = {
+    "StableDiffusionPipeline": "StableDiffusionImg2ImgPipeline",
+    "StableDiffusionXLPipeline": "StableDiffusionXLImg2ImgPipeline",
+    "StableDiffusionInpaintPipeline": "StableDiffusionInpaintPipeline",
+}
+
+
+class ModelSettings:
+    """Per-checkpoint settings a user chose (today: precision), kept in a small JSON file."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+
+    def _read(self) -> dict[str, dict[str, Any]]:
+        if not self.path or not self.path.is_file():
+            return {}
+        try:
+            return json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+
+    def precision(self, name: str) -> str:
+        return self._read().get(name, {}).get("precision", Precision.AUTO.value)
+
+    def set_precision(self, name: str, precision: str) -> None:
+        try:
+            Precision(precision)
+        except ValueError:
+            raise RequestError("precision", f"must be one of {', '.join(p.value for p in Precision)}, got {precision!r}") from None
+        if not self.path:
+            return
+        data = self._read()
+        data.setdefault(name, {})["precision"] = precision
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
+        os.replace(tmp, self.path)
+
+
+@dataclass
+class LoadedModel:
+    entry: ModelEntry
+    family: Family
+    plan: DevicePlan
+    pipe: Any
+    hash: str
+    encoder: PromptEncoder
+    scheduler_config: dict
+    _img2img: Any = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def info(self) -> FamilyInfo:
+        return FAMILIES[self.family]
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return int(self.pipe.vae_scale_factor)
+
+    @property
+    def name(self) -> str:
+        return self.entry.stem
+
+    def pipeline(self, mode: str):
+        if mode == "txt2img":
+            return self.pipe
+        if self._img2img is None:
+            import diffusers
+
+            cls = getattr(diffusers, IMG2IMG_PIPELINES[type(self.pipe).__name__])
+            # from_pipe shares the loaded modules: no second copy of the weights.
+            self._img2img = self.pipe if cls is type(self.pipe) else cls.from_pipe(self.pipe)
+        return self._img2img
+
+
+def _cast_unet_inputs(unet: torch.nn.Module) -> None:
+    """Let a bf16/fp16 UNet sit in an fp32 pipeline: inputs are cast to the UNet's dtype and its
+    output back to the latents' dtype, so the sampler's arithmetic stays in fp32."""
+
+    def before(module, args, kwargs):
+        dtype = module.dtype
+        cast = lambda v: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v  # noqa: E731
+        kwargs = {k: ({kk: cast(vv) for kk, vv in v.items()} if isinstance(v, dict) else cast(v)) for k, v in kwargs.items()}
+        module._easel_out_dtype = args[0].dtype if args else kwargs.get("sample").dtype
+        return tuple(cast(a) for a in args), kwargs
+
+    def after(module, args, kwargs, output):
+        out_dtype = module._easel_out_dtype
+        if isinstance(output, tuple):
+            return tuple(o.to(out_dtype) if torch.is_tensor(o) else o for o in output)
+        if hasattr(output, "sample"):
+            output.sample = output.sample.to(out_dtype)
+        return output
+
+    unet.register_forward_pre_hook(before, with_kwargs=True)
+    unet.register_forward_hook(after, with_kwargs=True)
+
+
+def _prompt_encoder(pipe, plan: DevicePlan) -> PromptEncoder:
+    encoders = [m for m in (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)) if m is not None]
+    tokenizers = [t for t in (getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None)) if t is not None]
+    # SDXL base conditions an empty negative prompt on zeros (its config says so), as A1111 does.
+    zero_empty = bool(getattr(pipe.config, "force_zeros_for_empty_prompt", False))
+    return PromptEncoder(tokenizers, encoders, device=plan.torch_device, dtype=plan.text_encoder_dtype,
+                         zero_empty_negative=zero_empty)
+
+
+def place(pipe, plan: DevicePlan) -> None:
+    """Move and cast the pipeline's parts as the plan says."""
+    for name in ("text_encoder", "text_encoder_2"):
+        module = getattr(pipe, name, None)
+        if module is not None:
+            module.to(dtype=plan.text_encoder_dtype)
+    pipe.unet.to(dtype=plan.unet_dtype)
+    pipe.vae.to(dtype=plan.vae_dtype)
+    if plan.cpu_offload:
+        pipe.enable_model_cpu_offload(device=plan.device)
+    else:
+        pipe.to(plan.device)
+    if plan.attention_slicing:
+        pipe.enable_attention_slicing()
+    if plan.vae_tiling:
+        pipe.vae.enable_tiling()
+    if plan.upcast_attention:
+        # Softmax in fp32: SD 2.x's attention logits overflow fp16. (SDPA kernels already
+        # accumulate in fp32; this covers the sliced, non-SDPA path.)
+        for module in pipe.unet.modules():
+            if hasattr(module, "upcast_softmax"):
+                module.upcast_softmax = True
+                module.upcast_attention = True
+    if plan.device == "cpu" and plan.threads:
+        torch.set_num_threads(plan.threads)
+
+
+class ModelManager:
+    def __init__(self, library: ModelLibrary, hardware: Hardware, *, device: str = "auto",
+                 precision: str = "auto", settings: ModelSettings | None = None, cache_dir: Path | None = None):
+        self.library = library
+        self.hardware = hardware
+        self.device = device
+        self.precision = precision
+        self.settings = settings or ModelSettings(None)
+        self.cache_dir = cache_dir
+        self.current: LoadedModel | None = None
+        self._lock = threading.RLock()
+        # Fail at start-up on a bad --device/--precision, not at the first image.
+        plan_for(FAMILIES[Family.SD1], hardware, device, precision)
+
+    def plan(self, entry: ModelEntry, family: Family) -> DevicePlan:
+        precision = self.precision
+        if precision == Precision.AUTO.value:
+            precision = self.settings.precision(entry.name)
+        return plan_for(FAMILIES[family], self.hardware, self.device, precision)
+
+    def identify(self, entry: ModelEntry) -> Family:
+        return identify_model(entry.path)
+
+    def load(self, name: str) -> LoadedModel:
+        with self._lock:
+            entry = self.library.resolve(name)
+            if self.current and self.current.entry == entry:
+                return self.current
+            family = self.identify(entry)
+            if family is Family.SD_X4_UPSCALER:
+                raise EaselError(f"model: {entry.name} is the x4 upscaler; it upscales images and cannot generate them")
+            plan = self.plan(entry, family)
+            self.unload()
+            pipe = load_pipeline(entry.path, family, torch_dtype=torch.float32)
+            pipe.set_progress_bar_config(disable=True)
+            scheduler_config = dict(pipe.scheduler.config)
+            _cast_unet_inputs(pipe.unet)
+            place(pipe, plan)
+            encoder = _prompt_encoder(pipe, plan)
+            hash_cache = self.cache_dir / "hashes.json" if self.cache_dir else None
+            self.current = LoadedModel(entry, family, plan, pipe, model_hash(entry.path, hash_cache), encoder, scheduler_config)
+            return self.current
+
+    def unload(self) -> None:
+        with self._lock:
+            self.current = None
+            if self.hardware.cuda:
+                torch.cuda.empty_cache()
+
+    def replan(self, loaded: LoadedModel, plan: DevicePlan) -> None:
+        """Apply a new plan (a rung of the OOM ladder, or the fp32 VAE fix) to the loaded model."""
+        with self._lock:
+            if loaded.plan.cpu_offload and not plan.cpu_offload:
+                loaded.pipe.remove_all_hooks()
+            loaded.plan = plan
+            place(loaded.pipe, plan)
+            loaded.encoder = _prompt_encoder(loaded.pipe, plan)
+            if self.hardware.cuda:
+                torch.cuda.empty_cache()
