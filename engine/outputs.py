@@ -1,0 +1,167 @@
+"""Numbered PNG outputs: `<outdir>/<mode>/<YYYY-MM-DD>/<NNNNN>-<seed>.png`, and grids.
+
+Saving is atomic and safe when several threads or processes save into one folder at once:
+
+1. pick N = one more than the highest number already used in the folder;
+2. reserve N by creating the temp file `.NNNNN.part` with O_CREAT|O_EXCL - only one writer can
+   create it, and it does not end in ".png", so image browsers never see a half-written file;
+3. re-check that no finished PNG already carries N (a writer that held N may have renamed its
+   temp file away just before step 2); if one does, drop the reservation and try N+1;
+4. write the PNG bytes into the temp file, fsync, then os.replace() it to its final name.
+
+From step 2 on, N is always held by the temp file or by the finished PNG (the rename swaps one
+for the other in a single step), so no two writers can end up with the same number and an
+existing file is never overwritten. Any failure removes the temp file and releases N.
+"""
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+from PIL import Image
+
+from engine.errors import EaselError, RequestError
+from engine.infotext import write_png_with_infotext
+
+MODES = ("txt2img", "img2img", "extras")
+NUMBER_DIGITS = 5
+# A1111 compatible: every file in the folder whose name starts with digits and '-' holds a number.
+_NUMBERED = re.compile(r"^(\d+)-")
+_RESERVED = re.compile(r"^\.(\d+)\.part$")
+_MAX_ATTEMPTS = 1000
+
+
+def output_folder(outdir: Path, mode: str, when: datetime.date | None = None) -> Path:
+    """`<outdir>/<mode>/<YYYY-MM-DD>`; mode is checked against MODES, never used as a path."""
+    if mode not in MODES:
+        raise RequestError("mode", f"must be one of {', '.join(MODES)}, got {mode!r}")
+    day = when or datetime.date.today()
+    return Path(outdir) / mode / day.isoformat()
+
+
+def _check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise RequestError("seed", f"must be a whole number >= 0 to name the file, got {seed!r}")
+    return seed
+
+
+def _used_numbers(folder: Path) -> tuple[int, set[int]]:
+    """(highest number in use, numbers held by finished PNGs)."""
+    highest, finished = 0, set()
+    for name in os.listdir(folder):
+        numbered = _NUMBERED.match(name)
+        reserved = _RESERVED.match(name)
+        if numbered:
+            number = int(numbered.group(1))
+            if name.endswith(".png"):
+                finished.add(number)
+        elif reserved:
+            number = int(reserved.group(1))
+        else:
+            continue
+        highest = max(highest, number)
+    return highest, finished
+
+
+def _reserve(folder: Path) -> tuple[int, int, Path]:
+    """Claim the next free number: (number, open fd of its temp file, temp path)."""
+    number = _used_numbers(folder)[0] + 1
+    for _ in range(_MAX_ATTEMPTS):
+        temp = folder / f".{number:0{NUMBER_DIGITS}d}.part"
+        try:
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o644)
+        except FileExistsError:
+            number += 1
+            continue
+        highest, finished = _used_numbers(folder)
+        if number not in finished:
+            return number, fd, temp
+        os.close(fd)
+        os.unlink(temp)
+        number = max(number, highest) + 1
+    raise EaselError(f"could not reserve a file number in {folder} after {_MAX_ATTEMPTS} tries")
+
+
+def _fsync_folder(folder: Path) -> None:
+    # Makes the rename itself durable on POSIX; Windows cannot open folders, and does not need it.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _save_numbered(data: bytes, folder: Path, suffix: str) -> Path:
+    """Write data atomically as `<NNNNN><suffix>` in folder; returns the final path."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        number, fd, temp = _reserve(folder)
+    except OSError as error:
+        raise EaselError(f"output folder {folder}: cannot write there ({error.strerror or error})") from error
+    final = folder / f"{number:0{NUMBER_DIGITS}d}{suffix}"
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temp, final)
+    except BaseException as error:
+        try:
+            os.unlink(temp)
+        except FileNotFoundError:
+            pass
+        if isinstance(error, OSError):
+            raise EaselError(f"output file {final}: could not write it ({error.strerror or error})") from error
+        raise
+    _fsync_folder(folder)
+    return final
+
+
+def save_png(image: Image.Image, outdir: Path, mode: str, seed: int, infotext: str | None, *,
+             when: datetime.date | None = None) -> Path:
+    """Save as `<outdir>/<mode>/<YYYY-MM-DD>/<NNNNN>-<seed>.png` with the infotext chunk."""
+    folder = output_folder(outdir, mode, when)
+    seed = _check_seed(seed)
+    return _save_numbered(write_png_with_infotext(image, infotext), folder, f"-{seed}.png")
+
+
+def make_grid(images: Sequence[Image.Image], rows: int | None = None) -> Image.Image:
+    """Images in a near-square grid (rows = round(sqrt(n)) unless given), row by row, as the
+    original txt2img/A1111 grids; cells take the largest width and height."""
+    count = len(images)
+    if count == 0:
+        raise RequestError("images", "need at least 1 image for a grid")
+    if rows is None:
+        rows = max(1, round(math.sqrt(count)))
+    if isinstance(rows, bool) or not isinstance(rows, int) or not 1 <= rows <= count:
+        raise RequestError("rows", f"must be a whole number from 1 to {count}, got {rows!r}")
+    cols = math.ceil(count / rows)
+    # Drop rows left empty: 4 images asked in 3 rows need 2 columns, which fill only 2 rows.
+    rows = math.ceil(count / cols)
+    cell_w = max(image.width for image in images)
+    cell_h = max(image.height for image in images)
+    grid = Image.new("RGB", (cols * cell_w, rows * cell_h))
+    for index, image in enumerate(images):
+        grid.paste(image.convert("RGB"), ((index % cols) * cell_w, (index // cols) * cell_h))
+    return grid
+
+
+def save_grid(grid: Image.Image, outdir: Path, mode: str, seed: int, infotext: str | None, *,
+              when: datetime.date | None = None) -> Path:
+    """Save a grid (from make_grid) as `<NNNNN>-grid-<seed>.png` in the same dated folder as
+    the images; it takes the next number in the same sequence, with the same atomic rules."""
+    folder = output_folder(outdir, mode, when)
+    seed = _check_seed(seed)
+    return _save_numbered(write_png_with_infotext(grid, infotext), folder, f"-grid-{seed}.png")
