@@ -8,7 +8,8 @@ rem purpose: a ")" in a folder name such as "Program Files (x86)" would end the 
 setlocal
 cd /d "%~dp0"
 
-if exist "venv\Scripts\python.exe" goto venv_ready
+rem pyvenv.cfg marks an existing venv: one whose Python stopped working is reported, not rebuilt.
+if exist "venv\pyvenv.cfg" goto venv_ready
 
 rem "py -3" is the launcher that python.org's installer adds. "python" may be the Microsoft
 rem Store stub, which installs nothing and fails, so each candidate is tried by running it.

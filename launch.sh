@@ -46,7 +46,9 @@ Install it (https://www.python.org/downloads/ or your system's package manager),
 
 # Creates ./venv on first use and installs Easel into it; arguments go to scripts/install.py.
 easel_ensure_venv() {
-    if [[ ! -e venv/bin/python ]]; then
+    # pyvenv.cfg marks an existing venv: one whose Python stopped working is reported rather
+    # than rebuilt over, as its packages were installed for that Python.
+    if [[ ! -e venv/pyvenv.cfg ]]; then
         easel_find_python
         echo "First run: creating a Python environment in $PWD/venv ..."
         if ! "$EASEL_PYTHON" -m venv venv; then

@@ -90,6 +90,17 @@ def test_launch_skips_a_python_stub_that_does_not_run(tmp_path):
     assert "3.9 (python3.10)" in result.stderr
 
 
+def test_launch_reports_a_venv_whose_python_is_gone(tmp_path):
+    project = make_project(tmp_path / "easel")
+    (project / "venv").mkdir()
+    (project / "venv" / "pyvenv.cfg").write_text("home = /nonexistent\n")
+
+    result = run_launcher(project, [], path=os.environ["PATH"])
+
+    assert result.returncode == 1
+    assert "Delete the venv folder" in result.stderr
+
+
 # Spaces in the install path break no step on Linux/macOS (venv, editable install, the pip and
 # console-script shebangs all quote it), so the launcher accepts them.
 @pytest.mark.parametrize("folder", ["easel", "My Easel folder"])
