@@ -153,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
             argv = ["serve", *argv]
         args = build_parser().parse_args(argv)
         import engine  # noqa: F401 - installs the torchvision shim before transformers loads
+        from engine.compat import quiet_library_logs
+
+        quiet_library_logs()
 
         from engine.errors import EaselError, ModelNotFoundError, RequestError
 

@@ -59,3 +59,15 @@ def ensure_torchvision_importable() -> str:
     for schema in _MISSING_SCHEMAS.values():
         _shim_library.define(schema)
     return "shimmed"
+
+
+def quiet_library_logs() -> None:
+    """diffusers/transformers talk a lot (progress bars per component, advice meant for their own
+    developers). Easel reports progress itself; keep their warnings-and-above only."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()

@@ -103,10 +103,16 @@ class Generator:
         pos, neg = model.encoder.encode_pair(request.prompt, request.negative_prompt)
         for batch in range(request.batch_count):
             batch_seeds = [(base_seed + batch * request.batch_size + k) % (MAX_SEED + 1) for k in range(request.batch_size)]
-            latents = self._denoise_with_fallback(request, model, pos, neg, batch_seeds, batch, job, start, notes)
-            if job.cancelled.is_set():
-                raise CancelledError("cancelled")
-            for k, image in enumerate(self._decode(model, latents, notes)):
+            if request.mode == "img2img" and request.denoising_strength == 0:
+                # Nothing to denoise (A1111 returns the init image too); no model call at all.
+                init = resize_init_image(request.init_image, request.width, request.height, request.resize_mode)
+                decoded = [init.copy() for _ in batch_seeds]
+            else:
+                latents = self._denoise_with_fallback(request, model, pos, neg, batch_seeds, batch, job, start, notes)
+                if job.cancelled.is_set():
+                    raise CancelledError("cancelled")
+                decoded = self._decode(model, latents, notes)
+            for k, image in enumerate(decoded):
                 seed = batch_seeds[k]
                 info = self.infotext(request, model, seed)
                 if self.outputs.watermark:
@@ -118,7 +124,10 @@ class Generator:
                     paths.append(save_png(image, self.outputs.outdir, request.mode, seed, info))
         grid_path = None
         if request.save_grid and request.save_images and len(images) > 1:
-            grid_path = save_grid(make_grid(images), self.outputs.outdir, request.mode, seeds[0], infotexts[0])
+            grid = make_grid(images)
+            if self.outputs.watermark:
+                grid = self.watermarker.embed(grid)  # a grid of marked tiles no longer reads as marked
+            grid_path = save_grid(grid, self.outputs.outdir, request.mode, seeds[0], infotexts[0])
         return GenerationResult(tuple(images), tuple(seeds), tuple(infotexts), tuple(paths), grid_path, tuple(notes))
 
     def infotext(self, request: GenerationRequest, model: LoadedModel, seed: int) -> str:
@@ -153,11 +162,16 @@ class Generator:
         pipe = model.pipeline(request.mode)
         pipe.scheduler = make_scheduler(request.sampler, request.schedule_type, model.scheduler_config)
         n = len(seeds)
+        steps = request.steps
+        if request.mode == "img2img":
+            # diffusers runs int(steps * strength) steps; make sure that is at least one.
+            while int(steps * request.denoising_strength) < 1:
+                steps += 1
         rep = lambda t: None if t is None else t.repeat(n, *([1] * (t.dim() - 1)))  # noqa: E731
         kwargs = dict(
             prompt_embeds=rep(pos.embeds),
             negative_prompt_embeds=rep(neg.embeds),
-            num_inference_steps=request.steps,
+            num_inference_steps=steps,
             guidance_scale=request.cfg_scale,
             generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
             output_type="latent",

@@ -93,6 +93,7 @@ class LoadedModel:
             cls = getattr(diffusers, IMG2IMG_PIPELINES[type(self.pipe).__name__])
             # from_pipe shares the loaded modules: no second copy of the weights.
             self._img2img = self.pipe if cls is type(self.pipe) else cls.from_pipe(self.pipe)
+            self._img2img.set_progress_bar_config(disable=True)
         return self._img2img
 
 
@@ -130,12 +131,12 @@ def _prompt_encoder(pipe, plan: DevicePlan) -> PromptEncoder:
 
 def place(pipe, plan: DevicePlan) -> None:
     """Move and cast the pipeline's parts as the plan says."""
-    for name in ("text_encoder", "text_encoder_2"):
+    wanted = {"text_encoder": plan.text_encoder_dtype, "text_encoder_2": plan.text_encoder_dtype,
+              "unet": plan.unet_dtype, "vae": plan.vae_dtype}
+    for name, dtype in wanted.items():
         module = getattr(pipe, name, None)
-        if module is not None:
-            module.to(dtype=plan.text_encoder_dtype)
-    pipe.unet.to(dtype=plan.unet_dtype)
-    pipe.vae.to(dtype=plan.vae_dtype)
+        if module is not None and module.dtype != dtype:
+            module.to(dtype=dtype)
     if plan.cpu_offload:
         pipe.enable_model_cpu_offload(device=plan.device)
     else:

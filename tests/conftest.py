@@ -10,6 +10,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import engine  # noqa: E402,F401 - the torchvision shim must precede transformers
+from engine.compat import quiet_library_logs  # noqa: E402
+
+quiet_library_logs()
 
 
 @pytest.fixture(scope="session")

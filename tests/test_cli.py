@@ -1,0 +1,106 @@
+"""The command line: saved paths on stdout, exit 2 + one `error:` line on bad input, 1 on failure."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import app
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture()
+def dirs(tiny_models_dir, tmp_path):
+    return ["--models-dir", str(tiny_models_dir), "--outdir", str(tmp_path / "out"), "--data-dir", str(tmp_path / "data")]
+
+
+def cli(capsys, *argv):
+    code = app.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_txt2img_prints_saved_paths(capsys, dirs):
+    code, out, err = cli(capsys, "txt2img", *dirs, "--prompt", "a cat", "--negative-prompt", "dog",
+                         "--steps", "2", "--width", "64", "--height", "64", "--seed", "7", "--n-samples", "2")
+    assert code == 0, err
+    paths = [Path(line) for line in out.splitlines()]
+    assert len(paths) == 2 and all(p.is_file() for p in paths)
+    assert paths[0].name.endswith("-7.png") and paths[1].name.endswith("-8.png")
+
+
+def test_img2img_with_init_image(capsys, dirs, tmp_path):
+    from PIL import Image
+
+    init = tmp_path / "init.png"
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(init)
+    code, out, err = cli(capsys, "img2img", *dirs, "--prompt", "a cat", "--init-img", str(init),
+                         "--strength", "0.5", "--steps", "2")
+    assert code == 0, err
+    assert "/img2img/" in out
+
+
+@pytest.mark.parametrize("argv,field", [
+    (["--steps", "0"], "steps"),
+    (["--width", "63"], "width"),
+    (["--sampler", "Euler z"], "sampler"),
+    (["--model", "no-such-model"], "model"),
+])
+def test_bad_input_exits_2_with_one_line(capsys, dirs, argv, field):
+    code, out, err = cli(capsys, "txt2img", *dirs, "--prompt", "x", *argv)
+    assert code == 2
+    assert out == ""
+    assert err.count("\n") == 1 and err.startswith(f"error: {field}")
+
+
+def test_unknown_flag_exits_2_without_usage_dump(capsys):
+    code, out, err = cli(capsys, "txt2img", "--prompt", "x", "--colour", "red")
+    assert code == 2 and err.startswith("error: unrecognized arguments") and err.count("\n") == 1
+
+
+def test_missing_init_image_is_bad_input(capsys, dirs, tmp_path):
+    code, _, err = cli(capsys, "img2img", *dirs, "--prompt", "x", "--init-img", str(tmp_path / "nope.png"))
+    assert code == 2 and err.startswith("error: init-img")
+
+
+def test_unidentifiable_checkpoint_is_a_runtime_failure(capsys, tmp_path):
+    sd = tmp_path / "models" / "Stable-diffusion"
+    sd.mkdir(parents=True)
+    from safetensors.torch import save_file
+    import torch
+
+    save_file({"some.other.weight": torch.zeros(2)}, str(sd / "mystery.safetensors"))
+    code, _, err = cli(capsys, "txt2img", "--models-dir", str(tmp_path / "models"), "--outdir", str(tmp_path / "o"),
+                       "--data-dir", str(tmp_path / "d"), "--prompt", "x")
+    assert code == 1
+    assert err.startswith("error: ") and "mystery.safetensors" in err and err.count("\n") == 1
+
+
+def test_models_lists_family_and_plan(capsys, dirs):
+    code, out, _ = cli(capsys, "models", *dirs)
+    assert code == 0
+    assert "tiny-sd1" in out and "family: SD 1.x" in out and "plan:   cpu" in out
+
+
+def test_pnginfo_reads_back_parameters(capsys, dirs):
+    _, out, _ = cli(capsys, "txt2img", *dirs, "--prompt", "a (cat:1.2)", "--steps", "2", "--width", "64",
+                    "--height", "64", "--seed", "99")
+    code, info, _ = cli(capsys, "pnginfo", out.splitlines()[0])
+    assert code == 0
+    assert info.startswith("a (cat:1.2)\n") and "Seed: 99" in info and "Watermark:" in info
+
+
+def test_real_process_exit_code_and_stderr(tmp_path):
+    """The same contract seen from outside, as a script calling Easel sees it."""
+    proc = subprocess.run([sys.executable, str(ROOT / "app.py"), "txt2img", "--prompt", "x", "--cfg-scale", "99",
+                           "--models-dir", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    # No model in an empty folder is reported before the request is checked: exit 2 either way.
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+
+
+def test_selftest_passes(capsys):
+    code, out, err = cli(capsys, "selftest")
+    assert code == 0, err
+    assert "selftest passed" in out
