@@ -1,0 +1,240 @@
+"""The page: `create_ui(engine)` builds the Gradio Blocks and wires widgets to `Studio`.
+
+Each generation tab keeps its widgets in a dict {request field name: component}; handlers get
+the values back as a dict by the same names (Gradio passes a {component: value} dict when the
+inputs are given as a set), so nothing depends on widget order.
+
+Generation and model loading share one concurrency id with limit 1: one job at a time on the
+device, the rest wait in Gradio's bounded queue, which shows each page its position.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from engine.errors import CancelledError, EaselError
+from ui.handlers import Studio
+from ui.progress import progress_html
+from ui.settings import SettingsStore
+
+GENERATION = "generation"  # concurrency id shared by every event that uses the device
+SIZE_STEP = 8               # every real family's VAE scale factor; the demo model takes any even size
+
+
+def _readable(error: EaselError) -> gr.Error:
+    return gr.Error(str(error).splitlines()[0] if str(error) else type(error).__name__, print_exception=False)
+
+
+class GenerationTab:
+    """Widgets and events of one generation tab (txt2img or img2img)."""
+
+    def __init__(self, studio: Studio, mode: str, model: gr.Dropdown, demo: bool):
+        self.studio, self.mode, self.model = studio, mode, model
+        engine = studio.engine
+        side = 128 if demo else 512
+        f: dict[str, Any] = {}
+        with gr.Row():
+            with gr.Column(scale=4):
+                f["prompt"] = gr.Textbox(label="Prompt", lines=3, elem_id=f"{mode}-prompt",
+                                         placeholder="what to draw; (word:1.2) to weigh a word")
+                f["negative_prompt"] = gr.Textbox(label="Negative prompt", lines=2, elem_id=f"{mode}-negative-prompt",
+                                                  placeholder="what to avoid")
+            with gr.Column(scale=1, min_width=160):
+                self.generate_button = gr.Button("Generate", variant="primary", elem_id=f"{mode}-generate")
+                self.cancel_button = gr.Button("Cancel", variant="stop", elem_id=f"{mode}-cancel")
+        with gr.Row():
+            with gr.Column():
+                if mode == "img2img":
+                    f["init_image"] = gr.Image(label="Init image", type="pil", image_mode="RGB", sources=["upload", "clipboard"],
+                                               elem_id="img2img-init-image", height=280)
+                    f["denoising_strength"] = gr.Slider(0.0, 1.0, value=0.75, step=0.01, label="Denoising strength",
+                                                        elem_id="img2img-denoising-strength")
+                    f["resize_mode"] = gr.Radio(["just resize", "crop and resize", "resize and fill"], value="just resize",
+                                                label="Resize mode", elem_id="img2img-resize-mode")
+                with gr.Row():
+                    f["sampler"] = gr.Dropdown(list(engine.samplers), value=engine.samplers[0], label="Sampler",
+                                               elem_id=f"{mode}-sampler")
+                    f["schedule_type"] = gr.Dropdown(list(engine.schedule_types), value="Automatic", label="Schedule type",
+                                                     elem_id=f"{mode}-schedule-type")
+                f["steps"] = gr.Slider(1, 150, value=4 if demo else 20, step=1, label="Steps", elem_id=f"{mode}-steps")
+                f["cfg_scale"] = gr.Slider(0.0, 30.0, value=7.0, step=0.5, label="CFG scale", elem_id=f"{mode}-cfg-scale")
+                with gr.Row():
+                    f["width"] = gr.Slider(64, 2048, value=side, step=SIZE_STEP, label="Width", elem_id=f"{mode}-width")
+                    f["height"] = gr.Slider(64, 2048, value=side, step=SIZE_STEP, label="Height", elem_id=f"{mode}-height")
+                with gr.Row(equal_height=True):
+                    f["seed"] = gr.Number(value=-1, precision=0, label="Seed (-1: random)", elem_id=f"{mode}-seed", scale=4)
+                    self.random_seed = gr.Button("🎲", elem_id=f"{mode}-random-seed", scale=0, min_width=48)
+                    self.reuse_seed = gr.Button("♻️", elem_id=f"{mode}-reuse-seed", scale=0, min_width=48)
+                with gr.Row():
+                    f["batch_count"] = gr.Slider(1, 100, value=1, step=1, label="Batch count", elem_id=f"{mode}-batch-count")
+                    f["batch_size"] = gr.Slider(1, 8, value=1, step=1, label="Batch size", elem_id=f"{mode}-batch-size")
+            with gr.Column():
+                self.progress = gr.HTML(progress_html("Ready", 0.0, "idle"), elem_id=f"{mode}-progress")
+                self.preview = gr.Image(label="Live preview", interactive=False, height=160, elem_id=f"{mode}-preview")
+                self.gallery = gr.Gallery(label="Results", format="png", columns=2, height=360, elem_id=f"{mode}-gallery")
+                self.infotext = gr.Textbox(label="Parameters", lines=4, interactive=False, elem_id=f"{mode}-infotext")
+        self.fields = f
+        self.last_seed = gr.State(None)
+        self.infotexts = gr.State(())
+
+    def wire(self) -> None:
+        names = {component: name for name, component in self.fields.items()}
+        studio, mode, model = self.studio, self.mode, self.model
+
+        def prepare(request: gr.Request):
+            studio.prepare((request.session_hash, mode))
+
+        def generate(values: dict, request: gr.Request):
+            fields = {names[c]: v for c, v in values.items() if c in names}
+            fields["mode"] = mode
+            key = (request.session_hash, mode)
+            try:
+                for view in studio.generate(key, fields, values.get(model)):
+                    out = {self.progress: view.progress}
+                    if view.preview is not None:
+                        out[self.preview] = view.preview
+                    if view.images is not None:
+                        out.update({self.gallery: list(view.images), self.infotext: view.infotexts[0] if view.infotexts else "",
+                                    self.infotexts: view.infotexts, self.last_seed: view.seeds[0] if view.seeds else None})
+                        for note in view.notes:
+                            gr.Info(note)
+                    yield out
+            except CancelledError as e:
+                gr.Warning(f"Cancelled: {e}")
+                yield {self.progress: progress_html(f"Cancelled ({e})", 0.0, "cancelled")}
+            except EaselError as e:
+                yield {self.progress: progress_html(f"Failed: {e}", 0.0, "failed")}
+                raise _readable(e) from None
+
+        def cancel(request: gr.Request):
+            if studio.cancel((request.session_hash, mode)):
+                gr.Info("Cancelling…")
+
+        inputs = set(self.fields.values()) | {model}
+        outputs = [self.progress, self.preview, self.gallery, self.infotext, self.infotexts, self.last_seed]
+        self.generate_button.click(prepare, None, None, queue=False, api_visibility="private").then(
+            generate, inputs, outputs, concurrency_id=GENERATION, concurrency_limit=1, show_progress="full",
+            show_progress_on=[self.gallery], api_name=mode)
+        self.cancel_button.click(cancel, None, None, queue=False, api_visibility="private")
+        self.random_seed.click(lambda: -1, None, self.fields["seed"], queue=False, api_visibility="private")
+        self.reuse_seed.click(lambda seed: -1 if seed is None else seed, self.last_seed, self.fields["seed"],
+                              queue=False, api_visibility="private")
+
+        def show_infotext(infotexts, evt: gr.SelectData):
+            return infotexts[evt.index] if evt.index is not None and evt.index < len(infotexts) else gr.update()
+
+        self.gallery.select(show_infotext, self.infotexts, self.infotext, queue=False, api_visibility="private")
+
+    def fill(self, values: dict[str, Any]) -> dict:
+        """Gradio updates that put the named values into this tab's widgets."""
+        return {self.fields[name]: value for name, value in values.items() if name in self.fields}
+
+
+def create_ui(engine, settings: SettingsStore | None = None, *, listen: bool = False,
+              keep_command_line: frozenset[str] = frozenset()) -> gr.Blocks:
+    """The whole page for `engine`. Settings live in `<data_dir>/settings.json` unless another
+    store is given; `listen` makes server-side paths read-only from the page."""
+    settings = settings or SettingsStore(Path(engine.config.data_dir) / "settings.json")
+    studio = Studio(engine, settings, listen=listen)
+    studio.apply_saved_outputs(keep_command_line)
+    demo = bool(getattr(engine, "is_demo", False))
+
+    with gr.Blocks(title="Easel", analytics_enabled=False) as page:
+        page.studio = studio  # for tests and the server
+        with gr.Row(equal_height=True):
+            gr.Markdown("## Easel", elem_id="easel-title")
+            model = gr.Dropdown(engine.model_names(), value=studio.default_model(), label="Model", scale=3,
+                                elem_id="model-select")
+        banner = gr.Markdown(studio.banner(), elem_id="easel-banner")
+        with gr.Tabs(elem_id="easel-tabs") as tabs:
+            with gr.Tab("Text to image", id="txt2img", elem_id="tab-txt2img"):
+                txt2img = GenerationTab(studio, "txt2img", model, demo)
+            with gr.Tab("Image to image", id="img2img", elem_id="tab-img2img"):
+                img2img = GenerationTab(studio, "img2img", model, demo)
+            with gr.Tab("Upscale 4x", id="upscale", elem_id="tab-upscale"):
+                gr.Markdown("4x upscaling is not wired into the page yet: it comes with the upscaling feature.")
+            with gr.Tab("PNG info", id="pnginfo", elem_id="tab-pnginfo"):
+                with gr.Row():
+                    png_image = gr.Image(label="Drop a PNG here", type="filepath", sources=["upload", "clipboard"],
+                                         elem_id="pnginfo-image", height=320)
+                    with gr.Column():
+                        png_text = gr.Textbox(label="Parameters", lines=6, interactive=False, elem_id="pnginfo-parameters")
+                        png_mark = gr.Textbox(label="Watermark", interactive=False, elem_id="pnginfo-watermark")
+                        with gr.Row():
+                            send_txt = gr.Button("Send to txt2img", elem_id="pnginfo-send-txt2img")
+                            send_img = gr.Button("Send to img2img", elem_id="pnginfo-send-img2img")
+                png_fields = gr.State({})
+            with gr.Tab("Models", id="models", elem_id="tab-models"):
+                models_table = gr.Dataframe(headers=["Name", "Family", "Device / precision", "Error", "Loaded"],
+                                            value=studio.model_rows(), interactive=False, wrap=True, elem_id="models-table")
+                refresh = gr.Button("Refresh", elem_id="models-refresh")
+            with gr.Tab("Settings", id="settings", elem_id="tab-settings"):
+                outdir, watermark = studio.output_settings()
+                out_box = gr.Textbox(outdir, label="Output folder", interactive=not listen, elem_id="settings-outdir",
+                                     info="Read-only when the page is shared with --listen." if listen else None)
+                mark_box = gr.Checkbox(watermark, label="Embed the invisible watermark", elem_id="settings-watermark")
+                save = gr.Button("Save settings", elem_id="settings-save")
+                saved_note = gr.Markdown(f"Saved in `{settings.path}`; kept across restarts "
+                                         "(`--outdir` / `--no-watermark` given on the command line win for that run).")
+
+        for tab in (txt2img, img2img):
+            tab.wire()
+
+        def select_model(name):
+            try:
+                return studio.select_model(name)
+            except EaselError as e:
+                raise _readable(e) from None
+
+        model.change(select_model, model, banner, concurrency_id=GENERATION, concurrency_limit=1,
+                     api_visibility="private")
+
+        def refresh_models():
+            rows = studio.model_rows(refresh=True)
+            names = engine.model_names()
+            value = studio.default_model()
+            return rows, gr.update(choices=names, value=value), studio.banner()
+
+        refresh.click(refresh_models, None, [models_table, model, banner], concurrency_id=GENERATION,
+                      concurrency_limit=1, api_visibility="private")
+
+        def read_png(path):
+            try:
+                return studio.png_info(path)
+            except EaselError as e:
+                raise _readable(e) from None
+
+        png_image.change(read_png, png_image, [png_text, png_mark, png_fields], api_name="png_info")
+
+        def send_to(tab, target: str, with_image: bool):
+            def send(parsed, path):
+                values = studio.fields_from_infotext(parsed or {}, engine.samplers, engine.schedule_types)
+                if with_image and path:
+                    values["init_image"] = path
+                if not values:
+                    gr.Warning("No generation parameters to send: drop an image made by Easel or A1111 first.")
+                return {**tab.fill(values), tabs: gr.Tabs(selected=target)}
+            return send
+
+        targets = [tabs, *txt2img.fields.values()]
+        send_txt.click(send_to(txt2img, "txt2img", False), [png_fields, png_image], targets, queue=False,
+                       api_visibility="private")
+        send_img.click(send_to(img2img, "img2img", True), [png_fields, png_image], [tabs, *img2img.fields.values()],
+                       queue=False, api_visibility="private")
+
+        def save_settings(folder, mark):
+            try:
+                message = studio.save_output_settings(folder, mark)
+            except EaselError as e:
+                raise _readable(e) from None
+            return message, studio.output_settings()[0]
+
+        save.click(save_settings, [out_box, mark_box], [saved_note, out_box], queue=False, api_visibility="private")
+
+        def forget_session(request: gr.Request):
+            studio.jobs.drop_session(request.session_hash)
+
+        page.unload(forget_session)
+    return page

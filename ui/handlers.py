@@ -1,0 +1,260 @@
+"""What the page's buttons do, as plain methods on `Studio` (no Gradio components here).
+
+Values travel by field name (the names of `GenerationRequest`), never by position, so adding a
+widget cannot shift the others. `app_ui.py` maps widgets to these names and turns `EaselError`
+into a readable message in the page.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Iterator
+
+from PIL import Image
+
+from engine.errors import CancelledError, EaselError
+from engine.generator import Job
+from ui.progress import describe, preview_every, progress_html
+from ui.settings import SettingsStore
+
+# A1111 infotext keys (as parsed by engine.infotext) -> request field names, with their types.
+INFOTEXT_FIELDS = {
+    "Prompt": ("prompt", str),
+    "Negative prompt": ("negative_prompt", str),
+    "Steps": ("steps", int),
+    "Sampler": ("sampler", str),
+    "Schedule type": ("schedule_type", str),
+    "CFG scale": ("cfg_scale", float),
+    "Seed": ("seed", int),
+    "Size-1": ("width", int),
+    "Size-2": ("height", int),
+    "Denoising strength": ("denoising_strength", float),
+}
+
+WATERMARK_WORDS = {True: "Easel watermark found", False: "no Easel watermark found", None: "image too small to tell"}
+
+
+@dataclass(frozen=True)
+class GenerationView:
+    """One refresh of a generation tab while its job runs, and the final one with the images."""
+    progress: str                      # HTML from ui.progress
+    preview: Image.Image | None = None
+    images: tuple | None = None        # (image, caption) pairs, set once done
+    infotexts: tuple[str, ...] = ()
+    seeds: tuple[int, ...] = ()
+    notes: tuple[str, ...] = ()
+
+
+class JobBoard:
+    """Jobs by (session, tab): Cancel on a page stops that page's job and nobody else's."""
+
+    def __init__(self):
+        self._jobs: dict[tuple[str, str], Job] = {}
+        self._lock = threading.Lock()
+
+    def open(self, key: tuple[str, str]) -> Job:
+        with self._lock:
+            job = self._jobs[key] = Job()
+            return job
+
+    def get(self, key: tuple[str, str]) -> Job | None:
+        with self._lock:
+            return self._jobs.get(key)
+
+    def cancel(self, key: tuple[str, str]) -> bool:
+        job = self.get(key)
+        if job is None:
+            return False
+        job.cancel()
+        return True
+
+    def finish(self, key: tuple[str, str], job: Job) -> None:
+        with self._lock:
+            if self._jobs.get(key) is job:
+                del self._jobs[key]
+
+    def drop_session(self, session: str) -> None:
+        """The page was closed: stop its jobs and forget them."""
+        with self._lock:
+            for key in [k for k in self._jobs if k[0] == session]:
+                self._jobs.pop(key).cancel()
+
+
+_DONE = object()
+
+
+class Studio:
+    def __init__(self, engine, settings: SettingsStore, *, listen: bool = False):
+        self.engine = engine
+        self.settings = settings
+        self.listen = listen  # others on the network can reach the page: no server paths from it
+        self.jobs = JobBoard()
+
+    # --- models ---------------------------------------------------------------------------------
+    def banner(self) -> str:
+        if getattr(self.engine, "is_demo", False):
+            return ("**Demo mode:** the only model is a tiny random-weight network, so every image it makes is "
+                    "noise. Start without `--demo` to use your own checkpoints.")
+        if not self.engine.model_names():
+            return (f"**No model found.** Put a Stable Diffusion checkpoint (`.safetensors`) in "
+                    f"`{self.engine.library.checkpoint_dir}` and press *Refresh* on the Models tab, "
+                    f"or run `python app.py download` to fetch the default SD 1.5 model.")
+        return ""
+
+    def default_model(self) -> str | None:
+        names = self.engine.model_names()
+        saved = self.settings.load().last_model
+        if saved in names:
+            return saved
+        current = self.engine.current_model
+        return current if current in names else (names[0] if names else None)
+
+    def model_rows(self, refresh: bool = False) -> list[list[str]]:
+        statuses = self.engine.refresh_models() if refresh else self.engine.models()
+        return [[s.name, s.family or "", s.plan or "", s.error or "", "yes" if s.loaded else ""] for s in statuses]
+
+    def select_model(self, name: str | None) -> str:
+        if not name:
+            return self.banner()
+        loaded = self.engine.load_model(name)
+        self.settings.update(last_model=name)
+        plan = getattr(loaded, "plan", None)
+        return f"Loaded **{name}**" + (f" ({plan.describe()})" if hasattr(plan, "describe") else "")
+
+    # --- generation -----------------------------------------------------------------------------
+    def prepare(self, key: tuple[str, str]) -> Job:
+        """Called the moment Generate is clicked, so Cancel works while the job still waits in the queue."""
+        return self.jobs.open(key)
+
+    def cancel(self, key: tuple[str, str]) -> bool:
+        return self.jobs.cancel(key)
+
+    def generate(self, key: tuple[str, str], fields: dict[str, Any], model: str | None) -> Iterator[GenerationView]:
+        """Run one request, yielding progress views, then a last view with the images.
+
+        Raises the engine's EaselError (CancelledError when cancelled). The engine runs in a worker
+        thread so progress can be shown while it works; if the page goes away mid-job (this
+        generator is closed), the job is cancelled.
+        """
+        job = self.jobs.get(key) or self.jobs.open(key)
+        updates: queue.Queue = queue.Queue()
+        job.on_progress = updates.put
+        job.preview_every = preview_every(fields.get("steps"))
+        outcome: dict[str, Any] = {}
+        model = model or None
+
+        def work():
+            try:
+                if job.cancelled.is_set():
+                    raise CancelledError("cancelled before it started")
+                request = self.engine.make_request(fields, model=model)
+                outcome["result"] = self.engine.generate(request, job, model=model)
+            except BaseException as e:  # handed to the page's thread, which reports it
+                outcome["error"] = e
+            finally:
+                updates.put(_DONE)
+
+        worker = threading.Thread(target=work, name="easel-generate", daemon=True)
+        worker.start()
+        last = None
+        try:
+            yield GenerationView(progress_html("Loading the model…" if self.engine.current_model != model
+                                               else "Starting…"))
+            preview = None
+            while True:
+                item = updates.get()
+                batch = [item]
+                while not updates.empty():  # the page only needs the newest step
+                    batch.append(updates.get())
+                steps = [u for u in batch if u is not _DONE]
+                for update in steps:
+                    preview = update.preview or preview
+                if steps:
+                    last = steps[-1]
+                    yield GenerationView(progress_html(describe(last), last.fraction), preview)
+                if _DONE in batch:
+                    break
+            worker.join()
+            if "error" in outcome:
+                error = outcome["error"]
+                if isinstance(error, CancelledError) and last is not None:
+                    raise CancelledError(f"cancelled at step {last.step}/{last.steps}") from None
+                raise error
+            yield self._done_view(outcome["result"])
+        finally:
+            if worker.is_alive():
+                job.cancel()
+            self.jobs.finish(key, job)
+
+    @staticmethod
+    def _done_view(result) -> GenerationView:
+        # The saved files carry the infotext; opened from disk, the gallery's copies keep it too.
+        images = [Image.open(p) for p in result.paths] if result.paths else list(result.images)
+        captions = [f"Seed {s}" for s in result.seeds]
+        n = len(images)
+        return GenerationView(
+            progress_html(f"Done: {n} image{'s' if n != 1 else ''}", 1.0, "done"),
+            images=tuple(zip(images, captions)), infotexts=result.infotexts, seeds=result.seeds, notes=result.notes)
+
+    # --- PNG info -------------------------------------------------------------------------------
+    def png_info(self, path) -> tuple[str, str, dict]:
+        """(parameters text, watermark status in words, parsed A1111 fields)."""
+        if not path:
+            return "", "", {}
+        info = self.engine.png_info(path)
+        text = info.parameters or "(no generation parameters found in this image)"
+        return text, WATERMARK_WORDS[info.watermark], dict(info.fields)
+
+    @staticmethod
+    def fields_from_infotext(parsed: dict, samplers, schedule_types) -> dict[str, Any]:
+        """Request field values from parsed A1111 parameters; values that do not parse are left out."""
+        values: dict[str, Any] = {}
+        for key, (name, kind) in INFOTEXT_FIELDS.items():
+            if key not in parsed:
+                continue
+            try:
+                value = kind(float(parsed[key])) if kind is int else kind(parsed[key])
+            except (TypeError, ValueError):
+                continue
+            values[name] = value
+        if "prompt" in values:  # A1111 leaves defaults out of the text
+            values.setdefault("negative_prompt", "")
+            values.setdefault("schedule_type", "Automatic")
+        if values.get("sampler") not in samplers:
+            values.pop("sampler", None)
+        if values.get("schedule_type") not in schedule_types:
+            values.pop("schedule_type", None)
+        return values
+
+    # --- output settings ------------------------------------------------------------------------
+    def apply_saved_outputs(self, keep_command_line: frozenset[str] = frozenset()) -> None:
+        """Use the output folder / watermark saved from the Settings tab, except those given on the
+        command line this time (named in keep_command_line: "outdir", "watermark")."""
+        saved = self.settings.load()
+        outputs = self.engine.generator.outputs
+        if saved.outdir and "outdir" not in keep_command_line:
+            outputs = replace(outputs, outdir=Path(saved.outdir))
+        if saved.watermark is not None and "watermark" not in keep_command_line:
+            outputs = replace(outputs, watermark=bool(saved.watermark))
+        self.engine.generator.outputs = outputs
+
+    def output_settings(self) -> tuple[str, bool]:
+        outputs = self.engine.generator.outputs
+        return str(outputs.outdir), bool(outputs.watermark)
+
+    def save_output_settings(self, outdir: str, watermark: bool) -> str:
+        current = self.engine.generator.outputs
+        folder = Path(str(outdir or "").strip()).expanduser() if str(outdir or "").strip() else current.outdir
+        if folder.resolve() != Path(current.outdir).resolve():
+            if self.listen:
+                raise EaselError("output folder: can only be changed on the computer running Easel "
+                                 "(the page is shared with --listen); use --outdir there")
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise EaselError(f"output folder: cannot create {folder}: {e.strerror or e}") from None
+        self.engine.generator.outputs = replace(current, outdir=folder, watermark=bool(watermark))
+        self.settings.update(outdir=str(folder), watermark=bool(watermark))
+        return f"Saved: images go to `{folder}`, watermark {'on' if watermark else 'off'}."

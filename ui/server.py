@@ -1,0 +1,157 @@
+"""`python app.py serve`: its flags and the Gradio server start.
+
+Safe by default: loopback only; `--listen` (the page on the network) needs a login unless
+`--insecure-no-auth` says otherwise; no share tunnel, no analytics; uploads are size-capped and
+the server hands out no file outside its output folder and Gradio's own temp folders.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+from pathlib import Path
+
+import ui  # noqa: F401 - switches Gradio analytics off before gradio is imported
+
+EXIT_BAD_INPUT = 2
+EXIT_FAILURE = 1
+ANY_ADDRESS = "0.0.0.0"
+
+
+def add_serve_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--listen", nargs="?", const=ANY_ADDRESS, default=None, metavar="ADDRESS",
+                   help="serve on the network (all addresses, or the one given); needs --auth or --auth-file")
+    p.add_argument("--port", type=int, default=7860, help="port to serve on (default 7860)")
+    p.add_argument("--auth", default=None, metavar="USER:PASSWORD",
+                   help="require a login; several as user1:pass1,user2:pass2")
+    p.add_argument("--auth-file", type=Path, default=None, metavar="FILE", help="logins, one user:password a line")
+    p.add_argument("--insecure-no-auth", action="store_true", help="allow --listen without a login (anyone on the network can use it)")
+    p.add_argument("--demo", action="store_true", help="use a tiny random-weight model (makes noise): try the UI with no checkpoint")
+    p.add_argument("--no-browser", action="store_true", help="do not open a browser tab")
+    p.add_argument("--queue-size", type=int, default=16, help="jobs that may wait for their turn (default 16)")
+    p.add_argument("--max-upload-mb", type=int, default=50, help="largest upload accepted, in MB (default 50)")
+    # Remember the parser's --outdir default, to tell an --outdir typed on the command line
+    # (wins over the one saved in the Settings tab) from the default (does not).
+    p.set_defaults(serve_outdir_default=p.get_default("outdir"))
+
+
+class ServeError(Exception):
+    """A bad serve option: one line, exit 2."""
+
+
+def parse_logins(auth: str | None, auth_file: Path | None) -> list[tuple[str, str]]:
+    entries: list[tuple[str, str]] = []
+    if auth:
+        entries += [(e, "--auth") for e in auth.split(",") if e.strip()]
+    if auth_file:
+        try:
+            lines = auth_file.read_text(encoding="utf-8").splitlines()
+        except OSError as e:
+            raise ServeError(f"--auth-file: cannot read {auth_file}: {e.strerror or e}") from None
+        entries += [(line.strip(), f"--auth-file line {i}") for i, line in enumerate(lines, 1)
+                    if line.strip() and not line.lstrip().startswith("#")]
+    logins = []
+    for entry, where in entries:
+        user, sep, password = entry.strip().partition(":")
+        if not sep or not user or not password:
+            raise ServeError(f"{where}: expected user:password")
+        logins.append((user, password))
+    if (auth or auth_file) and not logins:
+        raise ServeError("--auth-file: no user:password lines found" if auth_file else "--auth: expected user:password")
+    return logins
+
+
+def lan_addresses() -> list[str]:
+    """This machine's non-loopback IPv4 addresses, found without sending any traffic."""
+    found: set[str] = set()
+    try:
+        for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET):
+            found.add(info[4][0])
+    except OSError:
+        pass
+    try:
+        # connect() on a UDP socket sends nothing: it only asks the OS which local address would
+        # be used to reach a private-network address.
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("10.255.255.255", 1))
+            found.add(s.getsockname()[0])
+    except OSError:
+        pass
+    return sorted(a for a in found if not a.startswith("127.") and a != ANY_ADDRESS)
+
+
+def has_display() -> bool:
+    if sys.platform in ("win32", "darwin"):
+        return True
+    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+
+
+def _command_line_outputs(args) -> frozenset[str]:
+    """Output options typed on the command line this time; they win over the saved settings."""
+    given = set()
+    default = getattr(args, "serve_outdir_default", None)
+    if default is not None and Path(args.outdir) != Path(default):
+        given.add("outdir")
+    if getattr(args, "no_watermark", False):
+        given.add("watermark")
+    return frozenset(given)
+
+
+def serve(engine, args) -> int:
+    try:
+        logins = parse_logins(args.auth, args.auth_file)
+        if args.listen and not logins and not args.insecure_no_auth:
+            raise ServeError("--listen shares the page on the network: add --auth user:password or --auth-file FILE "
+                             "(or --insecure-no-auth to let anyone on the network use it)")
+        if not 1 <= args.port <= 65535:
+            raise ServeError(f"--port: must be between 1 and 65535, got {args.port}")
+        if args.queue_size < 1:
+            raise ServeError(f"--queue-size: must be at least 1, got {args.queue_size}")
+        if args.max_upload_mb < 1:
+            raise ServeError(f"--max-upload-mb: must be at least 1, got {args.max_upload_mb}")
+    except ServeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+    if args.demo:
+        from engine.engine import Engine
+
+        engine = Engine.demo(engine.config)
+
+    from ui.app_ui import create_ui
+
+    host = args.listen or "127.0.0.1"
+    page = create_ui(engine, listen=bool(args.listen), keep_command_line=_command_line_outputs(args))
+    page.queue(max_size=args.queue_size)
+    outdir = Path(engine.generator.outputs.outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+
+    if args.listen:
+        port = args.port
+        addresses = lan_addresses() if host == ANY_ADDRESS else [host]
+        for address in addresses:
+            print(f"On your network: http://{address}:{port}")
+        if not logins:
+            print("warning: no login required (--insecure-no-auth): anyone who can reach this machine can use it",
+                  file=sys.stderr)
+    try:
+        page.launch(
+            server_name=host,
+            server_port=args.port,
+            auth=logins or None,
+            auth_message="Easel: log in with a user:password given to --auth or --auth-file" if logins else None,
+            share=False,
+            inbrowser=not args.no_browser and has_display(),
+            max_file_size=args.max_upload_mb * 1024 * 1024,
+            allowed_paths=[str(outdir)],
+            show_error=False,   # unexpected errors say "Error", never a traceback; EaselErrors are shown as gr.Error
+            ssr_mode=False,     # no Node server
+            mcp_server=False,
+            enable_monitoring=False,
+            footer_links=["settings"],
+        )
+    except OSError as e:  # e.g. the port is taken
+        print(f"error: cannot serve on {host}:{args.port}: {e}".splitlines()[0], file=sys.stderr)
+        return EXIT_FAILURE
+    return 0
