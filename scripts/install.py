@@ -189,9 +189,14 @@ def install(root: Path, extras: list[str], force: bool, dry_run: bool) -> None:
     has_nvidia = nvidia_smi_answers()
     source = choose_torch_source(platform.system(), has_nvidia)
     stamp_path = venv / STAMP_NAME
+    old_stamp = read_stamp(stamp_path)
     wanted = wanted_stamp(root, extras, source.name)
-    if not force and not needs_install(read_stamp(stamp_path), wanted):
+    if not force and not needs_install(old_stamp, wanted):
         return
+    # Extras installed before stay up to date too (the app's launcher updating a test venv).
+    if isinstance(old_stamp, dict) and isinstance(old_stamp.get("extras"), list):
+        wanted = wanted_stamp(root, sorted(set(extras) | set(old_stamp["extras"])), source.name)
+    extras = wanted["extras"]
     if not dry_run:
         print(f"Setting up Easel in {venv} (first run or update: this takes several minutes).")
     print(f"Torch build: {source.description}.", flush=True)

@@ -245,3 +245,31 @@ def test_installer_refuses_to_run_outside_a_venv(installer, monkeypatch):
 
     with pytest.raises(installer.InstallError, match="not inside a virtual environment"):
         installer.install(ROOT, [], force=False, dry_run=True)
+
+
+@pytest.fixture
+def fake_venv(installer, tmp_path, monkeypatch):
+    """install() pointed at an empty venv folder on a CPU machine whose pip has the CPU wheel."""
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "venv"))
+    monkeypatch.setattr(installer, "nvidia_smi_answers", lambda: False)
+    monkeypatch.setattr(installer, "pip_offers", lambda requirement: True)
+    (tmp_path / "venv").mkdir()
+    return tmp_path / "venv"
+
+
+def test_install_with_current_stamp_does_nothing(installer, fake_venv, capsys):
+    stamp = installer.wanted_stamp(ROOT, [], installer.choose_torch_source(installer.platform.system(), False).name)
+    (fake_venv / installer.STAMP_NAME).write_text(json.dumps(stamp))
+
+    installer.install(ROOT, [], force=False, dry_run=True)
+
+    assert capsys.readouterr().out == ""
+
+
+def test_update_keeps_the_test_extra_installed_earlier(installer, fake_venv, capsys):
+    old = {"inputs": "from an older pyproject", "extras": ["test"], "torch": "cpu"}
+    (fake_venv / installer.STAMP_NAME).write_text(json.dumps(old))
+
+    installer.install(ROOT, [], force=False, dry_run=True)
+
+    assert " -e .[test]\n" in capsys.readouterr().out
