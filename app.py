@@ -71,6 +71,9 @@ def build_parser() -> Parser:
             _add_generation_options(p, img2img=name == "img2img")
         if name == "pnginfo":
             p.add_argument("file", type=Path)
+        if name == "models":
+            p.add_argument("--set-precision", nargs=2, metavar=("MODEL", "PRECISION"),
+                           help="remember a precision (auto, fp32, fp16, bf16) for one checkpoint")
         if name == "serve":
             _add_serve_options(p)
     return parser
@@ -124,6 +127,8 @@ def _generate(args, mode: str) -> int:
 
 def _models(args) -> int:
     engine = _engine(args)
+    if args.set_precision:
+        engine.set_model_precision(*args.set_precision)
     statuses = engine.models()
     if not statuses:
         print(f"no models in {engine.library.checkpoint_dir}")

@@ -104,3 +104,18 @@ def test_selftest_passes(capsys):
     code, out, err = cli(capsys, "selftest")
     assert code == 0, err
     assert "selftest passed" in out
+
+
+def test_stored_precision_is_used_and_command_line_precision_wins(capsys, dirs):
+    code, out, err = cli(capsys, "models", *dirs, "--set-precision", "tiny-sd1", "bf16")
+    assert code == 0, err
+    assert "unet bf16" in out
+    _, out, _ = cli(capsys, "models", *dirs)  # remembered in the data folder
+    assert "unet bf16" in out
+    _, out, _ = cli(capsys, "models", *dirs, "--precision", "fp32")
+    assert "unet fp32" in out
+
+
+def test_bad_stored_precision_is_bad_input(capsys, dirs):
+    code, _, err = cli(capsys, "models", *dirs, "--set-precision", "tiny-sd1", "fp8")
+    assert code == 2 and err.startswith("error: precision: must be one of")

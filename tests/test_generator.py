@@ -176,3 +176,19 @@ def test_nan_vae_output_is_retried_in_fp32(sd_engine, monkeypatch):
     assert not np.isnan(pixels(result.images[0])).any()
     assert any("fp32" in n for n in result.notes)
 
+
+
+def test_bf16_unet_runs_inside_an_fp32_pipeline(sd_engine):
+    """The CPU bf16 plan: UNet in bf16, text encoder and VAE in fp32, sampler arithmetic in fp32."""
+    from engine.devices import replace
+    loaded = sd_engine.manager.current
+    original_plan = loaded.plan
+    reference = run(sd_engine).images[0]
+    sd_engine.manager.replan(loaded, replace(original_plan, unet_dtype=torch.bfloat16))
+    try:
+        assert loaded.pipe.unet.dtype == torch.bfloat16
+        image = run(sd_engine).images[0]
+    finally:
+        sd_engine.manager.replan(loaded, original_plan)
+    diff = np.abs(pixels(image) - pixels(reference))
+    assert 0 < diff.mean() < 20  # close to fp32, not bit-identical
