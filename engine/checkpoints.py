@@ -3,9 +3,10 @@
 Single files (`.safetensors`, or `.ckpt`/`.pt` through `torch.load(weights_only=True)` only) are
 read once, identified by `engine.families`, and converted with diffusers' own LDM converters
 (`diffusers.loaders.single_file_utils`, the code behind `from_single_file`). We call those
-converters directly instead of `Pipeline.from_single_file` because that entry point re-reads the
-file itself, asks the hub for configs, fills in missing weights without complaint and guesses SD 2.x
-prediction from `global_step`; here every weight must be present and nothing is guessed.
+converters directly instead of `Pipeline.from_single_file`: that entry point reads the file again
+itself, looks for hub configs first, does not insist that every weight is present, and (offline,
+without a scheduler passed in) guesses SD 2.x prediction from `global_step`. Here the file is read
+once through the safe reader, every weight must be present, and nothing is guessed.
 
 The original LDM config comes from a sidecar `<checkpoint>.yaml` when there is one (A1111's rule),
 else from the family's shipped config in `engine/configs/`. Text encoder sizes come from the
@@ -200,11 +201,11 @@ def identify_model(path: Path, *, config_dir: Path | None = None) -> Family:
 
 @torch.no_grad()
 def is_v_prediction(unet) -> bool:
-    """A1111's test: on a constant input at the last timestep a v-model's output sits far below x.
+    """A1111's probe (`is_using_v_parameterization_for_sd2`), on the diffusers UNet.
 
     x = 0.5 everywhere (8x8 latent), t = 999, text context = 0.5 everywhere; v-prediction when
-    mean(out - x) < -1. An eps-model predicts noise of mean ~0 there; a v-model predicts
-    v = sqrt(a)*eps - sqrt(1-a)*x0, dominated by -x0 with x0 large.
+    mean(out - x) < -1. At t = 999 the input is almost pure noise, so an eps-model gives back about
+    its input (out - x near 0), while a v-model's target there is about -x0: far below.
     """
     param = next(unet.parameters())
     x = torch.full((1, unet.config.in_channels, 8, 8), 0.5, dtype=param.dtype, device=param.device)
@@ -225,7 +226,9 @@ def _empty(factory):
 
 def _adopt(model, weights: dict[str, torch.Tensor], dtype: torch.dtype, what: str, path: Path):
     """Give `model` the checkpoint's tensors; every weight the model has must be among them."""
-    weights = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in weights.items()}
+    # Always a fresh copy: tensors memory-mapped from a safetensors file sit at arbitrary byte
+    # offsets, and unaligned weights take slower kernels whose results differ in the last bit.
+    weights = {k: v.to(dtype=dtype if v.is_floating_point() else v.dtype, copy=True) for k, v in weights.items()}
     result = model.load_state_dict(weights, strict=False, assign=True)
     if result.missing_keys:
         shown = ", ".join(result.missing_keys[:3])

@@ -208,3 +208,28 @@ def tiny_upscaler_pipeline(seed: int = 0):
 def save_folder(pipe, dest: Path) -> Path:
     pipe.save_pretrained(str(dest), safe_serialization=True)
     return dest
+
+
+def tiny_pipeline(family: str, seed: int = 0):
+    """A tiny pipeline of the given engine Family value ('sd1', 'sd2-v', 'sdxl', ...)."""
+    builders = {
+        "sd1": lambda: tiny_sd1_pipeline(seed),
+        "sd2": lambda: tiny_sd2_pipeline(seed),
+        "sd2-v": lambda: tiny_sd2_pipeline(seed, prediction_type="v_prediction"),
+        "sdxl": lambda: tiny_sdxl_pipeline(seed),
+        "sd1-inpaint": lambda: tiny_inpaint_pipeline(seed),
+        "sd2-inpaint": lambda: tiny_inpaint_pipeline(seed, sd2=True),
+        "sd-x4-upscaler": lambda: tiny_upscaler_pipeline(seed),
+    }
+    return builders[str(getattr(family, "value", family))]()
+
+
+@torch.no_grad()
+def make_unet_output_constant(unet, value: float):
+    """Zero the last conv and set its bias, so the UNet outputs `value` everywhere whatever its input.
+
+    Lets a test decide what A1111's eps/v probe (mean(out - 0.5) < -1) will measure.
+    """
+    unet.conv_out.weight.zero_()
+    unet.conv_out.bias.fill_(value)
+    return unet

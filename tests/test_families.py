@@ -1,0 +1,117 @@
+"""Family detection: single files (keys, sidecar yaml, the SD 2.x UNet probe) and diffusers folders."""
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+
+import engine  # noqa: F401 - torchvision shim first
+from engine.checkpoints import identify_model, read_keys_and_shapes
+from engine.errors import UnknownCheckpointError
+from engine.families import FAMILIES, UNET_IN_KEY, Family, detect_family, needs_prediction_test
+from tests.ldm_export import export_single_file, ldm_config, write_yaml
+from tests.tiny_models import make_unet_output_constant, save_folder, tiny_pipeline
+
+# SD 2.x eps and v have the same keys; everything else is told apart by its weights alone.
+KEY_DETECTABLE = [f for f in Family if f not in (Family.SD2, Family.SD2_V)]
+
+
+@pytest.fixture(scope="module")
+def pipes():
+    return {family: tiny_pipeline(family) for family in Family}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("families")
+
+
+@pytest.fixture(scope="module")
+def sd2_config_dir(pipes, workdir):
+    """Stands in for engine/configs when a tiny SD 2.x file has no sidecar: same layout, tiny sizes."""
+    folder = workdir / "configs"
+    folder.mkdir()
+    write_yaml(ldm_config(pipes[Family.SD2], Family.SD2), folder / FAMILIES[Family.SD2].ldm_config)
+    return folder
+
+
+@pytest.mark.parametrize("family", KEY_DETECTABLE, ids=lambda f: f.value)
+def test_single_file_family_is_detected_from_keys_alone(pipes, workdir, family):
+    path = export_single_file(pipes[family], family, workdir / f"keys-{family.value}.safetensors", sidecar=False)
+    assert identify_model(path) is family
+
+
+@pytest.mark.parametrize("family", list(Family), ids=lambda f: f.value)
+def test_diffusers_folder_family_is_detected(pipes, workdir, family):
+    folder = save_folder(pipes[family], workdir / f"folder-{family.value}")
+    assert identify_model(folder) is family
+
+
+def test_sidecar_yaml_decides_sd2_prediction_type(pipes, workdir):
+    # The same SD 2.x weights, once with an eps sidecar and once with `parameterization: "v"`.
+    pipe = pipes[Family.SD2]
+    eps = export_single_file(pipe, Family.SD2, workdir / "same-eps.safetensors")
+    v = export_single_file(pipe, Family.SD2, workdir / "same-v.safetensors")
+    config = ldm_config(pipe, Family.SD2)
+    config["model"]["params"]["parameterization"] = "v"
+    write_yaml(config, v.with_suffix(".yaml"))
+    assert (identify_model(eps), identify_model(v)) == (Family.SD2, Family.SD2_V)
+
+
+def test_sd2_keys_alone_are_not_a_final_answer(pipes, workdir):
+    path = export_single_file(pipes[Family.SD2], Family.SD2, workdir / "provisional.safetensors", sidecar=False)
+    family = detect_family(read_keys_and_shapes(path), path)
+    assert family is Family.SD2 and needs_prediction_test(family, None)
+
+
+@pytest.mark.parametrize(("output", "expected"), [(-2.0, Family.SD2_V), (0.0, Family.SD2)])
+def test_sd2_without_sidecar_is_settled_by_running_the_unet(pipes, workdir, sd2_config_dir, output, expected):
+    # A1111's probe: x = 0.5, t = 999; v-prediction when mean(out - x) < -1. A UNet that outputs
+    # -2 everywhere measures -2.5 (v); one that outputs 0 measures -0.5 (eps).
+    pipe = tiny_pipeline(Family.SD2)
+    make_unet_output_constant(pipe.unet, output)
+    path = export_single_file(pipe, Family.SD2, workdir / f"probe{output}.safetensors", sidecar=False)
+    assert identify_model(path, config_dir=sd2_config_dir) is expected
+
+
+def test_unidentifiable_checkpoint_names_the_file(workdir):
+    from safetensors.torch import save_file
+
+    path = workdir / "mystery-model.safetensors"
+    save_file({"encoder.weight": torch.zeros(4, 4), "decoder.bias": torch.zeros(4)}, str(path))
+    with pytest.raises(UnknownCheckpointError, match="mystery-model.safetensors"):
+        identify_model(path)
+
+
+def test_unsupported_unet_input_width_is_not_guessed(pipes, workdir):
+    # An instruct-pix2pix-like UNet (8 input channels) with SD 1.x parts is none of our families.
+    path = export_single_file(pipes[Family.SD1], Family.SD1, workdir / "pix2pix.safetensors", sidecar=False)
+    keys = read_keys_and_shapes(path)
+    out_ch, _, kh, kw = keys[UNET_IN_KEY]
+    keys[UNET_IN_KEY] = (out_ch, 8, kh, kw)
+    with pytest.raises(UnknownCheckpointError, match="pix2pix.safetensors.*8 input channels"):
+        detect_family(keys, path)
+
+
+def test_sidecar_contradicting_the_weights_is_refused(pipes, workdir):
+    path = export_single_file(pipes[Family.SD1], Family.SD1, workdir / "liar.safetensors")
+    config = yaml.safe_load(path.with_suffix(".yaml").read_text())
+    config["model"]["params"]["unet_config"]["params"]["in_channels"] = 9
+    write_yaml(config, path.with_suffix(".yaml"))
+    with pytest.raises(UnknownCheckpointError, match="liar.safetensors.*in_channels 9"):
+        identify_model(path)
+
+
+def test_v_prediction_sidecar_on_sd1_weights_is_refused(pipes, workdir):
+    # SD 1.x v-prediction fine-tunes exist, but no family here serves them: refuse, don't guess.
+    path = export_single_file(pipes[Family.SD1], Family.SD1, workdir / "sd1-v.safetensors")
+    config = yaml.safe_load(path.with_suffix(".yaml").read_text())
+    config["model"]["params"]["parameterization"] = "v"
+    write_yaml(config, path.with_suffix(".yaml"))
+    with pytest.raises(UnknownCheckpointError, match="sd1-v.safetensors"):
+        identify_model(path)
+
+
+def test_families_table_is_read_only():
+    with pytest.raises(TypeError):
+        FAMILIES[Family.SD1] = FAMILIES[Family.SDXL]  # type: ignore[index]
