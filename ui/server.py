@@ -127,14 +127,6 @@ def serve(engine, args) -> int:
     outdir = Path(engine.generator.outputs.outdir)
     outdir.mkdir(parents=True, exist_ok=True)
 
-    if args.listen:
-        port = args.port
-        addresses = lan_addresses() if host == ANY_ADDRESS else [host]
-        for address in addresses:
-            print(f"On your network: http://{address}:{port}")
-        if not logins:
-            print("warning: no login required (--insecure-no-auth): anyone who can reach this machine can use it",
-                  file=sys.stderr)
     try:
         page.launch(
             server_name=host,
@@ -150,8 +142,20 @@ def serve(engine, args) -> int:
             mcp_server=False,
             enable_monitoring=False,
             footer_links=["settings"],
+            quiet=True,         # Gradio's banner suggests share=True; the URLs are printed below
+            prevent_thread_lock=True,
         )
     except OSError as e:  # e.g. the port is taken
         print(f"error: cannot serve on {host}:{args.port}: {e}".splitlines()[0], file=sys.stderr)
         return EXIT_FAILURE
+    local = "127.0.0.1" if host == ANY_ADDRESS else host
+    print(f"Easel is running at http://{local}:{args.port}  (Ctrl+C to stop)", flush=True)
+    if args.listen:
+        addresses = lan_addresses() if host == ANY_ADDRESS else [host]
+        for address in addresses:
+            print(f"On your network: http://{address}:{args.port}", flush=True)
+        if not logins:
+            print("warning: no login required (--insecure-no-auth): anyone who can reach this machine can use it",
+                  file=sys.stderr)
+    page.block_thread()  # until Ctrl+C
     return 0

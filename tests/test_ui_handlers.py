@@ -1,0 +1,213 @@
+"""The web UI's handlers, in-process, against the real engine on the tiny demo model."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import gradio as gr
+import pytest
+from PIL import Image
+
+from engine.engine import Engine, EngineConfig
+from engine.errors import CancelledError, EaselError
+from engine.generator import ProgressUpdate
+from ui.app_ui import create_ui
+from ui.handlers import JobBoard
+from ui.progress import describe
+from ui.settings import SettingsStore, UISettings
+
+SMALL = {"width": 64, "height": 64, "steps": 2, "seed": 7}
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def demo_config(tmp_path_factory) -> EngineConfig:
+    root = tmp_path_factory.mktemp("ui-demo")
+    return EngineConfig(models_dir=root / "models", outputs_dir=root / "outputs", data_dir=root / "data")
+
+
+@pytest.fixture(scope="session")
+def demo_engine(demo_config) -> Engine:
+    return Engine.demo(demo_config)
+
+
+@pytest.fixture(scope="session")
+def page(demo_engine) -> gr.Blocks:
+    return create_ui(demo_engine)
+
+
+@pytest.fixture
+def studio(page):
+    return page.studio
+
+
+def run(studio, key, fields):
+    return list(studio.generate(key, fields, None))
+
+
+def wired_function(page: gr.Blocks, api_name: str):
+    """The function Gradio calls for an event, found by its api_name."""
+    fns = [f for f in page.fns.values() if f.api_name == api_name]
+    assert len(fns) == 1, api_name
+    return fns[0]
+
+
+def test_txt2img_returns_images_infotext_and_saves_files(studio):
+    views = run(studio, ("s1", "txt2img"), {"mode": "txt2img", "prompt": "a red fox", "negative_prompt": "blurry", **SMALL})
+    last = views[-1]
+    assert len(last.images) == 1
+    image, caption = last.images[0]
+    assert caption == "Seed 7"
+    assert last.infotexts[0].startswith("a red fox\nNegative prompt: blurry\n")
+    assert "Seed: 7" in last.infotexts[0] and "Size: 64x64" in last.infotexts[0]
+    saved = Path(image.filename)
+    assert saved.is_file() and saved.is_relative_to(studio.engine.generator.outputs.outdir)
+    assert Image.open(saved).info["parameters"] == last.infotexts[0]
+
+
+def test_txt2img_reports_progress_before_the_result(studio):
+    views = run(studio, ("s1", "txt2img"), {"mode": "txt2img", "prompt": "x", **SMALL, "steps": 4})
+    steps = [v.progress for v in views[:-1] if "Step " in v.progress]
+    assert steps and "Step 4/4" in steps[-1]
+    assert 'data-state="done"' in views[-1].progress
+
+
+def test_img2img_uses_the_init_image(studio):
+    init = Image.new("RGB", (80, 48), (200, 30, 30))
+    fields = {"mode": "img2img", "prompt": "a cat", "init_image": init, "denoising_strength": 0.5,
+              "resize_mode": "crop and resize", **SMALL}
+    last = run(studio, ("s1", "img2img"), fields)[-1]
+    image, _ = last.images[0]
+    assert image.size == (64, 64)
+    assert "Denoising strength: 0.5" in last.infotexts[0]
+    assert "img2img" in Path(image.filename).parts
+
+
+@pytest.mark.parametrize("field, value", [("steps", 0), ("width", 65), ("cfg_scale", 99)])
+def test_bad_value_error_names_the_field(studio, field, value):
+    with pytest.raises(EaselError, match=f"^{field}: "):
+        run(studio, ("s1", "txt2img"), {"mode": "txt2img", "prompt": "x", **SMALL, field: value})
+
+
+def test_wired_handler_maps_widgets_by_name_and_shows_errors_readably(page):
+    fn = wired_function(page, "txt2img")
+    by_name = {name: c for c in fn.inputs for name in [getattr(c, "elem_id", None)] if name}
+    values = {c: c.value for c in fn.inputs}  # the widgets' defaults
+    values[by_name["txt2img-prompt"]] = "x"
+    values[by_name["txt2img-steps"]] = 0
+    with pytest.raises(gr.Error) as caught:
+        list(fn.fn(values, gr.Request(session_hash="wired")))
+    assert str(caught.value.message).startswith("steps: must be")
+    assert "\n" not in caught.value.message
+
+
+def test_cancel_stops_the_running_job(studio):
+    key = ("cancel-me", "txt2img")
+    stream = studio.generate(key, {"mode": "txt2img", "prompt": "x", "width": 64, "height": 64, "steps": 150}, None)
+    with pytest.raises(CancelledError, match=r"cancelled at step \d+/150"):
+        for view in stream:
+            if "Step " in view.progress:
+                assert studio.cancel(key)
+
+
+def test_cancel_while_waiting_stops_it_before_it_starts(studio):
+    key = ("queued", "txt2img")
+    studio.prepare(key)
+    assert studio.cancel(key)
+    with pytest.raises(CancelledError, match="before it started"):
+        run(studio, key, {"mode": "txt2img", "prompt": "x", **SMALL})
+
+
+def test_cancel_reaches_only_the_pages_own_job():
+    board = JobBoard()
+    mine, theirs = board.open(("me", "txt2img")), board.open(("them", "txt2img"))
+    assert board.cancel(("me", "txt2img"))
+    assert mine.cancelled.is_set() and not theirs.cancelled.is_set()
+    assert not board.cancel(("nobody", "txt2img"))
+
+
+def test_png_info_reads_a_saved_file_and_sends_its_fields(studio):
+    last = run(studio, ("s1", "txt2img"), {"mode": "txt2img", "prompt": "a (blue:1.2) bird", "negative_prompt": "fog",
+                                           **SMALL, "cfg_scale": 6.5, "sampler": "DPM++ 2M", "schedule_type": "Karras"})[-1]
+    text, watermark, parsed = studio.png_info(last.images[0][0].filename)
+    assert text == last.infotexts[0]
+    assert watermark == "image too small to tell"  # 64x64 is below the watermark's minimum size
+    values = studio.fields_from_infotext(parsed, studio.engine.samplers, studio.engine.schedule_types)
+    assert values == {"prompt": "a (blue:1.2) bird", "negative_prompt": "fog", "steps": 2, "sampler": "DPM++ 2M",
+                      "schedule_type": "Karras", "cfg_scale": 6.5, "seed": 7, "width": 64, "height": 64}
+
+
+def test_png_info_on_a_non_image_is_a_readable_error(studio, tmp_path):
+    bad = tmp_path / "notes.png"
+    bad.write_text("not a picture")
+    with pytest.raises(EaselError, match="^image: "):
+        studio.png_info(bad)
+
+
+def test_unknown_sampler_from_infotext_is_left_out(studio):
+    values = studio.fields_from_infotext({"Prompt": "x", "Sampler": "Made Up", "Steps": "oops"},
+                                         studio.engine.samplers, studio.engine.schedule_types)
+    assert values == {"prompt": "x", "negative_prompt": "", "schedule_type": "Automatic"}
+
+
+def test_settings_persist_across_a_new_create_ui(demo_config, tmp_path):
+    config = EngineConfig(demo_config.models_dir, tmp_path / "cli-outputs", tmp_path / "data")
+    first = create_ui(Engine.demo(config)).studio
+    first.select_model(first.engine.model_names()[0])
+    first.save_output_settings(str(tmp_path / "my-outputs"), False)
+
+    second = create_ui(Engine.demo(config)).studio
+    assert second.default_model() == first.engine.model_names()[0]
+    assert second.output_settings() == (str(tmp_path / "my-outputs"), False)
+    assert SettingsStore(tmp_path / "data" / "settings.json").load().watermark is False
+
+
+def test_output_folder_given_on_the_command_line_wins_over_the_saved_one(demo_config, tmp_path):
+    config = EngineConfig(demo_config.models_dir, tmp_path / "cli-outputs", tmp_path / "data")
+    SettingsStore(tmp_path / "data" / "settings.json").save(UISettings(outdir=str(tmp_path / "saved")))
+    studio = create_ui(Engine.demo(config), keep_command_line=frozenset({"outdir"})).studio
+    assert studio.output_settings()[0] == str(tmp_path / "cli-outputs")
+
+
+def test_output_folder_cannot_be_changed_from_a_shared_page(demo_config, tmp_path):
+    config = EngineConfig(demo_config.models_dir, tmp_path / "outputs", tmp_path / "data")
+    studio = create_ui(Engine.demo(config), listen=True).studio
+    with pytest.raises(EaselError, match="^output folder: "):
+        studio.save_output_settings("/tmp/elsewhere", True)
+
+
+def test_settings_file_that_is_not_json_reads_as_defaults(tmp_path):
+    (tmp_path / "settings.json").write_text("{half")
+    assert SettingsStore(tmp_path / "settings.json").load() == UISettings()
+
+
+def test_settings_save_leaves_no_temp_files(tmp_path):
+    store = SettingsStore(tmp_path / "settings.json")
+    store.update(last_model="a")
+    store.update(watermark=True)
+    assert store.load() == UISettings(last_model="a", watermark=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["settings.json"]
+
+
+def test_without_models_the_page_says_where_to_put_one(tmp_path):
+    engine = Engine(EngineConfig(tmp_path / "models", tmp_path / "outputs", tmp_path / "data"))
+    banner = create_ui(engine).studio.banner()
+    assert str(engine.library.checkpoint_dir) in banner and "python app.py download" in banner
+
+
+def test_demo_page_says_it_makes_noise(studio):
+    assert "noise" in studio.banner()
+
+
+def test_progress_text_has_step_count_and_eta():
+    update = ProgressUpdate(step=5, steps=20, batch=1, batches=2, elapsed=10.0)
+    assert describe(update) == "Step 5/20 · batch 2/2 · 62% · ETA 6s"
+
+
+def test_ui_never_imports_torch_diffusers_or_transformers():
+    heavy = {"torch", "diffusers", "transformers"}
+    for path in sorted((REPO / "ui").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not {n.split(".")[0] for n in names} & heavy, f"{path.name} imports {names}"
