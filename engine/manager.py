@@ -166,6 +166,7 @@ class ModelManager:
         self.settings = settings or ModelSettings(None)
         self.cache_dir = cache_dir
         self.current: LoadedModel | None = None
+        self._families: dict[tuple, Family] = {}
         self._lock = threading.RLock()
         # Fail at start-up on a bad --device/--precision, not at the first image.
         plan_for(FAMILIES[Family.SD1], hardware, device, precision)
@@ -177,7 +178,13 @@ class ModelManager:
         return plan_for(FAMILIES[family], self.hardware, self.device, precision)
 
     def identify(self, entry: ModelEntry) -> Family:
-        return identify_model(entry.path)
+        """Cached by path, size and mtime: an SD 2.x file without a sidecar needs a UNet run to tell
+        eps from v-prediction, too slow to repeat each time the model list is shown."""
+        stat = entry.path.stat()
+        key = (str(entry.path), stat.st_size, stat.st_mtime_ns)
+        if key not in self._families:
+            self._families[key] = identify_model(entry.path)
+        return self._families[key]
 
     def load(self, name: str) -> LoadedModel:
         with self._lock:
