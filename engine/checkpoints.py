@@ -442,13 +442,15 @@ def _load_single_file(path: Path, family: Family | None, dtype: torch.dtype, con
     sidecar = read_sidecar(path)
     detected = detect_family({k: tuple(v.shape) for k, v in state_dict.items()}, path, sidecar)
     untested = needs_prediction_test(detected, sidecar)
+    # A caller's family (from identify_model) settles SD 2.x eps vs v; without one, measure it.
+    probe = family is None and untested
     if family is None:
         family = detected
     elif family is not detected and not (untested and family in (Family.SD2, Family.SD2_V)):
         raise UnknownCheckpointError(f"{path.name}: holds {FAMILIES[detected].label}, not {FAMILIES[family].label}")
     original = sidecar or read_ldm_yaml(shipped_config(family, config_dir))
     unet = build_unet(state_dict, original, FAMILIES[family], dtype, path)
-    if family is detected and untested:
+    if probe:
         family = resolve_prediction(family, is_v_prediction(unet))
         unet.register_to_config(sample_size=FAMILIES[family].native_size // _vae_scale(original))
     info = FAMILIES[family]
@@ -463,7 +465,8 @@ def load_pipeline(path: Path, family: Family | None = None, torch_dtype: torch.d
                   config_dir: Path | None = None):
     """A diffusers pipeline on the CPU from a single file or a diffusers folder, without network.
 
-    `family`, when the caller already knows it (from `identify_model`), skips detection.
+    `family`, when the caller already has it from `identify_model`, is checked against the weights
+    and settles SD 2.x eps vs v without running the UNet probe a second time.
     """
     path = Path(path)
     if path.is_dir():

@@ -115,3 +115,81 @@ def test_v_prediction_sidecar_on_sd1_weights_is_refused(pipes, workdir):
 def test_families_table_is_read_only():
     with pytest.raises(TypeError):
         FAMILIES[Family.SD1] = FAMILIES[Family.SDXL]  # type: ignore[index]
+
+
+# --- the shipped LDM yamls against the released architectures -----------------------------------
+# Released diffusers configs (stable-diffusion-v1-5, stable-diffusion-2-1, sdxl-base-1.0,
+# stable-diffusion-x4-upscaler), built on the meta device: full size, no memory, no weights.
+
+_SD_VAE = {"block_out_channels": (128, 256, 512, 512), "layers_per_block": 2,
+           "down_block_types": ("DownEncoderBlock2D",) * 4, "up_block_types": ("UpDecoderBlock2D",) * 4}
+_SD_UNET = {"block_out_channels": (320, 640, 1280, 1280), "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3}
+_SD2_UNET = {**_SD_UNET, "cross_attention_dim": 1024, "attention_head_dim": (5, 10, 20, 20), "use_linear_projection": True,
+             "upcast_attention": True}
+RELEASED = {  # family: (unet config, vae config, text encoders as (hidden, layers, act, projection))
+    Family.SD1: ({**_SD_UNET, "cross_attention_dim": 768, "attention_head_dim": 8}, _SD_VAE, [(768, 12, "quick_gelu", None)]),
+    Family.SD2_V: (_SD2_UNET, _SD_VAE, [(1024, 23, "gelu", None)]),
+    Family.SDXL: ({"block_out_channels": (320, 640, 1280), "cross_attention_dim": 2048,
+                   "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                   "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                   "attention_head_dim": (5, 10, 20), "transformer_layers_per_block": (1, 2, 10), "use_linear_projection": True,
+                   "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+                   "projection_class_embeddings_input_dim": 2816},
+                  {**_SD_VAE, "scaling_factor": 0.13025}, [(768, 12, "quick_gelu", None), (1280, 32, "gelu", 1280)]),
+    Family.SD_X4_UPSCALER: ({"block_out_channels": (256, 512, 512, 1024), "in_channels": 7, "cross_attention_dim": 1024,
+                             "down_block_types": ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 3,
+                             "up_block_types": ("CrossAttnUpBlock2D",) * 3 + ("UpBlock2D",), "attention_head_dim": 8,
+                             "use_linear_projection": True, "num_class_embeds": 1000,
+                             "only_cross_attention": (True, True, True, False)},
+                            {"block_out_channels": (128, 256, 512), "layers_per_block": 2, "scaling_factor": 0.08333,
+                             "down_block_types": ("DownEncoderBlock2D",) * 3, "up_block_types": ("UpDecoderBlock2D",) * 3},
+                            [(1024, 23, "gelu", None)]),
+}
+
+
+def _released_on_meta(family: Family):
+    from types import SimpleNamespace
+
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    unet_config, vae_config, encoders = RELEASED[family]
+    names = ["text_encoder", "text_encoder_2"]
+    with init_empty_weights():
+        parts = {"unet": UNet2DConditionModel(**unet_config), "vae": AutoencoderKL(**vae_config)}
+        for name, (hidden, layers, act, projection) in zip(names, encoders):
+            config = CLIPTextConfig(hidden_size=hidden, num_hidden_layers=layers, intermediate_size=4 * hidden,
+                                    num_attention_heads=hidden // 64, hidden_act=act, projection_dim=projection or hidden)
+            parts[name] = (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
+    return SimpleNamespace(**parts)
+
+
+def _differences(expected, built) -> dict:
+    norm = lambda v: list(v) if isinstance(v, (list, tuple)) else v  # noqa: E731
+    return {k: (v, built.get(k)) for k, v in expected.items()
+            if not k.startswith("_") and k != "sample_size" and norm(v) != norm(built.get(k))}
+
+
+@pytest.mark.parametrize("family", list(RELEASED), ids=lambda f: f.value)
+def test_shipped_config_builds_the_released_architecture(family):
+    # Heads, activations and attention settings do not show in tensor shapes, so a wrong number
+    # in engine/configs would load silently and draw noise: compare the configs too.
+    from pathlib import Path
+
+    from engine import checkpoints
+    from tests.ldm_export import pipeline_to_ldm
+
+    released = _released_on_meta(family)
+    state = pipeline_to_ldm(released, family)
+    path, info = Path(f"released-{family.value}.safetensors"), FAMILIES[family]
+    original = checkpoints.read_ldm_yaml(checkpoints.shipped_config(family))
+    unet = checkpoints.build_unet(state, original, info, torch.float32, path)
+    vae = checkpoints.build_vae(state, original, info, torch.float32, path)
+    encoders = checkpoints._text_components(state, family, torch.float32, path)
+    assert _differences(released.unet.config, unet.config) == {}
+    assert _differences(released.vae.config, vae.config) == {}
+    for name in ("text_encoder", "text_encoder_2"):
+        if hasattr(released, name):
+            assert _differences(getattr(released, name).config.to_dict(), encoders[name].config.to_dict()) == {}, name
