@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import pickle
+import re
 import zipfile
 from pathlib import Path
 
@@ -82,12 +83,16 @@ def _check_suffix(path: Path) -> str:
     raise UnknownCheckpointError(f"{path.name}: unsupported checkpoint type '{suffix}' (allowed: {allowed})")
 
 
-def _unsafe_reason(error: Exception) -> str:
-    # torch's message is a page long; the line naming the refused global is the useful part.
-    for line in str(error).splitlines():
-        if "Unsupported" in line or "not an allowed global" in line:
-            return line.strip()
-    return str(error).splitlines()[0].strip() if str(error) else type(error).__name__
+def _first_sentence(error: Exception) -> str:
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0].split(". ")[0].rstrip(".")
+
+
+def _refused_global(error: Exception) -> str:
+    # torch names the global it refused ("GLOBAL io.open was not an allowed global"); its advice
+    # on allow-listing it is deliberately not passed on.
+    match = re.search(r"GLOBAL (\S+) was not an allowed global", str(error))
+    return f"it would call {match.group(1)}" if match else _first_sentence(error)
 
 
 def _load_pickle(path: Path) -> dict:
@@ -97,10 +102,10 @@ def _load_pickle(path: Path) -> dict:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
         raise UnsafeCheckpointError(
-            f"{path.name}: refused - this pickle needs more than plain tensors to load ({_unsafe_reason(e)}); "
+            f"{path.name}: refused - this pickle holds more than plain tensors ({_refused_global(e)}); "
             "Easel never runs code from a checkpoint: convert it to .safetensors") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise UnknownCheckpointError(f"{path.name}: cannot be read as a PyTorch checkpoint ({_unsafe_reason(e)})") from None
+        raise UnknownCheckpointError(f"{path.name}: cannot be read as a PyTorch checkpoint ({_first_sentence(e)})") from None
     # Lightning checkpoints nest the weights under "state_dict".
     while isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
