@@ -408,7 +408,7 @@ def _build_low_res_scheduler(original: dict):
     ), int(low.get("max_noise_level", 350))
 
 
-def _text_components(state_dict: dict, family: Family, dtype: torch.dtype, path: Path) -> dict:
+def build_text_encoders(state_dict: dict, family: Family, dtype: torch.dtype, path: Path) -> dict:
     from engine.tokenizers import load_clip_tokenizer
 
     if family is Family.SDXL:
@@ -460,7 +460,7 @@ def _load_single_file(path: Path, family: Family | None, dtype: torch.dtype, con
         unet.register_to_config(sample_size=FAMILIES[family].native_size // _vae_scale(original))
     info = FAMILIES[family]
     parts = {"unet": unet, "vae": build_vae(state_dict, original, info, dtype, path),
-             "scheduler": build_scheduler(original, info), **_text_components(state_dict, family, dtype, path)}
+             "scheduler": build_scheduler(original, info), **build_text_encoders(state_dict, family, dtype, path)}
     if family is Family.SD_X4_UPSCALER:
         parts["low_res_scheduler"], parts["max_noise_level"] = _build_low_res_scheduler(original)
     return _pipeline_class(info)(**parts, **_pipeline_extras(info))

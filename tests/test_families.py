@@ -187,7 +187,7 @@ def test_shipped_config_builds_the_released_architecture(family):
     original = checkpoints.read_ldm_yaml(checkpoints.shipped_config(family))
     unet = checkpoints.build_unet(state, original, info, torch.float32, path)
     vae = checkpoints.build_vae(state, original, info, torch.float32, path)
-    encoders = checkpoints._text_components(state, family, torch.float32, path)
+    encoders = checkpoints.build_text_encoders(state, family, torch.float32, path)
     assert _differences(released.unet.config, unet.config) == {}
     assert _differences(released.vae.config, vae.config) == {}
     for name in ("text_encoder", "text_encoder_2"):
