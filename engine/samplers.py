@@ -37,7 +37,7 @@ SAMPLERS = MappingProxyType({s.name: s for s in (
     _s("DPM++ 2M", "DPMSolverMultistepScheduler", _SIGMA_SCHEDULES, algorithm_type="dpmsolver++", solver_order=2),
     _s("DPM++ SDE", "DPMSolverSDEScheduler", _SIGMA_SCHEDULES),
     _s("DPM++ 2M SDE", "DPMSolverMultistepScheduler", _SIGMA_SCHEDULES, algorithm_type="sde-dpmsolver++", solver_order=2),
-    _s("DDIM", "DDIMScheduler", set_alpha_to_one=False),
+    _s("DDIM", "DDIMScheduler", set_alpha_to_one=False, clip_sample=False),  # SD never clips x0
     _s("PLMS", "PNDMScheduler", skip_prk_steps=True),
     _s("UniPC", "UniPCMultistepScheduler", _SIGMA_SCHEDULES),
     _s("LCM", "LCMScheduler"),
