@@ -91,9 +91,9 @@ class GenerationTab:
             fields["mode"] = mode
             key = (request.session_hash, mode)
             try:
-                for view in studio.generate(key, fields, values.get(model)):
+                for n, view in enumerate(studio.generate(key, fields, values.get(model))):
                     out = {self.progress: view.progress}
-                    if view.preview is not None:
+                    if view.preview is not None or n == 0:  # the first view clears the last job's preview
                         out[self.preview] = view.preview
                     if view.images is not None:
                         out.update({self.gallery: list(view.images), self.infotext: view.infotexts[0] if view.infotexts else "",
@@ -102,8 +102,9 @@ class GenerationTab:
                             gr.Info(note)
                     yield out
             except CancelledError as e:
-                gr.Warning(f"Cancelled: {e}")
-                yield {self.progress: progress_html(f"Cancelled ({e})", 0.0, "cancelled")}
+                message = str(e)[:1].upper() + str(e)[1:]  # "Cancelled at step 3/20"
+                gr.Warning(message)
+                yield {self.progress: progress_html(message, 0.0, "cancelled")}
             except EaselError as e:
                 yield {self.progress: progress_html(f"Failed: {e}", 0.0, "failed")}
                 raise _readable(e) from None
@@ -166,7 +167,7 @@ def create_ui(engine, settings: SettingsStore | None = None, *, listen: bool = F
                             send_txt = gr.Button("Send to txt2img", elem_id="pnginfo-send-txt2img")
                             send_img = gr.Button("Send to img2img", elem_id="pnginfo-send-img2img")
                 png_fields = gr.State({})
-            with gr.Tab("Models", id="models", elem_id="tab-models"):
+            with gr.Tab("Models", id="models", elem_id="tab-models") as models_tab:
                 models_table = gr.Dataframe(headers=["Name", "Family", "Device / precision", "Error", "Loaded"],
                                             value=studio.model_rows(), interactive=False, wrap=True, elem_id="models-table")
                 refresh = gr.Button("Refresh", elem_id="models-refresh")
@@ -197,6 +198,7 @@ def create_ui(engine, settings: SettingsStore | None = None, *, listen: bool = F
             value = studio.default_model()
             return rows, gr.update(choices=names, value=value), studio.banner()
 
+        models_tab.select(lambda: studio.model_rows(), None, models_table, queue=False, api_visibility="private")
         refresh.click(refresh_models, None, [models_table, model, banner], concurrency_id=GENERATION,
                       concurrency_limit=1, api_visibility="private")
 

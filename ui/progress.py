@@ -34,9 +34,9 @@ def progress_html(text: str, fraction: float = 0.0, state: str = "running") -> s
 
 
 def preview_every(steps) -> int:
-    """A preview every few steps: about five per batch, never more often than every other step."""
+    """A preview every few steps (2 to 8): frequent enough to watch, rare enough to cost little."""
     try:
         steps = int(float(steps))
     except (TypeError, ValueError):
         return 0
-    return max(2, steps // 5)
+    return max(2, min(8, steps // 5))

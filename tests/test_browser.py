@@ -1,0 +1,185 @@
+"""The page in a real Chromium: `app.py serve --demo` on loopback, driven with Playwright.
+
+Debian's chromium is used (`playwright install` cannot download here). Without it these tests
+skip, except under CI, where they fail. A failing test leaves a screenshot in test-artifacts/.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tests.browser_helpers import REPO, start_server
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+ARTIFACTS = REPO / "test-artifacts"
+WAIT_MS = 90_000  # generous: two shared CPU cores; nothing here asserts on time
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not CHROMIUM.exists():
+        message = f"{CHROMIUM} is missing (apt-get install chromium)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    from playwright.sync_api import sync_playwright
+
+    playwright = sync_playwright().start()
+    chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+    yield chromium
+    chromium.close()
+    playwright.stop()
+
+
+@pytest.fixture(scope="module")
+def server(browser, tmp_path_factory):
+    server = start_server(tmp_path_factory.mktemp("browser-server"), "--demo")
+    yield server
+    server.stop()
+
+
+def open_page(browser, server):
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.set_default_timeout(WAIT_MS)
+    page.goto(server.url)
+    page.wait_for_selector("#txt2img-prompt textarea")
+    return page
+
+
+@pytest.fixture
+def page(browser, server, request):
+    page = open_page(browser, server)
+    failed_before = request.session.testsfailed
+    yield page
+    if request.session.testsfailed > failed_before:  # the call phase is reported before teardown
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', request.node.name)}.png"),
+                        full_page=True)
+    page.close()
+
+
+def set_number(page, elem_id: str, value) -> None:
+    """Type into a slider's number box (Gradio commits it on blur)."""
+    box = page.locator(f"#{elem_id} input[type=number]")
+    box.fill(str(value))
+    box.blur()
+
+
+def record_progress(page, mode: str) -> None:
+    """Keep every text the progress line shows, so a test can check progress appeared mid-run."""
+    page.evaluate("""mode => {
+        window.progressSeen = [];
+        const node = document.querySelector(`#${mode}-progress`);
+        new MutationObserver(() => window.progressSeen.push(node.innerText))
+            .observe(node, {subtree: true, childList: true, characterData: true});
+    }""", mode)
+
+
+def wait_for_state(page, mode: str, state: str) -> str:
+    page.wait_for_selector(f"#{mode}-progress [data-state={state}]")
+    return page.inner_text(f"#{mode}-progress")
+
+
+def saved_pngs(server, mode: str) -> list[Path]:
+    return sorted((server.outdir / mode).rglob("*.png"), key=lambda p: p.stat().st_mtime)
+
+
+def generate(page, mode: str, prompt: str, negative: str = "", steps: int = 2, size=(64, 64)) -> None:
+    """64x64 by default: the demo model's cost grows fast with size, and the CPU is shared."""
+    page.fill(f"#{mode}-prompt textarea", prompt)
+    page.fill(f"#{mode}-negative-prompt textarea", negative)
+    set_number(page, f"{mode}-steps", steps)
+    set_number(page, f"{mode}-width", size[0])
+    set_number(page, f"{mode}-height", size[1])
+    page.click(f"#{mode}-generate")
+
+
+def test_txt2img_shows_progress_and_saves_the_parameters(page, server):
+    record_progress(page, "txt2img")
+    generate(page, "txt2img", "a lighthouse at dusk", "blurry, text", steps=12)
+    assert wait_for_state(page, "txt2img", "done").startswith("Done: 1 image")
+    page.wait_for_selector("#txt2img-gallery img")
+    assert any(re.search(r"Step \d+/12", text) for text in page.evaluate("window.progressSeen"))
+
+    parameters = Image.open(saved_pngs(server, "txt2img")[-1]).info["parameters"]
+    assert parameters.startswith("a lighthouse at dusk\nNegative prompt: blurry, text\nSteps: 12,")
+    assert page.input_value("#txt2img-infotext textarea") == parameters
+
+
+def test_img2img_uses_the_uploaded_image(page, server, tmp_path):
+    Image.new("RGB", (96, 64), (20, 120, 220)).save(tmp_path / "init.png")
+    page.get_by_role("tab", name="Image to image").click()
+    page.set_input_files("#img2img-init-image input[type=file]", str(tmp_path / "init.png"))
+    page.wait_for_selector("#img2img-init-image img")
+    generate(page, "img2img", "a blue wall", size=(96, 64))
+    wait_for_state(page, "img2img", "done")
+    page.wait_for_selector("#img2img-gallery img")
+
+    saved = saved_pngs(server, "img2img")[-1]
+    assert Image.open(saved).size == (96, 64)
+    assert "Denoising strength: 0.75" in Image.open(saved).info["parameters"]
+
+
+def test_engine_error_shows_as_a_readable_message_and_the_page_still_works(page):
+    page.get_by_role("tab", name="Image to image").click()
+    generate(page, "img2img", "no init image given")
+    toast = page.locator(".toast-body", has_text="init_image: img2img needs an init image")
+    toast.wait_for()
+    assert "Traceback" not in page.inner_text("body")
+    assert "Failed: init_image" in wait_for_state(page, "img2img", "failed")
+
+    page.get_by_role("tab", name="Text to image").click()
+    generate(page, "txt2img", "still works")
+    wait_for_state(page, "txt2img", "done")
+
+
+def test_cancel_stops_a_long_job_after_its_live_preview_shows(page, server):
+    before = len(saved_pngs(server, "txt2img"))
+    generate(page, "txt2img", "a very long job", steps=150)  # far longer than it takes to click Cancel
+    page.wait_for_function("() => /Step \\d+\\/150/.test(document.querySelector('#txt2img-progress').innerText)")
+    page.wait_for_selector("#txt2img-preview img")  # the live preview, a few steps in
+    page.click("#txt2img-cancel")
+    text = wait_for_state(page, "txt2img", "cancelled")
+    assert re.fullmatch(r"Cancelled at step \d+/150", text.strip())
+    page.locator(".toast-body", has_text="Cancelled at step").first.wait_for()
+    assert len(saved_pngs(server, "txt2img")) == before
+
+
+def test_png_info_reads_a_saved_image_and_sends_it_to_txt2img(page, server):
+    generate(page, "txt2img", "a (green:1.1) teapot", "dust", steps=3)
+    wait_for_state(page, "txt2img", "done")
+    saved = saved_pngs(server, "txt2img")[-1]
+    page.fill("#txt2img-prompt textarea", "")
+
+    page.get_by_role("tab", name="PNG info").click()
+    page.set_input_files("#pnginfo-image input[type=file]", str(saved))
+    page.wait_for_function("() => document.querySelector('#pnginfo-parameters textarea').value.includes('teapot')")
+    assert page.input_value("#pnginfo-parameters textarea") == Image.open(saved).info["parameters"]
+    assert page.input_value("#pnginfo-watermark textarea") != ""
+
+    page.click("#pnginfo-send-txt2img")
+    page.wait_for_selector("#txt2img-prompt textarea:visible")
+    assert page.input_value("#txt2img-prompt textarea") == "a (green:1.1) teapot"
+    assert page.input_value("#txt2img-negative-prompt textarea") == "dust"
+    assert page.input_value("#txt2img-steps input[type=number]") == "3"
+
+
+def test_two_pages_at_once_each_get_their_own_result(browser, server, page):
+    other = open_page(browser, server)
+    try:
+        generate(page, "txt2img", "first page prompt", steps=6)
+        generate(other, "txt2img", "second page prompt", steps=6)
+        for p in (page, other):
+            wait_for_state(p, "txt2img", "done")
+        assert page.input_value("#txt2img-infotext textarea").startswith("first page prompt\n")
+        assert other.input_value("#txt2img-infotext textarea").startswith("second page prompt\n")
+    finally:
+        other.close()
