@@ -141,15 +141,32 @@ def test_engine_error_shows_as_a_readable_message_and_the_page_still_works(page)
     wait_for_state(page, "txt2img", "done")
 
 
-def test_cancel_stops_a_long_job_after_its_live_preview_shows(page, server):
+def step_of(page, mode: str) -> int:
+    match = re.search(r"Step (\d+)/", page.inner_text(f"#{mode}-progress"))
+    return int(match.group(1)) if match else 0
+
+
+def test_cancel_stops_only_this_pages_job_and_works_while_queued(browser, server, page):
     before = len(saved_pngs(server, "txt2img"))
     generate(page, "txt2img", "a very long job", steps=150)  # far longer than it takes to click Cancel
     page.wait_for_function("() => /Step \\d+\\/150/.test(document.querySelector('#txt2img-progress').innerText)")
-    page.wait_for_selector("#txt2img-preview img")  # the live preview, a few steps in
-    page.click("#txt2img-cancel")
-    text = wait_for_state(page, "txt2img", "cancelled")
-    assert re.fullmatch(r"Cancelled at step \d+/150", text.strip())
-    page.locator(".toast-body", has_text="Cancelled at step").first.wait_for()
+    other = open_page(browser, server)
+    try:
+        generate(other, "txt2img", "waits behind it")
+        other.locator("#txt2img-gallery", has_text=re.compile(r"queue: 1/\d")).wait_for()  # Gradio's queue position
+        assert other.inner_text("#txt2img-progress").startswith("Waiting for its turn")
+        other.click("#txt2img-cancel")
+
+        step = step_of(page, "txt2img")
+        page.wait_for_function(f"() => (/Step (\\d+)\\//.exec(document.querySelector('#txt2img-progress').innerText) "
+                               f"|| [0, 0])[1] > {step}")  # the other page's Cancel did not stop this job
+        page.wait_for_selector("#txt2img-preview img")  # the live preview, a few steps in
+        page.click("#txt2img-cancel")
+        assert re.fullmatch(r"Cancelled at step \d+/150", wait_for_state(page, "txt2img", "cancelled").strip())
+        page.locator(".toast-body", has_text="Cancelled at step").first.wait_for()
+        assert wait_for_state(other, "txt2img", "cancelled").strip() == "Cancelled before it started"
+    finally:
+        other.close()
     assert len(saved_pngs(server, "txt2img")) == before
 
 
@@ -175,8 +192,8 @@ def test_png_info_reads_a_saved_image_and_sends_it_to_txt2img(page, server):
 def test_two_pages_at_once_each_get_their_own_result(browser, server, page):
     other = open_page(browser, server)
     try:
-        generate(page, "txt2img", "first page prompt", steps=6)
-        generate(other, "txt2img", "second page prompt", steps=6)
+        generate(page, "txt2img", "first page prompt", steps=3)
+        generate(other, "txt2img", "second page prompt", steps=3)
         for p in (page, other):
             wait_for_state(p, "txt2img", "done")
         assert page.input_value("#txt2img-infotext textarea").startswith("first page prompt\n")

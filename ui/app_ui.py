@@ -85,6 +85,7 @@ class GenerationTab:
 
         def prepare(request: gr.Request):
             studio.prepare((request.session_hash, mode))
+            return progress_html("Waiting for its turn…", 0.0, "waiting")
 
         def generate(values: dict, request: gr.Request):
             fields = {names[c]: v for c, v in values.items() if c in names}
@@ -115,7 +116,7 @@ class GenerationTab:
 
         inputs = set(self.fields.values()) | {model}
         outputs = [self.progress, self.preview, self.gallery, self.infotext, self.infotexts, self.last_seed]
-        self.generate_button.click(prepare, None, None, queue=False, api_visibility="private").then(
+        self.generate_button.click(prepare, None, self.progress, queue=False, api_visibility="private").then(
             generate, inputs, outputs, concurrency_id=GENERATION, concurrency_limit=1, show_progress="full",
             show_progress_on=[self.gallery], api_name=mode)
         self.cancel_button.click(cancel, None, None, queue=False, api_visibility="private")
