@@ -8,7 +8,7 @@ import pytest
 import requests
 
 from tests.browser_helpers import LOOPBACK, REPO, free_port, serve_command, start_server
-from ui.server import add_serve_options, parse_logins, serve
+from ui.server import add_serve_options, lan_addresses, parse_logins, serve
 
 
 def refused(tmp_path, *extra: str) -> subprocess.CompletedProcess:
@@ -53,7 +53,7 @@ def auth_server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("auth-server")
     (tmp / "logins.txt").write_text("# who may log in\nalice:wonder\n")
     server = start_server(tmp, "--demo", "--listen", LOOPBACK, "--auth", "user:pass", "--auth-file",
-                          str(tmp / "logins.txt"))
+                          str(tmp / "logins.txt"), "--max-upload-mb", "1")
     yield server
     server.stop()
 
@@ -89,3 +89,22 @@ def test_files_outside_the_output_folder_are_not_served(auth_server):
     session = login(auth_server, "user", "pass")
     for path in (REPO / "app.py", auth_server.log):
         assert session.get(f"{auth_server.url}/gradio_api/file={path}", timeout=10).status_code == 403
+
+
+def upload(session, server, size: int) -> requests.Response:
+    return session.post(server.url + "/gradio_api/upload", files={"files": ("x.png", b"\0" * size)}, timeout=30)
+
+
+def test_uploads_need_a_login(auth_server):
+    assert upload(requests.Session(), auth_server, 1000).status_code == 401
+
+
+def test_uploads_over_the_size_cap_are_refused(auth_server):
+    session = login(auth_server, "user", "pass")
+    assert upload(session, auth_server, 1000).status_code == 200
+    assert upload(session, auth_server, 2 * 1024 * 1024).status_code == 413
+
+
+def test_lan_addresses_are_ipv4_and_not_loopback():
+    for address in lan_addresses():  # may be empty on a machine with no network
+        assert len(address.split(".")) == 4 and not address.startswith("127.")
