@@ -170,7 +170,7 @@ def test_cancel_stops_only_this_pages_job_and_works_while_queued(browser, server
     assert len(saved_pngs(server, "txt2img")) == before
 
 
-def test_png_info_reads_a_saved_image_and_sends_it_to_txt2img(page, server):
+def test_png_info_reads_a_saved_image_and_sends_it_to_both_tabs(page, server):
     generate(page, "txt2img", "a (green:1.1) teapot", "dust", steps=3)
     wait_for_state(page, "txt2img", "done")
     saved = saved_pngs(server, "txt2img")[-1]
@@ -187,6 +187,11 @@ def test_png_info_reads_a_saved_image_and_sends_it_to_txt2img(page, server):
     assert page.input_value("#txt2img-prompt textarea") == "a (green:1.1) teapot"
     assert page.input_value("#txt2img-negative-prompt textarea") == "dust"
     assert page.input_value("#txt2img-steps input[type=number]") == "3"
+
+    page.get_by_role("tab", name="PNG info").click()
+    page.click("#pnginfo-send-img2img")
+    page.wait_for_selector("#img2img-init-image img")
+    assert page.input_value("#img2img-prompt textarea") == "a (green:1.1) teapot"
 
 
 def test_two_pages_at_once_each_get_their_own_result(browser, server, page):

@@ -101,6 +101,17 @@ def test_wired_handler_maps_widgets_by_name_and_shows_errors_readably(page):
     assert "\n" not in caught.value.message
 
 
+def test_wired_handler_turns_a_bug_into_one_line(page, monkeypatch):
+    def broken(fields, model=None):
+        raise TypeError("boom\nsecond line")
+
+    monkeypatch.setattr(page.studio.engine, "make_request", broken)
+    fn = wired_function(page, "txt2img")
+    with pytest.raises(gr.Error) as caught:
+        list(fn.fn({c: c.value for c in fn.inputs}, gr.Request(session_hash="bug")))
+    assert caught.value.message == "unexpected error (TypeError: boom); details are in the server's log"
+
+
 def test_cancel_stops_the_running_job(studio):
     key = ("cancel-me", "txt2img")
     stream = studio.generate(key, {"mode": "txt2img", "prompt": "x", "width": 64, "height": 64, "steps": 150}, None)

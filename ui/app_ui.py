@@ -9,6 +9,7 @@ device, the rest wait in Gradio's bounded queue, which shows each page its posit
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,8 @@ from engine.errors import CancelledError, EaselError
 from ui.handlers import Studio
 from ui.progress import progress_html
 from ui.settings import SettingsStore
+
+log = logging.getLogger(__name__)
 
 GENERATION = "generation"  # concurrency id shared by every event that uses the device
 SIZE_STEP = 8               # every real family's VAE scale factor; the demo model takes any even size
@@ -109,6 +112,12 @@ class GenerationTab:
             except EaselError as e:
                 yield {self.progress: progress_html(f"Failed: {e}", 0.0, "failed")}
                 raise _readable(e) from None
+            except Exception as e:  # a bug: the page gets one line, the server's log the traceback
+                log.exception("generation failed")
+                first_line = (str(e).splitlines() or [""])[0]
+                message = f"unexpected error ({type(e).__name__}: {first_line}); details are in the server's log"
+                yield {self.progress: progress_html(f"Failed: {message}", 0.0, "failed")}
+                raise gr.Error(message, print_exception=False) from None
 
         def cancel(request: gr.Request):
             if studio.cancel((request.session_hash, mode)):
