@@ -123,18 +123,27 @@ def test_cancel_stops_the_running_job(studio):
 
 def test_cancel_while_waiting_stops_it_before_it_starts(studio):
     key = ("queued", "txt2img")
-    studio.prepare(key)
+    token = studio.prepare(key)
     assert studio.cancel(key)
     with pytest.raises(CancelledError, match="before it started"):
-        run(studio, key, {"mode": "txt2img", "prompt": "x", **SMALL})
+        list(studio.generate(key, {"mode": "txt2img", "prompt": "x", **SMALL}, None, token))
 
 
-def test_cancel_reaches_only_the_pages_own_job():
+def test_cancel_reaches_all_of_the_pages_jobs_and_no_others():
     board = JobBoard()
-    mine, theirs = board.open(("me", "txt2img")), board.open(("them", "txt2img"))
+    (_, first), (_, second) = board.open(("me", "txt2img")), board.open(("me", "txt2img"))  # clicked twice
+    (_, other_tab), (_, theirs) = board.open(("me", "img2img")), board.open(("them", "txt2img"))
     assert board.cancel(("me", "txt2img"))
-    assert mine.cancelled.is_set() and not theirs.cancelled.is_set()
+    assert first.cancelled.is_set() and second.cancelled.is_set()
+    assert not other_tab.cancelled.is_set() and not theirs.cancelled.is_set()
     assert not board.cancel(("nobody", "txt2img"))
+
+
+def test_finished_jobs_are_forgotten():
+    board = JobBoard()
+    token, _ = board.open(("me", "txt2img"))
+    board.finish(("me", "txt2img"), token)
+    assert not board.cancel(("me", "txt2img"))
 
 
 def test_png_info_reads_a_saved_file_and_sends_its_fields(studio):

@@ -81,21 +81,22 @@ class GenerationTab:
         self.fields = f
         self.last_seed = gr.State(None)
         self.infotexts = gr.State(())
+        self.job_token = gr.State(None)  # this click's job, set when Generate is clicked
 
     def wire(self) -> None:
         names = {component: name for name, component in self.fields.items()}
         studio, mode, model = self.studio, self.mode, self.model
 
         def prepare(request: gr.Request):
-            studio.prepare((request.session_hash, mode))
-            return progress_html("Waiting for its turn…", 0.0, "waiting")
+            token = studio.prepare((request.session_hash, mode))
+            return progress_html("Waiting for its turn…", 0.0, "waiting"), token
 
         def generate(values: dict, request: gr.Request):
             fields = {names[c]: v for c, v in values.items() if c in names}
             fields["mode"] = mode
             key = (request.session_hash, mode)
             try:
-                for n, view in enumerate(studio.generate(key, fields, values.get(model))):
+                for n, view in enumerate(studio.generate(key, fields, values.get(model), values.get(self.job_token))):
                     out = {self.progress: view.progress}
                     if view.preview is not None or n == 0:  # the first view clears the last job's preview
                         out[self.preview] = view.preview
@@ -123,9 +124,10 @@ class GenerationTab:
             if studio.cancel((request.session_hash, mode)):
                 gr.Info("Cancelling…")
 
-        inputs = set(self.fields.values()) | {model}
+        inputs = set(self.fields.values()) | {model, self.job_token}
         outputs = [self.progress, self.preview, self.gallery, self.infotext, self.infotexts, self.last_seed]
-        self.generate_button.click(prepare, None, self.progress, queue=False, api_visibility="private").then(
+        self.generate_button.click(prepare, None, [self.progress, self.job_token], queue=False,
+                                   api_visibility="private").then(
             generate, inputs, outputs, concurrency_id=GENERATION, concurrency_limit=1, show_progress="full",
             show_progress_on=[self.gallery], api_name=mode)
         self.cancel_button.click(cancel, None, None, queue=False, api_visibility="private")
@@ -199,7 +201,7 @@ def create_ui(engine, settings: SettingsStore | None = None, *, listen: bool = F
             except EaselError as e:
                 raise _readable(e) from None
 
-        model.change(select_model, model, banner, concurrency_id=GENERATION, concurrency_limit=1,
+        model.input(select_model, model, banner, concurrency_id=GENERATION, concurrency_limit=1,
                      api_visibility="private")
 
         def refresh_models():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator
@@ -48,38 +49,47 @@ class GenerationView:
 
 
 class JobBoard:
-    """Jobs by (session, tab): Cancel on a page stops that page's job and nobody else's."""
+    """Jobs by (session, tab): Cancel on a page stops that page's jobs and nobody else's.
+
+    Each Generate click gets its own job (and token), so a second click while the first job runs
+    cannot hide the first from Cancel.
+    """
 
     def __init__(self):
-        self._jobs: dict[tuple[str, str], Job] = {}
+        self._jobs: dict[tuple[str, str], dict[str, Job]] = {}
         self._lock = threading.Lock()
 
-    def open(self, key: tuple[str, str]) -> Job:
+    def open(self, key: tuple[str, str]) -> tuple[str, Job]:
+        token, job = uuid.uuid4().hex, Job()
         with self._lock:
-            job = self._jobs[key] = Job()
-            return job
+            self._jobs.setdefault(key, {})[token] = job
+        return token, job
 
-    def get(self, key: tuple[str, str]) -> Job | None:
+    def get(self, key: tuple[str, str], token: str | None) -> Job | None:
         with self._lock:
-            return self._jobs.get(key)
+            return self._jobs.get(key, {}).get(token)
 
     def cancel(self, key: tuple[str, str]) -> bool:
-        job = self.get(key)
-        if job is None:
-            return False
-        job.cancel()
-        return True
-
-    def finish(self, key: tuple[str, str], job: Job) -> None:
         with self._lock:
-            if self._jobs.get(key) is job:
-                del self._jobs[key]
+            jobs = list(self._jobs.get(key, {}).values())
+        for job in jobs:
+            job.cancel()
+        return bool(jobs)
+
+    def finish(self, key: tuple[str, str], token: str) -> None:
+        with self._lock:
+            jobs = self._jobs.get(key, {})
+            jobs.pop(token, None)
+            if not jobs:
+                self._jobs.pop(key, None)
 
     def drop_session(self, session: str) -> None:
         """The page was closed: stop its jobs and forget them."""
         with self._lock:
-            for key in [k for k in self._jobs if k[0] == session]:
-                self._jobs.pop(key).cancel()
+            gone = [self._jobs.pop(k) for k in [k for k in self._jobs if k[0] == session]]
+        for jobs in gone:
+            for job in jobs.values():
+                job.cancel()
 
 
 _DONE = object()
@@ -124,21 +134,25 @@ class Studio:
         return f"Loaded **{name}**" + (f" ({plan.describe()})" if hasattr(plan, "describe") else "")
 
     # --- generation -----------------------------------------------------------------------------
-    def prepare(self, key: tuple[str, str]) -> Job:
-        """Called the moment Generate is clicked, so Cancel works while the job still waits in the queue."""
-        return self.jobs.open(key)
+    def prepare(self, key: tuple[str, str]) -> str:
+        """Called the moment Generate is clicked, so Cancel works while the job still waits in the
+        queue; returns the job's token for `generate`."""
+        return self.jobs.open(key)[0]
 
     def cancel(self, key: tuple[str, str]) -> bool:
         return self.jobs.cancel(key)
 
-    def generate(self, key: tuple[str, str], fields: dict[str, Any], model: str | None) -> Iterator[GenerationView]:
+    def generate(self, key: tuple[str, str], fields: dict[str, Any], model: str | None,
+                 token: str | None = None) -> Iterator[GenerationView]:
         """Run one request, yielding progress views, then a last view with the images.
 
         Raises the engine's EaselError (CancelledError when cancelled). The engine runs in a worker
         thread so progress can be shown while it works; if the page goes away mid-job (this
         generator is closed), the job is cancelled.
         """
-        job = self.jobs.get(key) or self.jobs.open(key)
+        job = self.jobs.get(key, token)
+        if job is None:  # called without prepare (e.g. through the API)
+            token, job = self.jobs.open(key)
         updates: queue.Queue = queue.Queue()
         job.on_progress = updates.put
         job.preview_every = preview_every(fields.get("steps"))
@@ -186,7 +200,7 @@ class Studio:
         finally:
             if worker.is_alive():
                 job.cancel()
-            self.jobs.finish(key, job)
+            self.jobs.finish(key, token)
 
     @staticmethod
     def _done_view(result) -> GenerationView:
