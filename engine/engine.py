@@ -103,6 +103,17 @@ class Engine:
         if self.manager.current and self.manager.current.entry == entry:
             self.manager.unload()
 
+    # --- where and how images are saved -------------------------------------------------------
+    @property
+    def outputs(self) -> OutputSettings:
+        return self.generator.outputs
+
+    def set_outputs(self, outdir: Path | None = None, watermark: bool | None = None) -> OutputSettings:
+        current = self.generator.outputs
+        self.generator.outputs = OutputSettings(Path(outdir) if outdir is not None else current.outdir,
+                                                current.watermark if watermark is None else bool(watermark))
+        return self.generator.outputs
+
     # --- generation ---------------------------------------------------------------------------
     samplers = tuple(SAMPLERS)
     schedule_types = SCHEDULE_TYPES

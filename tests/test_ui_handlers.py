@@ -61,7 +61,7 @@ def test_txt2img_returns_images_infotext_and_saves_files(studio):
     assert last.infotexts[0].startswith("a red fox\nNegative prompt: blurry\n")
     assert "Seed: 7" in last.infotexts[0] and "Size: 64x64" in last.infotexts[0]
     saved = Path(image.filename)
-    assert saved.is_file() and saved.is_relative_to(studio.engine.generator.outputs.outdir)
+    assert saved.is_file() and saved.is_relative_to(studio.engine.outputs.outdir)
     assert Image.open(saved).info["parameters"] == last.infotexts[0]
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import queue
 import threading
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -247,19 +247,16 @@ class Studio:
         """Use the output folder / watermark saved from the Settings tab, except those given on the
         command line this time (named in keep_command_line: "outdir", "watermark")."""
         saved = self.settings.load()
-        outputs = self.engine.generator.outputs
-        if saved.outdir and "outdir" not in keep_command_line:
-            outputs = replace(outputs, outdir=Path(saved.outdir))
-        if saved.watermark is not None and "watermark" not in keep_command_line:
-            outputs = replace(outputs, watermark=bool(saved.watermark))
-        self.engine.generator.outputs = outputs
+        self.engine.set_outputs(
+            outdir=Path(saved.outdir) if saved.outdir and "outdir" not in keep_command_line else None,
+            watermark=saved.watermark if saved.watermark is not None and "watermark" not in keep_command_line else None)
 
     def output_settings(self) -> tuple[str, bool]:
-        outputs = self.engine.generator.outputs
+        outputs = self.engine.outputs
         return str(outputs.outdir), bool(outputs.watermark)
 
     def save_output_settings(self, outdir: str, watermark: bool) -> str:
-        current = self.engine.generator.outputs
+        current = self.engine.outputs
         folder = Path(str(outdir or "").strip()).expanduser() if str(outdir or "").strip() else current.outdir
         if folder.resolve() != Path(current.outdir).resolve():
             if self.listen:
@@ -269,6 +266,6 @@ class Studio:
                 folder.mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise EaselError(f"output folder: cannot create {folder}: {e.strerror or e}") from None
-        self.engine.generator.outputs = replace(current, outdir=folder, watermark=bool(watermark))
+        self.engine.set_outputs(outdir=folder, watermark=bool(watermark))
         self.settings.update(outdir=str(folder), watermark=bool(watermark))
         return f"Saved: images go to `{folder}`, watermark {'on' if watermark else 'off'}."

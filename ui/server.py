@@ -124,7 +124,7 @@ def serve(engine, args) -> int:
     host = args.listen or "127.0.0.1"
     page = create_ui(engine, listen=bool(args.listen), keep_command_line=_command_line_outputs(args))
     page.queue(max_size=args.queue_size)
-    outdir = Path(engine.generator.outputs.outdir)
+    outdir = Path(engine.outputs.outdir)
     outdir.mkdir(parents=True, exist_ok=True)
 
     try:
