@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import subprocess
+import time
 
 import pytest
 import requests
@@ -65,6 +66,10 @@ def login(server, user: str, password: str) -> requests.Session:
 
 
 def test_listen_prints_the_network_url(auth_server):
+    # The page answers a moment before the URLs are printed: give the server a few seconds.
+    deadline = time.monotonic() + 30
+    while f"On your network: {auth_server.url}" not in auth_server.log_text() and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert f"On your network: {auth_server.url}" in auth_server.log_text()
 
 
