@@ -93,6 +93,7 @@ class DevicePlan:
     attention_slicing: bool = False
     vae_tiling: bool = False
     cpu_offload: bool = False
+    channels_last: bool = False  # UNet and VAE weights in NHWC (measured, not a win on the CPUs tried so far)
     threads: int | None = None
     rung: str = "full"
     notes: tuple[str, ...] = field(default=())
@@ -110,6 +111,8 @@ class DevicePlan:
             parts.append("attention slicing + VAE tiling")
         if self.cpu_offload:
             parts.append("model CPU offload")
+        if self.channels_last:
+            parts.append("channels-last")
         if self.threads:
             parts.append(f"{self.threads} threads")
         return ", ".join(parts)
@@ -170,6 +173,10 @@ def plan_for(family: FamilyInfo, hardware: Hardware, device: str = "auto",
             wanted = Precision.BF16 if hardware.cpu_bf16 else Precision.FP32
         compute = _DTYPES[wanted]
         # The text encoder runs once per prompt and the VAE once per image: fp32 keeps them clean.
+        # Channels-last stays off: on a quiet 2-core Zen 3 (AVX2) it was no faster than NCHW for the
+        # SD 1.5 UNet (14.99 vs 14.62 s/step) and re-laying out the weights raised peak RSS from 5.4
+        # to 7.8 GB (docs/benchmarks.md). The attention default (SDPA's CPU flash kernel) is already
+        # the fastest measured.
         return DevicePlan(dev, compute, torch.float32, torch.float32,
                           threads=hardware.physical_cores, notes=tuple(notes))
 

@@ -152,6 +152,13 @@ def place(pipe, plan: DevicePlan) -> None:
             if hasattr(module, "upcast_softmax"):
                 module.upcast_softmax = True
                 module.upcast_attention = True
+    # Weights in channels-last make every conv's output channels-last too, so the layout
+    # propagates through the network; the latents the sampler keeps stay in their own layout.
+    layout = torch.channels_last if plan.channels_last else torch.contiguous_format
+    for name in ("unet", "vae"):
+        module = getattr(pipe, name, None)
+        if module is not None:
+            module.to(memory_format=layout)
     if plan.device == "cpu" and plan.threads:
         torch.set_num_threads(plan.threads)
 
