@@ -36,6 +36,7 @@ from engine.families import (
     detect_family,
     needs_prediction_test,
     resolve_prediction,
+    with_prediction,
 )
 
 logger = logging.getLogger(__name__)
@@ -173,14 +174,7 @@ def _identify_folder(folder: Path) -> Family:
     if family is None:
         raise UnknownCheckpointError(
             f"{folder.name}: a {class_name} with a {in_channels}-channel UNet matches no supported family")
-    prediction = scheduler.get("prediction_type", "epsilon")
-    if family is Family.SD2 and prediction == "v_prediction":
-        return Family.SD2_V
-    if prediction != FAMILIES[family].prediction_type:
-        raise UnknownCheckpointError(
-            f"{folder.name}: its scheduler uses {prediction} but {FAMILIES[family].label} models use "
-            f"{FAMILIES[family].prediction_type}; that combination is not supported")
-    return family
+    return with_prediction(family, scheduler.get("prediction_type", "epsilon"), f"{folder.name}: its scheduler uses")
 
 
 def identify_model(path: Path, *, config_dir: Path | None = None) -> Family:

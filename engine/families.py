@@ -197,12 +197,17 @@ def detect_family(keys_and_shapes: Mapping[str, tuple[int, ...]], path: Path, si
     if sidecar is None:
         return family
     _check_sidecar(family, keys_and_shapes[UNET_IN_KEY][1], sidecar, name)
-    prediction = sidecar_prediction_type(sidecar)
+    return with_prediction(family, sidecar_prediction_type(sidecar), f"{name}: its sidecar yaml asks for")
+
+
+def with_prediction(family: Family, prediction: str, source: str) -> Family:
+    """The family a stated prediction type makes of `family` (SD 2.x + v -> SD2_V); a combination
+    no released model has is refused. `source` opens the message, e.g. 'x.safetensors: its yaml asks for'."""
     if family is Family.SD2 and prediction == "v_prediction":
         return Family.SD2_V
     if prediction != FAMILIES[family].prediction_type:
         raise UnknownCheckpointError(
-            f"{name}: its sidecar yaml asks for {prediction} but {FAMILIES[family].label} models use "
+            f"{source} {prediction} but {FAMILIES[family].label} models use "
             f"{FAMILIES[family].prediction_type}; that combination is not supported")
     return family
 
