@@ -471,7 +471,7 @@ def load_pipeline(path: Path, family: Family | None = None, torch_dtype: torch.d
     if path.is_dir():
         info = FAMILIES[family or _identify_folder(path)]
         return _pipeline_class(info).from_pretrained(
-            str(path), local_files_only=True, torch_dtype=torch_dtype, **_pipeline_extras(info))
+            str(path), local_files_only=True, dtype=torch_dtype, **_pipeline_extras(info))
     if not path.is_file():
         raise UnknownCheckpointError(f"{path.name}: no such file")
     return _load_single_file(path, family, torch_dtype, config_dir)

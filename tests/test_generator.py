@@ -192,3 +192,16 @@ def test_bf16_unet_runs_inside_an_fp32_pipeline(sd_engine):
         sd_engine.manager.replan(loaded, original_plan)
     diff = np.abs(pixels(image) - pixels(reference))
     assert 0 < diff.mean() < 20  # close to fp32, not bit-identical
+
+
+@pytest.mark.parametrize("cfg,unet_batch", [(7.0, 2), (1.0, 1)])
+def test_cfg_scale_one_skips_the_unconditional_pass(sd_engine, cfg, unet_batch):
+    """CFG 1 means the negative prompt cannot matter: the UNet runs once per step, not twice."""
+    batches = []
+    unet = sd_engine.manager.current.pipe.unet
+    handle = unet.register_forward_pre_hook(lambda m, args: batches.append(args[0].shape[0]))
+    try:
+        run(sd_engine, cfg_scale=cfg, steps=2)
+    finally:
+        handle.remove()
+    assert batches == [unet_batch, unet_batch]
