@@ -119,9 +119,11 @@ class Engine:
     schedule_types = SCHEDULE_TYPES
 
     def make_request(self, fields: Mapping[str, Any], model: str | None = None) -> GenerationRequest:
-        """Validate raw fields against the (loaded) model: sizes step by its VAE scale factor."""
+        """Validate raw fields against the (loaded) model: sizes step by its VAE scale factor, and
+        fields left out (or None) take the model's own defaults where it has them (LCM models)."""
         loaded = self.load_model(model)
-        return GenerationRequest.validate(fields, size_multiple=loaded.vae_scale_factor)
+        given = {k: v for k, v in fields.items() if v is not None}
+        return GenerationRequest.validate({**loaded.default_fields(), **given}, size_multiple=loaded.vae_scale_factor)
 
     def generate(self, request: GenerationRequest, job: Job | None = None, model: str | None = None) -> GenerationResult:
         with self._busy:

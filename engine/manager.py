@@ -84,6 +84,18 @@ class LoadedModel:
     def name(self) -> str:
         return self.entry.stem
 
+    @property
+    def few_step(self) -> bool:
+        """An LCM-distilled UNet: guidance is an input embedding (so no CFG pass) and the LCM
+        sampler needs only a few steps."""
+        return getattr(self.pipe.unet.config, "time_cond_proj_dim", None) is not None
+
+    def default_fields(self) -> dict:
+        """Request defaults that suit this model better than A1111's, for fields the user left out."""
+        if self.few_step:
+            return {"sampler": "LCM", "schedule_type": "Automatic", "steps": 4, "cfg_scale": 1.5}
+        return {}
+
     def pipeline(self, mode: str):
         if mode == "txt2img":
             return self.pipe
