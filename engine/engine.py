@@ -125,6 +125,14 @@ class Engine:
         given = {k: v for k, v in fields.items() if v is not None}
         return GenerationRequest.validate({**loaded.default_fields(), **given}, size_multiple=loaded.vae_scale_factor)
 
+    def size_step(self, model: str | None = None) -> int:
+        """The step width and height must take for this model: its VAE's scale factor."""
+        return self.load_model(model).vae_scale_factor
+
+    def model_defaults(self, model: str | None = None) -> dict[str, Any]:
+        """Request fields this model wants other than A1111's defaults (e.g. LCM: sampler, steps, CFG)."""
+        return self.load_model(model).default_fields()
+
     def generate(self, request: GenerationRequest, job: Job | None = None, model: str | None = None) -> GenerationResult:
         with self._busy:
             loaded = self.load_model(model)

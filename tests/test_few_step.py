@@ -50,3 +50,13 @@ def test_lcm_model_runs_one_unet_pass_per_step(lcm_engine):
 def test_ordinary_model_keeps_a1111_defaults(sd_engine):
     request = sd_engine.make_request({"prompt": "a cat"})
     assert (request.sampler, request.steps, request.cfg_scale) == ("Euler a", 20, 7.0)
+
+
+def test_page_switches_its_widgets_to_lcm_defaults(lcm_engine, tmp_path):
+    from ui.handlers import Studio
+    from ui.settings import SettingsStore
+
+    studio = Studio(lcm_engine, SettingsStore(tmp_path / "settings.json"))
+    changes = studio.model_fields("tiny-lcm")
+    assert changes["sampler"] == {"value": "LCM"} and changes["steps"] == {"value": 4}
+    assert changes["cfg_scale"] == {"value": 1.5}

@@ -23,7 +23,7 @@ from ui.settings import SettingsStore
 log = logging.getLogger(__name__)
 
 GENERATION = "generation"  # concurrency id shared by every event that uses the device
-SIZE_STEP = 8               # every real family's VAE scale factor; the demo model takes any even size
+SIZE_STEP_WITHOUT_MODEL = 8  # only shown while no model exists; a model's own VAE scale factor replaces it
 
 
 def _readable(error: EaselError) -> gr.Error:
@@ -33,7 +33,7 @@ def _readable(error: EaselError) -> gr.Error:
 class GenerationTab:
     """Widgets and events of one generation tab (txt2img or img2img)."""
 
-    def __init__(self, studio: Studio, mode: str, model: gr.Dropdown, demo: bool):
+    def __init__(self, studio: Studio, mode: str, model: gr.Dropdown, demo: bool, model_fields: dict):
         self.studio, self.mode, self.model = studio, mode, model
         engine = studio.engine
         side = 128 if demo else 512
@@ -61,11 +61,14 @@ class GenerationTab:
                                                elem_id=f"{mode}-sampler")
                     f["schedule_type"] = gr.Dropdown(list(engine.schedule_types), value="Automatic", label="Schedule type",
                                                      elem_id=f"{mode}-schedule-type")
-                f["steps"] = gr.Slider(1, 150, value=4 if demo else 20, step=1, label="Steps", elem_id=f"{mode}-steps")
-                f["cfg_scale"] = gr.Slider(0.0, 30.0, value=7.0, step=0.5, label="CFG scale", elem_id=f"{mode}-cfg-scale")
+                f["steps"] = gr.Slider(1, 150, value=model_fields.get("steps", {}).get("value", 4 if demo else 20), step=1,
+                                       label="Steps", elem_id=f"{mode}-steps")
+                f["cfg_scale"] = gr.Slider(0.0, 30.0, value=model_fields.get("cfg_scale", {}).get("value", 7.0), step=0.5,
+                                           label="CFG scale", elem_id=f"{mode}-cfg-scale")
                 with gr.Row():
-                    f["width"] = gr.Slider(64, 2048, value=side, step=SIZE_STEP, label="Width", elem_id=f"{mode}-width")
-                    f["height"] = gr.Slider(64, 2048, value=side, step=SIZE_STEP, label="Height", elem_id=f"{mode}-height")
+                    step = model_fields.get("width", {}).get("step", SIZE_STEP_WITHOUT_MODEL)
+                    f["width"] = gr.Slider(64, 2048, value=side, step=step, label="Width", elem_id=f"{mode}-width")
+                    f["height"] = gr.Slider(64, 2048, value=side, step=step, label="Height", elem_id=f"{mode}-height")
                 with gr.Row(equal_height=True):
                     f["seed"] = gr.Number(value=-1, precision=0, label="Seed (-1: random)", elem_id=f"{mode}-seed", scale=4)
                     self.random_seed = gr.Button("🎲", elem_id=f"{mode}-random-seed", scale=0, min_width=48)
@@ -154,6 +157,11 @@ def create_ui(engine, settings: SettingsStore | None = None, *, listen: bool = F
     studio.apply_saved_outputs(keep_command_line)
     demo = bool(getattr(engine, "is_demo", False))
 
+    try:
+        start_fields = studio.model_fields(studio.default_model())
+    except EaselError:
+        start_fields = {}  # the model cannot load: the banner and the first Generate say why
+
     with gr.Blocks(title="Easel", analytics_enabled=False) as page:
         page.studio = studio  # for tests and the server
         with gr.Row(equal_height=True):
@@ -163,9 +171,9 @@ def create_ui(engine, settings: SettingsStore | None = None, *, listen: bool = F
         banner = gr.Markdown(studio.banner(), elem_id="easel-banner")
         with gr.Tabs(elem_id="easel-tabs") as tabs:
             with gr.Tab("Text to image", id="txt2img", elem_id="tab-txt2img"):
-                txt2img = GenerationTab(studio, "txt2img", model, demo)
+                txt2img = GenerationTab(studio, "txt2img", model, demo, start_fields)
             with gr.Tab("Image to image", id="img2img", elem_id="tab-img2img"):
-                img2img = GenerationTab(studio, "img2img", model, demo)
+                img2img = GenerationTab(studio, "img2img", model, demo, start_fields)
             with gr.Tab("Upscale 4x", id="upscale", elem_id="tab-upscale"):
                 gr.Markdown("4x upscaling is not wired into the page yet: it comes with the upscaling feature.")
             with gr.Tab("PNG info", id="pnginfo", elem_id="tab-pnginfo"):
@@ -195,14 +203,18 @@ def create_ui(engine, settings: SettingsStore | None = None, *, listen: bool = F
         for tab in (txt2img, img2img):
             tab.wire()
 
+        tab_fields = [(tab, name) for tab in (txt2img, img2img) for name in ("width", "height", "sampler", "steps", "cfg_scale")]
+
         def select_model(name):
             try:
-                return studio.select_model(name)
+                message = studio.select_model(name)
+                changes = studio.model_fields(name)
             except EaselError as e:
                 raise _readable(e) from None
+            return [message, *(gr.update(**changes.get(field, {})) for _, field in tab_fields)]
 
-        model.input(select_model, model, banner, concurrency_id=GENERATION, concurrency_limit=1,
-                     api_visibility="private")
+        model.input(select_model, model, [banner, *(tab.fields[field] for tab, field in tab_fields)],
+                    concurrency_id=GENERATION, concurrency_limit=1, api_visibility="private")
 
         def refresh_models():
             rows = studio.model_rows(refresh=True)

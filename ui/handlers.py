@@ -125,6 +125,17 @@ class Studio:
         statuses = self.engine.refresh_models() if refresh else self.engine.models()
         return [[s.name, s.family or "", s.plan or "", s.error or "", "yes" if s.loaded else ""] for s in statuses]
 
+    def model_fields(self, name: str | None = None) -> dict[str, dict[str, Any]]:
+        """Widget changes a model asks for, by field name: the size step of its VAE, and its own
+        defaults (an LCM model wants the LCM sampler, few steps, low CFG). Empty with no model."""
+        if not (name or self.engine.model_names()):
+            return {}
+        step = self.engine.size_step(name)
+        changes: dict[str, dict[str, Any]] = {"width": {"step": step}, "height": {"step": step}}
+        for field, value in self.engine.model_defaults(name).items():
+            changes.setdefault(field, {})["value"] = value
+        return changes
+
     def select_model(self, name: str | None) -> str:
         if not name:
             return self.banner()
