@@ -212,7 +212,6 @@ class Generator:
 
     def _decode(self, model: LoadedModel, latents: torch.Tensor, notes: list[str]) -> list[Image.Image]:
         pipe = model.pipe
-        vae = pipe.vae
         with torch.inference_mode():
             pixels = self._vae_decode(pipe, latents)
             if torch.isnan(pixels).any() and model.plan.vae_dtype != torch.float32:

@@ -1,7 +1,6 @@
 """LCM-distilled models: recognised from the UNet, LCM sampler and guidance set automatically,
 no separate unconditional UNet pass."""
 import pytest
-import torch
 
 from engine.engine import Engine, EngineConfig
 

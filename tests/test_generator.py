@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.errors import CancelledError, EaselError
+from engine.errors import CancelledError
 from engine.generator import Job
 
 BASE = {"prompt": "a red fox in the snow", "negative_prompt": "blurry", "steps": 3, "width": 64, "height": 48,
