@@ -243,3 +243,13 @@ def test_size_sliders_step_by_the_models_vae_scale_factor(studio):
 def test_page_sliders_start_with_the_models_step(page):
     widths = [c for c in page.blocks.values() if getattr(c, "elem_id", None) == "txt2img-width"]
     assert widths and widths[0].step == 2
+
+
+def test_page_comes_up_when_the_default_model_is_broken(tmp_path):
+    sd = tmp_path / "models" / "Stable-diffusion"
+    sd.mkdir(parents=True)
+    (sd / "truncated.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":")  # cut short
+    engine = Engine(EngineConfig(tmp_path / "models", tmp_path / "out", tmp_path / "data"))
+    page = create_ui(engine)
+    with pytest.raises(EaselError):
+        page.studio.select_model("truncated.safetensors")
