@@ -102,6 +102,13 @@ class DevicePlan:
     def torch_device(self) -> torch.device:
         return torch.device(self.device)
 
+    @property
+    def load_dtype(self) -> torch.dtype:
+        """The dtype weights are read in: the plan's one dtype when every part shares it, else fp32
+        (each part is then cast to its own dtype when the plan is applied)."""
+        dtypes = {self.unet_dtype, self.text_encoder_dtype, self.vae_dtype}
+        return dtypes.pop() if len(dtypes) == 1 else torch.float32
+
     def describe(self) -> str:
         parts = [f"{self.device}", f"unet {_DTYPE_NAMES[self.unet_dtype]}",
                  f"text encoder {_DTYPE_NAMES[self.text_encoder_dtype]}", f"vae {_DTYPE_NAMES[self.vae_dtype]}"]

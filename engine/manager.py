@@ -215,7 +215,7 @@ class ModelManager:
                 raise EaselError(f"model: {entry.name} is the x4 upscaler; it upscales images and cannot generate them")
             plan = self.plan(entry, family)
             self.unload()
-            pipe = load_pipeline(entry.path, family, torch_dtype=torch.float32)
+            pipe = load_pipeline(entry.path, family, torch_dtype=plan.load_dtype)
             pipe.set_progress_bar_config(disable=True)
             scheduler_config = dict(pipe.scheduler.config)
             _cast_unet_inputs(pipe.unet)

@@ -145,3 +145,9 @@ def test_channels_last_unet_gives_the_same_output(tiny_pipe):
         place(tiny_pipe, cpu_plan)
         nhwc = unet(sample, 10, encoder_hidden_states=context).sample
     torch.testing.assert_close(nhwc, nchw, rtol=1e-4, atol=1e-5)
+
+
+def test_weights_load_in_the_plans_dtype_when_all_parts_share_it():
+    assert plan_for(FAMILIES[Family.SD1], CUDA).load_dtype == torch.float16
+    assert plan_for(FAMILIES[Family.SDXL], CUDA).load_dtype == torch.float32  # fp32 VAE: cast per part
+    assert plan_for(FAMILIES[Family.SD1], CPU).load_dtype == torch.float32
