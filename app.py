@@ -54,6 +54,8 @@ def _add_generation_options(p: argparse.ArgumentParser, img2img: bool) -> None:
     p.add_argument("--n-samples", default=None, help="images per batch (batch size)")
     p.add_argument("--n-iter", default=None, help="number of batches (batch count)")
     p.add_argument("--grid", action="store_true", help="also save a grid of the batch")
+    p.add_argument("--speed", default=None, help="exact (default) or fast: reuse the UNet's deep features "
+                                                 "across steps, about 2.5-3x faster, a slightly different image")
     if img2img:
         p.add_argument("--init-img", required=True, type=Path)
         p.add_argument("--strength", default=None, help="denoising strength 0-1 (default 0.75)")
@@ -74,6 +76,9 @@ def build_parser() -> Parser:
         if name == "models":
             p.add_argument("--set-precision", nargs=2, metavar=("MODEL", "PRECISION"),
                            help="remember a precision (auto, fp32, fp16, bf16) for one checkpoint")
+            p.add_argument("--set-distilled", nargs=2, metavar=("MODEL", "KIND"),
+                           help="say a checkpoint is distilled: turbo (4 steps, Euler a, CFG 1 by default), "
+                                "none, or auto (a file name with 'turbo' in it)")
         if name == "serve":
             _add_serve_options(p)
     return parser
@@ -105,7 +110,7 @@ def _generate(args, mode: str) -> int:
         "mode": mode, "prompt": args.prompt, "negative_prompt": args.negative_prompt, "seed": args.seed,
         "steps": args.steps, "cfg_scale": args.cfg_scale, "sampler": args.sampler, "schedule_type": args.scheduler,
         "width": args.width, "height": args.height, "batch_size": args.n_samples, "batch_count": args.n_iter,
-        "save_grid": args.grid or None,
+        "save_grid": args.grid or None, "speed": args.speed,
     }
     if mode == "img2img":
         try:
@@ -129,6 +134,8 @@ def _models(args) -> int:
     engine = _engine(args)
     if args.set_precision:
         engine.set_model_precision(*args.set_precision)
+    if args.set_distilled:
+        engine.set_model_distillation(*args.set_distilled)
     statuses = engine.models()
     if not statuses:
         print(f"no models in {engine.library.checkpoint_dir}")
@@ -137,6 +144,8 @@ def _models(args) -> int:
             print(f"{s.name}\n    cannot be used: {s.error}")
         else:
             print(f"{s.name}\n    family: {s.family}\n    plan:   {s.plan}")
+            if s.few_step:
+                print(f"    few-step: {s.few_step}")
     return 0
 
 

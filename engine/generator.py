@@ -6,6 +6,7 @@ alone. Progress, live previews and cancel go through the pipeline's step-end cal
 """
 from __future__ import annotations
 
+import contextlib
 import random
 import threading
 import time
@@ -19,6 +20,7 @@ from PIL import Image, ImageOps
 from engine import __version__
 from engine.errors import CancelledError, EaselError
 from engine.families import Family
+from engine.feature_cache import MIN_STEPS, FeatureReuse
 from engine.infotext import build_infotext
 from engine.manager import LoadedModel, ModelManager
 from engine.outputs import make_grid, save_grid, save_png
@@ -108,6 +110,9 @@ class Generator:
                 init = resize_init_image(request.init_image, request.width, request.height, request.resize_mode)
                 decoded = [init.copy() for _ in batch_seeds]
             else:
+                if batch == 0 and request.speed == "fast" and self.denoising_steps(request) < MIN_STEPS:
+                    notes.append(f"speed fast: {self.denoising_steps(request)} denoising steps are too few to reuse "
+                                 f"features (it needs {MIN_STEPS}); ran every step in full")
                 latents = self._denoise_with_fallback(request, model, pos, neg, batch_seeds, batch, job, start, notes)
                 if job.cancelled.is_set():
                     raise CancelledError("cancelled")
@@ -141,6 +146,7 @@ class Generator:
             "Model hash": model.hash,
             "Model": model.name,
             "Denoising strength": request.denoising_strength if request.mode == "img2img" else None,
+            "Speed": None if request.speed == "exact" else request.speed,
             "Version": f"easel-{__version__}",
         }
         return build_infotext(request.prompt, request.negative_prompt, params)
@@ -158,15 +164,26 @@ class Generator:
                 pos, neg = model.encoder.encode_pair(request.prompt, request.negative_prompt)
                 notes.append(lower.notes[-1])
 
+    @staticmethod
+    def _pipeline_steps(request: GenerationRequest) -> int:
+        """`num_inference_steps` for diffusers: img2img runs int(steps * strength) of them, at least one."""
+        steps = request.steps
+        if request.mode == "img2img":
+            while int(steps * request.denoising_strength) < 1:
+                steps += 1
+        return steps
+
+    @classmethod
+    def denoising_steps(cls, request: GenerationRequest) -> int:
+        """How many UNet steps the request really runs."""
+        steps = cls._pipeline_steps(request)
+        return int(steps * request.denoising_strength) if request.mode == "img2img" else steps
+
     def _denoise(self, request, model, pos, neg, seeds, batch, job, start) -> torch.Tensor:
         pipe = model.pipeline(request.mode)
         pipe.scheduler = make_scheduler(request.sampler, request.schedule_type, model.scheduler_config)
         n = len(seeds)
-        steps = request.steps
-        if request.mode == "img2img":
-            # diffusers runs int(steps * strength) steps; make sure that is at least one.
-            while int(steps * request.denoising_strength) < 1:
-                steps += 1
+        steps = self._pipeline_steps(request)
         rep = lambda t: None if t is None else t.repeat(n, *([1] * (t.dim() - 1)))  # noqa: E731
         kwargs = dict(
             prompt_embeds=rep(pos.embeds),
@@ -191,7 +208,8 @@ class Generator:
                           strength=request.denoising_strength)
         else:
             kwargs.update(width=request.width, height=request.height)
-        with torch.inference_mode():
+        reuse = request.speed == "fast" and self.denoising_steps(request) >= MIN_STEPS
+        with torch.inference_mode(), (FeatureReuse(pipe.unet) if reuse else contextlib.nullcontext()):
             return pipe(**kwargs).images
 
     def _callback(self, request, model, batch, job, start):

@@ -16,6 +16,9 @@ from engine.samplers import DEFAULT_SAMPLER, check_sampler, split_legacy_name
 
 MODES = ("txt2img", "img2img")
 RESIZE_MODES = ("just resize", "crop and resize", "resize and fill")
+# "exact": every step runs the whole UNet (the default, the reference image). "fast": reuse the
+# UNet's deep features across steps (engine.feature_cache), ~2.5-3x faster, a slightly different image.
+SPEEDS = ("exact", "fast")
 MAX_SIDE = 3072  # a long side for panoramas; the area is what the pixel budget bounds
 BUDGET_SIDE = 2048
 MAX_PIXELS = BUDGET_SIDE * BUDGET_SIDE  # the pixel budget: a 2048x2048 image, or a wider one of the same area
@@ -51,6 +54,7 @@ class GenerationRequest:
     resize_mode: str = "just resize"
     save_images: bool = True
     save_grid: bool = False
+    speed: str = "exact"
 
     @property
     def total_images(self) -> int:
@@ -85,6 +89,7 @@ class GenerationRequest:
         check_sampler(sampler, schedule)
         values["sampler"], values["schedule_type"] = sampler, schedule
         values["resize_mode"] = _choice("resize_mode", raw["resize_mode"], RESIZE_MODES)
+        values["speed"] = _choice("speed", raw["speed"], SPEEDS)
         values["save_images"] = _bool("save_images", raw["save_images"])
         values["save_grid"] = _bool("save_grid", raw["save_grid"])
 

@@ -46,6 +46,7 @@ def test_img2img_with_init_image(capsys, dirs, tmp_path):
     (["--width", "63"], "width"),
     (["--sampler", "Euler z"], "sampler"),
     (["--model", "no-such-model"], "model"),
+    (["--speed", "turbo"], "speed"),
 ])
 def test_bad_input_exits_2_with_one_line(capsys, dirs, argv, field):
     code, out, err = cli(capsys, "txt2img", *dirs, "--prompt", "x", *argv)
@@ -81,6 +82,14 @@ def test_models_lists_family_and_plan(capsys, dirs):
     code, out, _ = cli(capsys, "models", *dirs)
     assert code == 0
     assert "tiny-sd1" in out and "family: SD 1.x" in out and "plan:   cpu" in out
+
+
+def test_speed_fast_is_recorded_in_the_saved_image(capsys, dirs):
+    _, out, err = cli(capsys, "txt2img", *dirs, "--prompt", "a cat", "--steps", "10", "--width", "64",
+                      "--height", "64", "--seed", "5", "--speed", "fast")
+    code, info, _ = cli(capsys, "pnginfo", out.splitlines()[0])
+    assert code == 0, err
+    assert "Speed: fast" in info
 
 
 def test_pnginfo_reads_back_parameters(capsys, dirs):

@@ -205,3 +205,44 @@ def test_cfg_scale_one_skips_the_unconditional_pass(sd_engine, cfg, unet_batch):
     finally:
         handle.remove()
     assert batches == [unet_batch, unet_batch]
+
+
+def deep_unet_calls(engine, **fields):
+    """Run a request; count how often the UNet's mid block really ran (a full step)."""
+    calls = []
+    inner = engine.manager.current.pipe.unet.mid_block.resnets[0]
+    handle = inner.register_forward_pre_hook(lambda m, args: calls.append(1))
+    try:
+        result = run(engine, **fields)
+    finally:
+        handle.remove()
+    return result, len(calls)
+
+
+def test_fast_speed_runs_one_full_unet_step_in_interval(sd_engine):
+    from engine.feature_cache import INTERVAL
+
+    exact, exact_calls = deep_unet_calls(sd_engine, steps=10)
+    fast, fast_calls = deep_unet_calls(sd_engine, steps=10, speed="fast")
+    assert (exact_calls, fast_calls) == (10, len(range(0, 10, INTERVAL)))  # full steps 0, INTERVAL, ...
+    diff = np.abs(pixels(fast.images[0]) - pixels(exact.images[0]))
+    assert 0 < diff.mean() < 10  # a slightly different image (2 levels of 255 here), not another picture
+    assert "Speed: fast" in fast.infotexts[0] and "Speed" not in exact.infotexts[0]
+
+
+def test_fast_speed_below_ten_steps_runs_exact_and_says_so(sd_engine):
+    exact = run(sd_engine, steps=4)
+    fast, calls = deep_unet_calls(sd_engine, steps=4, speed="fast")
+    assert calls == 4
+    assert np.array_equal(pixels(fast.images[0]), pixels(exact.images[0]))
+    assert any("too few" in note for note in fast.notes)
+
+
+def test_fast_img2img_counts_the_steps_it_really_runs(sd_engine):
+    from engine.feature_cache import INTERVAL
+
+    init = _init_image()
+    _, half = deep_unet_calls(sd_engine, mode="img2img", init_image=init, steps=20, denoising_strength=0.5, speed="fast")
+    _, short = deep_unet_calls(sd_engine, mode="img2img", init_image=init, steps=12, denoising_strength=0.5, speed="fast")
+    assert half == len(range(0, 10, INTERVAL))  # 10 denoising steps: reuse applies
+    assert short == 6   # 6 denoising steps: too few, every step in full

@@ -24,6 +24,7 @@ def validate(**fields):
     ("sampler", "Euler b", "sampler: unknown sampler 'Euler b'"),
     ("schedule_type", "Karras", "schedule_type: Euler a supports Automatic, Uniform, not 'Karras'"),
     ("mode", "inpaint", "mode: must be one of txt2img, img2img"),
+    ("speed", "turbo", "speed: must be one of exact, fast, got 'turbo'"),
     ("prompt", 5, "prompt: must be text"),
     ("colour", "red", "colour: unknown field"),
 ])

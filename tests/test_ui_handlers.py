@@ -154,7 +154,7 @@ def test_png_info_reads_a_saved_file_and_sends_its_fields(studio):
     assert watermark == "image too small to tell"  # 64x64 is below the watermark's minimum size
     values = studio.fields_from_infotext(parsed, studio.engine.samplers, studio.engine.schedule_types)
     assert values == {"prompt": "a (blue:1.2) bird", "negative_prompt": "fog", "steps": 2, "sampler": "DPM++ 2M",
-                      "schedule_type": "Karras", "cfg_scale": 6.5, "seed": 7, "width": 64, "height": 64}
+                      "schedule_type": "Karras", "cfg_scale": 6.5, "seed": 7, "width": 64, "height": 64, "speed": "exact"}
 
 
 def test_png_info_on_a_non_image_is_a_readable_error(studio, tmp_path):
@@ -167,7 +167,20 @@ def test_png_info_on_a_non_image_is_a_readable_error(studio, tmp_path):
 def test_unknown_sampler_from_infotext_is_left_out(studio):
     values = studio.fields_from_infotext({"Prompt": "x", "Sampler": "Made Up", "Steps": "oops"},
                                          studio.engine.samplers, studio.engine.schedule_types)
-    assert values == {"prompt": "x", "negative_prompt": "", "schedule_type": "Automatic"}
+    assert values == {"prompt": "x", "negative_prompt": "", "schedule_type": "Automatic", "speed": "exact"}
+
+
+def test_a_fast_image_sends_its_speed_back(studio):
+    last = run(studio, ("s1", "txt2img"), {"mode": "txt2img", "prompt": "a kite", **SMALL, "steps": 10, "speed": "fast"})[-1]
+    _, _, parsed = studio.png_info(last.images[0][0].filename)
+    values = studio.fields_from_infotext(parsed, studio.engine.samplers, studio.engine.schedule_types)
+    assert (values["speed"], values["steps"]) == ("fast", 10)
+
+
+def test_an_unknown_speed_from_infotext_is_left_out(studio):
+    values = studio.fields_from_infotext({"Prompt": "x", "Speed": "warp"}, studio.engine.samplers,
+                                         studio.engine.schedule_types)
+    assert "speed" not in values
 
 
 def test_settings_persist_across_a_new_create_ui(demo_config, tmp_path):

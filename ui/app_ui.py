@@ -73,6 +73,9 @@ class GenerationTab:
                     f["seed"] = gr.Number(value=-1, precision=0, label="Seed (-1: random)", elem_id=f"{mode}-seed", scale=4)
                     self.random_seed = gr.Button("🎲", elem_id=f"{mode}-random-seed", scale=0, min_width=48)
                     self.reuse_seed = gr.Button("♻️", elem_id=f"{mode}-reuse-seed", scale=0, min_width=48)
+                f["speed"] = gr.Radio(["exact", "fast"], value="exact", label="Speed", elem_id=f"{mode}-speed",
+                                      info="fast: reuses the model's deep features between steps; about 2.5-3x faster "
+                                           "from 10 steps up, a slightly different image")
                 with gr.Row():
                     f["batch_count"] = gr.Slider(1, 100, value=1, step=1, label="Batch count", elem_id=f"{mode}-batch-count")
                     f["batch_size"] = gr.Slider(1, 8, value=1, step=1, label="Batch size", elem_id=f"{mode}-batch-size")

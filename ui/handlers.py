@@ -17,6 +17,7 @@ from PIL import Image
 
 from engine.errors import CancelledError, EaselError
 from engine.generator import Job
+from engine.request import SPEEDS
 from ui.progress import describe, preview_every, progress_html
 from ui.settings import SettingsStore
 
@@ -32,6 +33,7 @@ INFOTEXT_FIELDS = {
     "Size-1": ("width", int),
     "Size-2": ("height", int),
     "Denoising strength": ("denoising_strength", float),
+    "Speed": ("speed", str),
 }
 
 WATERMARK_WORDS = {True: "Easel watermark found", False: "no Easel watermark found", None: "image too small to tell"}
@@ -247,10 +249,13 @@ class Studio:
         if "prompt" in values:  # A1111 leaves defaults out of the text
             values.setdefault("negative_prompt", "")
             values.setdefault("schedule_type", "Automatic")
+            values.setdefault("speed", "exact")
         if values.get("sampler") not in samplers:
             values.pop("sampler", None)
         if values.get("schedule_type") not in schedule_types:
             values.pop("schedule_type", None)
+        if values.get("speed") not in SPEEDS:
+            values.pop("speed", None)
         return values
 
     # --- output settings ------------------------------------------------------------------------
