@@ -17,7 +17,7 @@ from engine.families import FAMILIES
 from engine.generator import GenerationResult, Generator, Job, OutputSettings
 from engine.infotext import parse_infotext, read_infotext
 from engine.library import ModelLibrary
-from engine.manager import LoadedModel, ModelManager, ModelSettings
+from engine.manager import LoadedModel, ModelManager, ModelSettings, distillation_of
 from engine.request import GenerationRequest
 from engine.samplers import SAMPLERS, SCHEDULE_TYPES
 from engine.watermark import Watermarker
@@ -40,6 +40,7 @@ class ModelStatus:
     plan: str | None    # the device/precision plan, in words
     error: str | None   # why it cannot be used
     loaded: bool
+    few_step: str | None = None  # "turbo (why)" / "lcm (why)" when known without loading, else None
 
 
 @dataclass(frozen=True)
@@ -73,8 +74,11 @@ class Engine:
             try:
                 family = self.manager.identify(entry)
                 plan = self.manager.plan(entry, family)
-                statuses.append(ModelStatus(entry.name, FAMILIES[family].label, plan.describe(), None,
-                                            bool(current and current.entry == entry)))
+                loaded = bool(current and current.entry == entry)
+                unet_config = current.pipe.unet.config if loaded else None
+                kind, why = distillation_of(entry, self.manager.settings.distillation(entry.name), unet_config)
+                statuses.append(ModelStatus(entry.name, FAMILIES[family].label, plan.describe(), None, loaded,
+                                            None if kind == "none" else f"{kind}: {why}"))
             except EaselError as e:
                 statuses.append(ModelStatus(entry.name, None, None, str(e), False))
         return statuses
@@ -100,6 +104,13 @@ class Engine:
     def set_model_precision(self, name: str, precision: str) -> None:
         entry = self.library.resolve(name)
         self.manager.settings.set_precision(entry.name, precision)
+        if self.manager.current and self.manager.current.entry == entry:
+            self.manager.unload()
+
+    def set_model_distillation(self, name: str, distillation: str) -> None:
+        """The user's word on a checkpoint: "turbo", "none" or "auto" (tell from its name)."""
+        entry = self.library.resolve(name)
+        self.manager.settings.set_distillation(entry.name, distillation)
         if self.manager.current and self.manager.current.entry == entry:
             self.manager.unload()
 

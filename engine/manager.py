@@ -28,8 +28,21 @@ IMG2IMG_PIPELINES = {
 }
 
 
+# What a user can say about a checkpoint's distillation (`app.py models --set-distilled`): "auto"
+# lets the engine tell (an LCM UNet shows it in its config; a turbo file only in its name).
+DISTILLATIONS = ("auto", "turbo", "none")
+
+# Request defaults for few-step models, for the fields the user left out.
+FEW_STEP_DEFAULTS = {
+    # LCM: the LCM sampler; guidance goes in as an embedding, so CFG 1.5 costs no extra pass.
+    "lcm": {"sampler": "LCM", "schedule_type": "Automatic", "steps": 4, "cfg_scale": 1.5},
+    # Adversarially distilled (SD-Turbo, SDXL-Turbo): Euler a in 1-4 steps, no CFG (CFG 1 = one UNet pass).
+    "turbo": {"sampler": "Euler a", "schedule_type": "Automatic", "steps": 4, "cfg_scale": 1.0},
+}
+
+
 class ModelSettings:
-    """Per-checkpoint settings a user chose (today: precision), kept in a small JSON file."""
+    """Per-checkpoint settings a user chose (precision, distillation), kept in a small JSON file."""
 
     def __init__(self, path: Path | None):
         self.path = path
@@ -42,6 +55,16 @@ class ModelSettings:
         except (OSError, ValueError):
             return {}
 
+    def _write(self, name: str, key: str, value: str) -> None:
+        if not self.path:
+            return
+        data = self._read()
+        data.setdefault(name, {})[key] = value
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
+        os.replace(tmp, self.path)
+
     def precision(self, name: str) -> str:
         return self._read().get(name, {}).get("precision", Precision.AUTO.value)
 
@@ -50,14 +73,27 @@ class ModelSettings:
             Precision(precision)
         except ValueError:
             raise RequestError("precision", f"must be one of {', '.join(p.value for p in Precision)}, got {precision!r}") from None
-        if not self.path:
-            return
-        data = self._read()
-        data.setdefault(name, {})["precision"] = precision
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
-        os.replace(tmp, self.path)
+        self._write(name, "precision", precision)
+
+    def distillation(self, name: str) -> str:
+        return self._read().get(name, {}).get("distillation", "auto")
+
+    def set_distillation(self, name: str, distillation: str) -> None:
+        if distillation not in DISTILLATIONS:
+            raise RequestError("distilled", f"must be one of {', '.join(DISTILLATIONS)}, got {distillation!r}")
+        self._write(name, "distillation", distillation)
+
+
+def distillation_of(entry: ModelEntry, said: str, unet_config: Any = None) -> tuple[str, str]:
+    """(kind, why): kind is "lcm", "turbo" or "none". Turbo models have their base model's weights
+    layout, so only the user's word or the file name can tell; the user's word wins."""
+    if unet_config is not None and getattr(unet_config, "time_cond_proj_dim", None) is not None:
+        return "lcm", "its UNet takes a guidance embedding (LCM)"
+    if said != "auto":
+        return said, "as set with `app.py models --set-distilled`"
+    if "turbo" in entry.stem.lower():
+        return "turbo", "its file name says turbo; `app.py models --set-distilled NAME none` if it is not"
+    return "none", ""
 
 
 @dataclass
@@ -69,6 +105,7 @@ class LoadedModel:
     hash: str
     encoder: PromptEncoder
     scheduler_config: dict
+    distillation: str = "none"  # "lcm", "turbo" or "none": see distillation_of
     _img2img: Any = None
     notes: list[str] = field(default_factory=list)
 
@@ -86,15 +123,12 @@ class LoadedModel:
 
     @property
     def few_step(self) -> bool:
-        """An LCM-distilled UNet: guidance is an input embedding (so no CFG pass) and the LCM
-        sampler needs only a few steps."""
-        return getattr(self.pipe.unet.config, "time_cond_proj_dim", None) is not None
+        """A distilled model (LCM, turbo) that needs only a few steps and no separate CFG pass."""
+        return self.distillation != "none"
 
     def default_fields(self) -> dict:
         """Request defaults that suit this model better than A1111's, for fields the user left out."""
-        if self.few_step:
-            return {"sampler": "LCM", "schedule_type": "Automatic", "steps": 4, "cfg_scale": 1.5}
-        return {}
+        return dict(FEW_STEP_DEFAULTS.get(self.distillation, {}))
 
     def pipeline(self, mode: str):
         if mode == "txt2img":
@@ -222,7 +256,9 @@ class ModelManager:
             place(pipe, plan)
             encoder = _prompt_encoder(pipe, plan)
             hash_cache = self.cache_dir / "hashes.json" if self.cache_dir else None
-            self.current = LoadedModel(entry, family, plan, pipe, model_hash(entry.path, hash_cache), encoder, scheduler_config)
+            distillation, _ = distillation_of(entry, self.settings.distillation(entry.name), pipe.unet.config)
+            self.current = LoadedModel(entry, family, plan, pipe, model_hash(entry.path, hash_cache), encoder,
+                                       scheduler_config, distillation)
             return self.current
 
     def unload(self) -> None:

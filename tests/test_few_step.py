@@ -1,8 +1,10 @@
-"""LCM-distilled models: recognised from the UNet, LCM sampler and guidance set automatically,
-no separate unconditional UNet pass."""
+"""Few-step models. LCM: recognised from the UNet, LCM sampler and guidance set automatically, no
+separate unconditional UNet pass. Turbo: recognised from the file name or the user's word."""
 import pytest
 
+import app
 from engine.engine import Engine, EngineConfig
+from engine.errors import RequestError
 
 
 @pytest.fixture(scope="module")
@@ -59,3 +61,60 @@ def test_page_switches_its_widgets_to_lcm_defaults(lcm_engine, tmp_path):
     changes = studio.model_fields("tiny-lcm")
     assert changes["sampler"] == {"value": "LCM"} and changes["steps"] == {"value": 4}
     assert changes["cfg_scale"] == {"value": 1.5}
+
+
+@pytest.fixture()
+def turbo_engine(tmp_path):
+    """The same tiny SD1 weights saved twice: once under a turbo name, once under a plain one."""
+    from engine.tiny import save_sd1_folder
+
+    for name in ("tiny-sd-turbo", "tiny-plain"):
+        save_sd1_folder(tmp_path / "models" / "Stable-diffusion" / name)
+    return Engine(EngineConfig(tmp_path / "models", tmp_path / "outputs", tmp_path / "data", watermark=False))
+
+
+def defaults_of(engine, model):
+    r = engine.make_request({"prompt": "a cat", "width": 64, "height": 64}, model=model)
+    return r.sampler, r.steps, r.cfg_scale
+
+
+def test_a_turbo_file_name_gets_turbo_defaults(turbo_engine):
+    assert defaults_of(turbo_engine, "tiny-sd-turbo") == ("Euler a", 4, 1.0)
+    assert defaults_of(turbo_engine, "tiny-plain") == ("Euler a", 20, 7.0)
+
+
+def test_the_users_word_wins_over_the_file_name(turbo_engine):
+    turbo_engine.set_model_distillation("tiny-sd-turbo", "none")
+    turbo_engine.set_model_distillation("tiny-plain", "turbo")
+    assert defaults_of(turbo_engine, "tiny-sd-turbo") == ("Euler a", 20, 7.0)
+    assert defaults_of(turbo_engine, "tiny-plain") == ("Euler a", 4, 1.0)
+
+
+def test_a_turbo_model_runs_one_unet_pass_per_step(turbo_engine):
+    request = turbo_engine.make_request({"prompt": "a cat", "negative_prompt": "dog", "width": 64, "height": 64,
+                                         "save_images": False}, model="tiny-sd-turbo")
+    calls = []
+    unet = turbo_engine.manager.current.pipe.unet
+    handle = unet.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0]))
+    try:
+        turbo_engine.generate(request, model="tiny-sd-turbo")
+    finally:
+        handle.remove()
+    assert calls == [1] * 4
+
+
+def test_an_unknown_distillation_is_refused(turbo_engine):
+    with pytest.raises(RequestError, match="^distilled: must be one of auto, turbo, none"):
+        turbo_engine.set_model_distillation("tiny-plain", "lightning")
+
+
+def test_models_listing_says_which_are_few_step(capsys, turbo_engine, tmp_path):
+    dirs = ["--models-dir", str(tmp_path / "models"), "--data-dir", str(tmp_path / "data")]
+    assert app.main(["models", *dirs, "--set-distilled", "tiny-plain", "turbo"]) == 0
+    blocks: dict[str, str] = {}
+    for line in capsys.readouterr().out.splitlines():  # a name line, then its indented details
+        if not line.startswith(" "):
+            name = line
+        blocks[name] = blocks.get(name, "") + line + "\n"
+    assert "few-step: turbo: as set with" in blocks["tiny-plain"]
+    assert "few-step: turbo: its file name says turbo" in blocks["tiny-sd-turbo"]
