@@ -237,10 +237,15 @@ def run_stock(folder: Path, steps: int, out: Path) -> dict:
     return _record("diffusers-fp32", "stock diffusers, fp32, default CPU settings", load_s, total, timings, image, out)
 
 
-def run_easel(folder: Path, steps: int, out: Path, precision: str) -> dict:
-    """(b) Easel's engine with the plan it picks for this machine (or a forced precision)."""
+def run_easel(folder: Path, steps: int, out: Path, precision: str, speed: str = "exact", interval: int | None = None) -> dict:
+    """(b) Easel's engine with the plan it picks for this machine (or a forced precision); speed
+    "fast" reuses deep UNet features, one full step in `interval` (default: the engine's)."""
     import engine  # noqa: F401
+    import engine.feature_cache as feature_cache
     from engine.engine import Engine, EngineConfig
+
+    if interval is not None:
+        feature_cache.INTERVAL = interval
 
     data = CACHE / "data"  # keeps the model hash cache between runs, so loading is not re-hashing 3.4 GB
     eng = Engine(EngineConfig(folder.parent.parent, out / "outputs", data, precision=precision, watermark=False))
@@ -254,12 +259,27 @@ def run_easel(folder: Path, steps: int, out: Path, precision: str) -> dict:
     timings.method(pipe.vae, "decode", "vae_decode")
     req = eng.make_request({"prompt": PROMPT, "negative_prompt": NEGATIVE, "seed": SEED, "steps": steps,
                             "cfg_scale": CFG, "width": 512, "height": 512, "sampler": "Euler",
-                            "save_images": False}, model=MODEL_NAME)
+                            "save_images": False, "speed": speed}, model=MODEL_NAME)
     t0 = time.perf_counter()
     image = eng.generate(req, model=MODEL_NAME).images[0]
     total = time.perf_counter() - t0
     name = "easel-auto" if precision == "auto" else f"easel-{precision}"
-    return _record(name, f"Easel engine, plan: {loaded.plan.describe()}", load_s, total, timings, image, out)
+    what = f"Easel engine, plan: {loaded.plan.describe()}"
+    if speed == "fast":
+        name = "easel-fast" if interval is None else f"easel-fast-{interval}"
+        what += f"; speed fast: one full UNet step in {feature_cache.INTERVAL}, deep features reused in between"
+    record = _record(name, what, load_s, total, timings, image, out)
+    record["reuse"] = speed == "fast"
+    if speed == "fast":
+        n = feature_cache.INTERVAL
+        calls = timings.steps("unet")
+        full = [t for i, t in enumerate(calls) if i % n == 0][1:]  # the first call pays kernel selection
+        reused = [t for i, t in enumerate(calls) if i % n]
+        record["unet_full_step_s"] = round(sum(full) / max(1, len(full)), 2)
+        record["unet_reuse_step_s"] = round(sum(reused) / max(1, len(reused)), 2)
+        record["what"] += (f" (full steps {record['unet_full_step_s']} s, reuse steps {record['unet_reuse_step_s']} s, "
+                           f"{len(reused)} of {len(calls)} steps reused)")
+    return record
 
 
 def _record(name, what, load_s, total, timings: Timings, image, out: Path) -> dict:
@@ -300,11 +320,19 @@ def run_child(variant: str, steps: int, out: Path) -> dict:
     return json.loads((out / f"{variant}.json").read_text())
 
 
+def gflops_text(r: dict) -> str:
+    """Achieved UNet GFLOP/s; not defined for feature reuse, whose steps do unequal work."""
+    if r.get("reuse") or not r["unet_s_per_step"]:
+        return "n/a"
+    return f"{UNET_GFLOP_PER_STEP / r['unet_s_per_step']:.0f}"
+
+
 def summary_line(r: dict, peak: dict) -> str:
-    gflops = UNET_GFLOP_PER_STEP / r["unet_s_per_step"] if r["unet_s_per_step"] else 0.0
     line = (f"{r['name']:<16} end-to-end {r['end_to_end_s']:7.1f} s | UNet {r['unet_s_per_step']:5.2f} s/step "
-            f"({gflops:4.0f} GFLOP/s) | text encoder {r['text_encoder_s']:4.2f} s | VAE decode {r['vae_decode_s']:5.1f} s"
+            f"({gflops_text(r)} GFLOP/s) | text encoder {r['text_encoder_s']:4.2f} s | VAE decode {r['vae_decode_s']:5.1f} s"
             f" | load {r['load_s']:5.1f} s | peak RSS {r['peak_rss_gb']:4.2f} GB")
+    if r.get("reuse"):
+        line += f" | full steps {r['unet_full_step_s']} s, reuse steps {r['unet_reuse_step_s']} s"
     if "speedup" in r:
         line += f" | {r['speedup']:.2f}x vs stock | PSNR {r['psnr_db']:.1f} dB, max |diff| {r['max_abs_diff']}"
     return line
@@ -316,8 +344,7 @@ def write_doc(section: str, command: str, machine: dict, peak: dict, results: li
     rows = ["| variant | end-to-end s | UNet s/step | UNet GFLOP/s | text encoder s | VAE decode s | load s | peak RSS GB | speed-up | PSNR dB | max abs diff |",
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
-        gf = UNET_GFLOP_PER_STEP / r["unet_s_per_step"]
-        rows.append(f"| {r['name']} | {r['end_to_end_s']:.1f} | {r['unet_s_per_step']:.2f} | {gf:.0f} | {r['text_encoder_s']:.2f} | "
+        rows.append(f"| {r['name']} | {r['end_to_end_s']:.1f} | {r['unet_s_per_step']:.2f} | {gflops_text(r)} | {r['text_encoder_s']:.2f} | "
                     f"{r['vae_decode_s']:.1f} | {r['load_s']:.1f} | {r['peak_rss_gb']:.2f} | "
                     f"{r.get('speedup', 1.0):.2f}x | {r.get('psnr_db', float('nan')):.1f} | {r.get('max_abs_diff', '-')} |")
     plans = "\n".join(f"- `{r['name']}`: {r['what']}" for r in results)
@@ -350,7 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--full", action="store_true", help="20 steps (the long run)")
     p.add_argument("--variants", default="diffusers-fp32,easel-auto",
-                   help="comma list from: diffusers-fp32, easel-auto, easel-fp32, easel-bf16 (first is the reference)")
+                   help="comma list from: diffusers-fp32, easel-auto, easel-fp32, easel-bf16, easel-fast, "
+                        "easel-fast-N (fast with one full step in N) (first is the reference)")
     p.add_argument("--count-flops", action="store_true", help="recount the UNet's FLOPs on the meta device")
     p.add_argument("--no-doc", action="store_true", help="print only; leave docs/benchmarks.md alone")
     p.add_argument("--section", default=None, help="name of the docs/benchmarks.md section to (re)write")
@@ -364,6 +392,9 @@ def main(argv: list[str] | None = None) -> int:
         folder = model_folder()
         if args.child == "diffusers-fp32":
             record = run_stock(folder, steps, out)
+        elif args.child.startswith("easel-fast"):
+            interval = args.child.removeprefix("easel-fast").removeprefix("-")
+            record = run_easel(folder, steps, out, "auto", "fast", int(interval) if interval else None)
         else:
             record = run_easel(folder, steps, out, args.child.removeprefix("easel-"))
         (out / f"{args.child}.json").write_text(json.dumps(record))
