@@ -114,6 +114,15 @@ def test_txt2img_shows_progress_and_saves_the_parameters(page, server):
     assert page.input_value("#txt2img-infotext textarea") == parameters
 
 
+def test_speed_fast_is_chosen_on_the_page_and_recorded(page, server):
+    page.locator("#txt2img-speed").get_by_label("fast").check()
+    generate(page, "txt2img", "a quick sketch", steps=10)
+    wait_for_state(page, "txt2img", "done")
+    page.wait_for_selector("#txt2img-gallery img")
+    parameters = Image.open(saved_pngs(server, "txt2img")[-1]).info["parameters"]
+    assert parameters.startswith("a quick sketch\nSteps: 10,") and "Speed: fast" in parameters
+
+
 def test_img2img_uses_the_uploaded_image(page, server, tmp_path):
     Image.new("RGB", (96, 64), (20, 120, 220)).save(tmp_path / "init.png")
     page.get_by_role("tab", name="Image to image").click()
