@@ -241,14 +241,12 @@ def run_easel(folder: Path, steps: int, out: Path, precision: str, speed: str = 
     """(b) Easel's engine with the plan it picks for this machine (or a forced precision); speed
     "fast" reuses deep UNet features, one full step in `interval` (default: the engine's)."""
     import engine  # noqa: F401
-    import engine.feature_cache as feature_cache
     from engine.engine import Engine, EngineConfig
-
-    if interval is not None:
-        feature_cache.INTERVAL = interval
 
     data = CACHE / "data"  # keeps the model hash cache between runs, so loading is not re-hashing 3.4 GB
     eng = Engine(EngineConfig(folder.parent.parent, out / "outputs", data, precision=precision, watermark=False))
+    if interval is not None:
+        eng.generator.reuse_interval = interval
     t0 = time.perf_counter()
     loaded = eng.load_model(MODEL_NAME)
     load_s = time.perf_counter() - t0
@@ -267,11 +265,11 @@ def run_easel(folder: Path, steps: int, out: Path, precision: str, speed: str = 
     what = f"Easel engine, plan: {loaded.plan.describe()}"
     if speed == "fast":
         name = "easel-fast" if interval is None else f"easel-fast-{interval}"
-        what += f"; speed fast: one full UNet step in {feature_cache.INTERVAL}, deep features reused in between"
+        what += f"; speed fast: one full UNet step in {eng.generator.reuse_interval}, deep features reused in between"
     record = _record(name, what, load_s, total, timings, image, out)
     record["reuse"] = speed == "fast"
     if speed == "fast":
-        n = feature_cache.INTERVAL
+        n = eng.generator.reuse_interval
         calls = timings.steps("unet")
         full = [t for i, t in enumerate(calls) if i % n == 0][1:]  # the first call pays kernel selection
         reused = [t for i, t in enumerate(calls) if i % n]

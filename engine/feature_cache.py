@@ -107,8 +107,7 @@ def skipped_parts(unet: torch.nn.Module) -> list[torch.nn.Module]:
 class FeatureReuse:
     """Attach to a UNet for one generation; detaches on exit, leaving the UNet as it was."""
 
-    def __init__(self, unet: torch.nn.Module, interval: int | None = None):
-        interval = INTERVAL if interval is None else interval  # read late: the benchmark varies it
+    def __init__(self, unet: torch.nn.Module, interval: int = INTERVAL):
         if interval < 1:
             raise ValueError("interval must be at least 1")
         self.unet = unet

@@ -20,7 +20,7 @@ from PIL import Image, ImageOps
 from engine import __version__
 from engine.errors import CancelledError, EaselError
 from engine.families import Family
-from engine.feature_cache import MIN_STEPS, FeatureReuse
+from engine.feature_cache import INTERVAL, MIN_STEPS, FeatureReuse
 from engine.infotext import build_infotext
 from engine.manager import LoadedModel, ModelManager
 from engine.outputs import make_grid, save_grid, save_png
@@ -91,10 +91,12 @@ def resize_init_image(image: Image.Image, width: int, height: int, mode: str) ->
 
 
 class Generator:
-    def __init__(self, manager: ModelManager, outputs: OutputSettings, watermarker: Watermarker | None = None):
+    def __init__(self, manager: ModelManager, outputs: OutputSettings, watermarker: Watermarker | None = None,
+                 reuse_interval: int = INTERVAL):
         self.manager = manager
         self.outputs = outputs
         self.watermarker = watermarker or Watermarker()
+        self.reuse_interval = reuse_interval  # speed "fast": one full UNet step in this many
 
     def run(self, request: GenerationRequest, model: LoadedModel, job: Job | None = None) -> GenerationResult:
         job = job or Job()
@@ -209,7 +211,7 @@ class Generator:
         else:
             kwargs.update(width=request.width, height=request.height)
         reuse = request.speed == "fast" and self.denoising_steps(request) >= MIN_STEPS
-        with torch.inference_mode(), (FeatureReuse(pipe.unet) if reuse else contextlib.nullcontext()):
+        with torch.inference_mode(), (FeatureReuse(pipe.unet, self.reuse_interval) if reuse else contextlib.nullcontext()):
             return pipe(**kwargs).images
 
     def _callback(self, request, model, batch, job, start):

@@ -112,7 +112,7 @@ def test_a_new_batch_size_forces_a_full_step(unet):
 def test_leaving_detaches_every_hook_and_forgets_the_features(unet):
     x, c = inputs(0)
     reference = call(unet, x, c)
-    with FeatureReuse(unet, interval=3) as reuse:
+    with FeatureReuse(unet, interval=3):
         call(unet, x, c)
     for module in (unet, *skipped_parts(unet)):
         registry = getattr(module, "_diffusers_hook", None)

@@ -220,11 +220,10 @@ def deep_unet_calls(engine, **fields):
 
 
 def test_fast_speed_runs_one_full_unet_step_in_interval(sd_engine):
-    from engine.feature_cache import INTERVAL
-
+    interval = sd_engine.generator.reuse_interval
     exact, exact_calls = deep_unet_calls(sd_engine, steps=10)
     fast, fast_calls = deep_unet_calls(sd_engine, steps=10, speed="fast")
-    assert (exact_calls, fast_calls) == (10, len(range(0, 10, INTERVAL)))  # full steps 0, INTERVAL, ...
+    assert (exact_calls, fast_calls) == (10, len(range(0, 10, interval)))  # full steps 0, interval, ...
     diff = np.abs(pixels(fast.images[0]) - pixels(exact.images[0]))
     assert 0 < diff.mean() < 10  # a slightly different image (2 levels of 255 here), not another picture
     assert "Speed: fast" in fast.infotexts[0] and "Speed" not in exact.infotexts[0]
@@ -239,10 +238,20 @@ def test_fast_speed_below_ten_steps_runs_exact_and_says_so(sd_engine):
 
 
 def test_fast_img2img_counts_the_steps_it_really_runs(sd_engine):
-    from engine.feature_cache import INTERVAL
-
+    interval = sd_engine.generator.reuse_interval
     init = _init_image()
     _, half = deep_unet_calls(sd_engine, mode="img2img", init_image=init, steps=20, denoising_strength=0.5, speed="fast")
     _, short = deep_unet_calls(sd_engine, mode="img2img", init_image=init, steps=12, denoising_strength=0.5, speed="fast")
-    assert half == len(range(0, 10, INTERVAL))  # 10 denoising steps: reuse applies
+    assert half == len(range(0, 10, interval))  # 10 denoising steps: reuse applies
     assert short == 6   # 6 denoising steps: too few, every step in full
+
+
+def test_the_reuse_interval_is_the_generators_to_set(sd_engine):
+    generator = sd_engine.generator
+    original = generator.reuse_interval
+    generator.reuse_interval = 2
+    try:
+        _, calls = deep_unet_calls(sd_engine, steps=10, speed="fast")
+    finally:
+        generator.reuse_interval = original
+    assert calls == 5  # full steps 0, 2, 4, 6, 8
