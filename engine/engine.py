@@ -40,7 +40,7 @@ class ModelStatus:
     plan: str | None    # the device/precision plan, in words
     error: str | None   # why it cannot be used
     loaded: bool
-    few_step: str | None = None  # "turbo (why)" / "lcm (why)" when known without loading, else None
+    few_step: str | None = None  # "turbo: why" / "lcm: why" (LCM only once loaded), else None
 
 
 @dataclass(frozen=True)
