@@ -100,7 +100,7 @@ def _engine(args):
 
 
 def _generate(args, mode: str) -> int:
-    from PIL import Image, UnidentifiedImageError
+    from engine.images import open_image
 
     engine = _engine(args)
     model = args.model
@@ -113,11 +113,7 @@ def _generate(args, mode: str) -> int:
         "save_grid": args.grid or None, "speed": args.speed,
     }
     if mode == "img2img":
-        try:
-            init = Image.open(args.init_img)
-            init.load()
-        except (OSError, UnidentifiedImageError):
-            raise BadInput(f"init-img: {args.init_img} is not a readable image file") from None
+        init = open_image(args.init_img, "init_image")  # size, pixel and text bounds before decoding
         fields.update(init_image=init, denoising_strength=args.strength, resize_mode=args.resize_mode)
     request = engine.make_request(fields, model=model)
     result = engine.generate(request, model=model)
@@ -152,12 +148,18 @@ def _models(args) -> int:
 def _pnginfo(args) -> int:
     from engine.engine import read_png_info
 
-    if not args.file.is_file():
-        raise BadInput(f"file: {args.file} does not exist")
-    info = read_png_info(args.file)
+    info = read_png_info(args.file)  # the safe opener: a missing/huge/bad file is RequestError("image")
     print(info.parameters if info.parameters else "(no parameters found)")
     print("Watermark: " + {True: "Easel watermark found", False: "none found", None: "image too small to tell"}[info.watermark])
     return 0
+
+
+def _one_line(message) -> str:
+    """An error message as one printable line: a value echoed from the user (a file name, a
+    sampler name) can carry newlines or terminal escapes; they are shown escaped, never obeyed."""
+    text = str(message).replace("\r\n", "\n").replace("\r", "\n")
+    return "".join(c if c.isprintable() else ("\\n" if c == "\n" else f"\\x{ord(c):02x}" if ord(c) < 0x100
+                                               else f"\\u{ord(c):04x}") for c in text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -196,16 +198,16 @@ def main(argv: list[str] | None = None) -> int:
         except (RequestError, ModelNotFoundError) as e:
             raise BadInput(str(e)) from None
         except EaselError as e:
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {_one_line(e)}", file=sys.stderr)
             return EXIT_FAILURE
     except BadInput as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return EXIT_FAILURE
     except Exception as e:  # a bug or an environment failure: still one line, exit 1
-        print(f"error: {type(e).__name__}: {e}".splitlines()[0], file=sys.stderr)
+        print(f"error: {_one_line(f'{type(e).__name__}: {e}')}", file=sys.stderr)
         return EXIT_FAILURE
 
 

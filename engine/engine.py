@@ -6,16 +6,18 @@ request and returns plain values, so callers need no torch.
 """
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping
 
 from engine.devices import Hardware
-from engine.errors import EaselError, ModelNotFoundError, RequestError
+from engine.errors import EaselError, ModelNotFoundError
 from engine.families import FAMILIES
 from engine.generator import GenerationResult, Generator, Job, OutputSettings
-from engine.infotext import parse_infotext, read_infotext
+from engine.images import open_image
+from engine.infotext import parse_infotext, printable, read_infotext
 from engine.library import ModelLibrary
 from engine.manager import LoadedModel, ModelManager, ModelSettings, distillation_of
 from engine.request import GenerationRequest
@@ -134,11 +136,11 @@ class Engine:
         fields left out (or None) take the model's own defaults where it has them (LCM models)."""
         loaded = self.load_model(model)
         given = {k: v for k, v in fields.items() if v is not None}
-        return GenerationRequest.validate({**loaded.default_fields(), **given}, size_multiple=loaded.vae_scale_factor)
+        return GenerationRequest.validate({**loaded.default_fields(), **given}, size_multiple=size_multiple(loaded))
 
     def size_step(self, model: str | None = None) -> int:
-        """The step width and height must take for this model: its VAE's scale factor."""
-        return self.load_model(model).vae_scale_factor
+        """The step width and height must take for this model (see `size_multiple`)."""
+        return size_multiple(self.load_model(model))
 
     def model_defaults(self, model: str | None = None) -> dict[str, Any]:
         """Request fields this model wants other than A1111's defaults (e.g. LCM: sampler, steps, CFG)."""
@@ -173,16 +175,26 @@ class Engine:
 
 DEMO_MODEL_NAME = "demo-tiny-random (makes noise)"
 
+# diffusers' StableDiffusion(XL)Pipeline.check_inputs refuse a width or height not divisible by 8,
+# whatever the VAE's scale factor (`if height % 8 != 0 or width % 8 != 0: raise ValueError`); the
+# inpainting pipelines ask for the VAE's scale factor instead.
+PIPELINE_SIZE_CHECK = 8
+
+
+def size_multiple(loaded: LoadedModel) -> int:
+    """What width and height must be a multiple of for this model, so that every size validation
+    accepts also runs: the VAE's scale factor (pixels per latent) and the pipeline's own check.
+    The UNet's downsampling adds nothing: diffusers' UNet2DConditionModel upsamples to the skip
+    connections' sizes (forward_upsample_size) when a latent does not divide evenly."""
+    return math.lcm(int(loaded.vae_scale_factor), PIPELINE_SIZE_CHECK)
+
 
 def read_png_info(source, watermarker: Watermarker | None = None) -> PngInfo:
-    """Parameters and watermark status of an image (a path or a PIL image)."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        image = source if isinstance(source, Image.Image) else Image.open(source)
-        image.load()
-    except (OSError, UnidentifiedImageError):
-        raise RequestError("image", f"{source} is not a readable image") from None
+    """Parameters and watermark status of an image (a path, bytes or a PIL image), opened with the
+    safe opener (size, pixel and text-chunk bounds: RequestError naming `image`). The parameters
+    are for showing: control characters come back as visible escapes (`printable`)."""
+    image = open_image(source, "image")
     text = read_infotext(image)
-    mark = (watermarker or Watermarker()).detect(image.convert("RGB"))
+    text = printable(text) if text else text
+    mark = (watermarker or Watermarker()).detect(image)
     return PngInfo(text, parse_infotext(text) if text else {}, mark)

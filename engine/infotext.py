@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import unicodedata
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -140,6 +141,28 @@ def parse_infotext(text: str) -> dict[str, object]:
             result[key] = value
     _split_old_sampler(result)
     return result
+
+
+# Bidirectional overrides/isolates: they reorder how text is shown (so a prompt can read as
+# something it is not); shown escaped like control characters.
+_BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def printable(text: str) -> str:
+    """Text read from a file, made safe to print or show: line ends become "\n", and control
+    characters other than tab and newline (ESC, NUL, ...) and bidi overrides are written as visible
+    escapes (`\x1b`, `\u202e`), so a crafted image cannot drive the terminal that prints it."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    out = []
+    for char in text:
+        if char in "\t\n":
+            out.append(char)
+        elif char in _BIDI_CONTROLS or unicodedata.category(char) == "Cc":
+            code = ord(char)
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+        else:
+            out.append(char)
+    return "".join(out)
 
 
 def write_png_with_infotext(image: Image.Image, infotext: str | None) -> bytes:

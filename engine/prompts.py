@@ -14,6 +14,7 @@ here: their brackets read as plain emphasis, as in A1111 with those features off
 """
 from __future__ import annotations
 
+import math
 import re
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -25,6 +26,9 @@ COMMA_BACKTRACK = 20  # A1111's default "comma_padding_backtrack"
 ROUND_MULTIPLIER = 1.1
 SQUARE_MULTIPLIER = 1 / 1.1
 BREAK = ("BREAK", -1.0)  # how parse_prompt_attention marks a BREAK, as A1111 does
+# The largest effective weight (brackets multiply: 50 nested "(" are x117) a prompt may give a word.
+# Past it the weighted embeddings overflow (to inf, then NaN in the image) long before anything useful.
+MAX_WEIGHT = 100.0
 
 _ATTENTION_TOKEN = re.compile(
     r"""
@@ -89,6 +93,20 @@ def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
         else:
             merged.append(run)
     return [(t, w) for t, w, _ in merged] or [("", 1.0)]
+
+
+def weight_problem(text: str) -> str | None:
+    """Why the prompt's weights cannot be used (one phrase), or None. A weight that overflows
+    (`(word:1e400)`, hundreds of nested brackets) or is absurdly large would turn the embeddings
+    into inf/NaN; the prompt is at fault, so validation refuses it with this reason."""
+    for run_text, weight in parse_prompt_attention(text):
+        if (run_text, weight) == BREAK:
+            continue
+        if not math.isfinite(weight) or abs(weight) > MAX_WEIGHT:
+            shown = run_text.strip()[:30]
+            return (f"the weight of {shown!r} is {weight:g}; weights (nested brackets multiply) must be "
+                    f"between {-MAX_WEIGHT:g} and {MAX_WEIGHT:g}")
+    return None
 
 
 def _to_float(number: str | None) -> float | None:

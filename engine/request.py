@@ -8,10 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import unicodedata
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from PIL import Image
+
 from engine.errors import RequestError
+from engine.images import MAX_INPUT_PIXELS, open_image
+from engine.prompts import weight_problem
 from engine.samplers import DEFAULT_SAMPLER, check_sampler, split_legacy_name
 
 MODES = ("txt2img", "img2img")
@@ -23,6 +28,7 @@ MAX_SIDE = 3072  # a long side for panoramas; the area is what the pixel budget 
 BUDGET_SIDE = 2048
 MAX_PIXELS = BUDGET_SIDE * BUDGET_SIDE  # the pixel budget: a 2048x2048 image, or a wider one of the same area
 MAX_SEED = 2**32 - 1
+MAX_PROMPT_CHARS = 20000
 
 # field: (low, high) for numbers, inclusive
 RANGES = {
@@ -97,8 +103,11 @@ class GenerationRequest:
         if mode == "img2img":
             if init is None:
                 raise RequestError("init_image", "img2img needs an init image")
-            if not hasattr(init, "size") or not hasattr(init, "convert"):
-                raise RequestError("init_image", "must be an image")
+            if not isinstance(init, (Image.Image, bytes, bytearray)):
+                # Never a path: over HTTP that would read the server's files. Doors that take a file
+                # open it with engine.images.open_image; JSON sends base64 (decode_base64_image).
+                raise RequestError("init_image", f"must be an image, got {type(init).__name__}")
+            init = open_image(init, "init_image", max_pixels=MAX_INPUT_PIXELS)  # checked, RGB
         elif init is not None:
             raise RequestError("init_image", "only img2img takes an init image")
         values["init_image"] = init
@@ -170,10 +179,21 @@ def _size(name: str, value: Any, multiple: int) -> int:
 
 
 def _text(name: str, value: Any) -> str:
+    """A prompt: text of at most MAX_PROMPT_CHARS characters, line ends made "\n", no control
+    characters but tab and newline (they would be stored in the PNG and reach whoever prints its
+    parameters in a terminal), weights in range (see engine.prompts.weight_problem)."""
     if not isinstance(value, str):
         raise RequestError(name, f"must be text, got {type(value).__name__}")
-    if len(value) > 20000:
-        raise RequestError(name, f"is {len(value)} characters long; at most 20000 are allowed")
+    if len(value) > MAX_PROMPT_CHARS:
+        raise RequestError(name, f"is {len(value)} characters long; at most {MAX_PROMPT_CHARS} are allowed")
+    value = value.replace("\r\n", "\n").replace("\r", "\n")
+    for position, char in enumerate(value):
+        if char not in "\t\n" and unicodedata.category(char) == "Cc":
+            raise RequestError(name, f"contains the control character U+{ord(char):04X} at position {position + 1}; "
+                                     f"only tab and newline are allowed")
+    problem = weight_problem(value)
+    if problem:
+        raise RequestError(name, problem)
     return value
 
 

@@ -62,7 +62,7 @@ def test_unknown_flag_exits_2_without_usage_dump(capsys):
 
 def test_missing_init_image_is_bad_input(capsys, dirs, tmp_path):
     code, _, err = cli(capsys, "img2img", *dirs, "--prompt", "x", "--init-img", str(tmp_path / "nope.png"))
-    assert code == 2 and err.startswith("error: init-img")
+    assert code == 2 and err.startswith("error: init_image: ")
 
 
 def test_unidentifiable_checkpoint_is_a_runtime_failure(capsys, tmp_path):

@@ -246,16 +246,17 @@ def test_ui_never_imports_torch_diffusers_or_transformers():
             assert not {n.split(".")[0] for n in names} & heavy, f"{path.name} imports {names}"
 
 
-def test_size_sliders_step_by_the_models_vae_scale_factor(studio):
-    # The demo model's VAE halves the size once (scale factor 2), not SD's 8: the step is derived.
+def test_size_sliders_step_by_what_the_model_accepts(studio):
+    # The demo model's VAE halves the size once (scale factor 2), but diffusers' pipeline refuses
+    # sizes not divisible by 8: the step is derived from both, so every slider value runs.
     changes = studio.model_fields(studio.default_model())
-    assert changes["width"] == {"step": 2} and changes["height"] == {"step": 2}
+    assert changes["width"] == {"step": 8} and changes["height"] == {"step": 8}
     assert "sampler" not in changes  # an ordinary model keeps the A1111 defaults
 
 
 def test_page_sliders_start_with_the_models_step(page):
     widths = [c for c in page.blocks.values() if getattr(c, "elem_id", None) == "txt2img-width"]
-    assert widths and widths[0].step == 2
+    assert widths and widths[0].step == 8  # lcm(VAE scale factor 2, the pipeline's check of 8)
 
 
 def test_page_comes_up_when_the_default_model_is_broken(tmp_path):

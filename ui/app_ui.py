@@ -50,7 +50,7 @@ class GenerationTab:
         with gr.Row():
             with gr.Column():
                 if mode == "img2img":
-                    f["init_image"] = gr.Image(label="Init image", type="pil", image_mode="RGB", sources=["upload", "clipboard"],
+                    f["init_image"] = gr.Image(label="Init image", type="filepath", image_mode=None, sources=["upload", "clipboard"],
                                                elem_id="img2img-init-image", height=280)
                     f["denoising_strength"] = gr.Slider(0.0, 1.0, value=0.75, step=0.01, label="Denoising strength",
                                                         elem_id="img2img-denoising-strength")

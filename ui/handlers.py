@@ -17,6 +17,7 @@ from PIL import Image
 
 from engine.errors import CancelledError, EaselError
 from engine.generator import Job
+from engine.images import open_image
 from engine.request import SPEEDS
 from ui.progress import describe, preview_every, progress_html
 from ui.settings import SettingsStore
@@ -176,7 +177,7 @@ class Studio:
             try:
                 if job.cancelled.is_set():
                     raise CancelledError("cancelled before it started")
-                request = self.engine.make_request(fields, model=model)
+                request = self.engine.make_request(self._with_init_image(fields), model=model)
                 outcome["result"] = self.engine.generate(request, job, model=model)
             except BaseException as e:  # handed to the page's thread, which reports it
                 outcome["error"] = e
@@ -214,6 +215,17 @@ class Studio:
             if worker.is_alive():
                 job.cancel()
             self.jobs.finish(key, token)
+
+    @staticmethod
+    def _with_init_image(fields: dict[str, Any]) -> dict[str, Any]:
+        """An uploaded init image arrives as the upload's file path (Gradio's type="filepath", so
+        Gradio itself never decodes it): open it with the safe opener, which refuses a huge, bomb,
+        corrupt or non-image file before decoding it. An already decoded image (callers that are
+        not the page) is checked by the request's validation."""
+        init = fields.get("init_image")
+        if isinstance(init, (str, Path)):
+            return {**fields, "init_image": open_image(init, "init_image")}
+        return fields
 
     @staticmethod
     def _done_view(result) -> GenerationView:
