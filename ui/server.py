@@ -1,8 +1,14 @@
-"""`python app.py serve`: its flags and the Gradio server start.
+"""`python app.py serve`: its flags, and the server: our own ASGI app with the page mounted in it.
 
 Safe by default: loopback only; `--listen` (the page on the network) needs a login unless
 `--insecure-no-auth` says otherwise; no share tunnel, no analytics; uploads are size-capped and
 the server hands out no file outside its output folder and Gradio's own temp folders.
+
+Every request first passes `ui.security.RequestGuard` (Host, Origin, body size, login rate limit,
+protective headers), which wraps the whole app, so whatever is mounted later (the HTTP API) is
+covered too. We run uvicorn ourselves instead of `Blocks.launch()` because launch() builds its
+own app with no place to put a guard outside Gradio's routes and Gradio's CORS handling (which
+trusts any origin once the Host header is not a loopback name: DNS rebinding).
 """
 from __future__ import annotations
 
@@ -10,6 +16,8 @@ import argparse
 import os
 import socket
 import sys
+import threading
+import webbrowser
 from pathlib import Path
 
 import ui  # noqa: F401 - switches Gradio analytics off before gradio is imported
@@ -31,6 +39,11 @@ def add_serve_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-browser", action="store_true", help="do not open a browser tab")
     p.add_argument("--queue-size", type=int, default=16, help="jobs that may wait for their turn (default 16)")
     p.add_argument("--max-upload-mb", type=int, default=50, help="largest upload accepted, in MB (default 50)")
+    p.add_argument("--allowed-hosts", default="", metavar="HOST[,HOST...]",
+                   help="other host names the server may be reached by (e.g. a name on your network or a "
+                        "reverse proxy's); loopback, and with --listen this machine's addresses, always work")
+    p.add_argument("--cors-allow-origins", default="", metavar="ORIGIN[,ORIGIN...]",
+                   help="web sites (e.g. https://example.com) allowed to call Easel from the browser; none by default")
     # Remember the parser's --outdir default, to tell an --outdir typed on the command line
     # (wins over the one saved in the Settings tab) from the default (does not).
     p.set_defaults(serve_outdir_default=p.get_default("outdir"))
@@ -81,6 +94,22 @@ def lan_addresses() -> list[str]:
     return sorted(a for a in found if not a.startswith("127.") and a != ANY_ADDRESS)
 
 
+def _comma_list(value: str | None) -> list[str]:
+    return [v.strip() for v in (value or "").split(",") if v.strip()]
+
+
+def parse_cors_origins(value: str | None) -> frozenset[str]:
+    from ui.security import normalize_origin
+
+    origins = set()
+    for origin in _comma_list(value):
+        normalized = normalize_origin(origin)
+        if normalized is None:
+            raise ServeError(f"--cors-allow-origins: {origin!r} is not an http(s) origin like https://example.com")
+        origins.add(normalized)
+    return frozenset(origins)
+
+
 def has_display() -> bool:
     if sys.platform in ("win32", "darwin"):
         return True
@@ -114,6 +143,12 @@ def serve(engine, args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
+    try:
+        cors_origins = parse_cors_origins(args.cors_allow_origins)
+    except ServeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
     if args.demo:
         from engine.engine import Engine
 
@@ -126,36 +161,84 @@ def serve(engine, args) -> int:
     page.queue(max_size=args.queue_size)
     outdir = Path(engine.outputs.outdir)
     outdir.mkdir(parents=True, exist_ok=True)
+    app = build_app(page, logins=logins, outdir=outdir, max_upload_mb=args.max_upload_mb,
+                    listen=args.listen, allowed_hosts=_comma_list(args.allowed_hosts), cors_origins=cors_origins)
 
     try:
-        page.launch(
-            server_name=host,
-            server_port=args.port,
-            auth=logins or None,
-            auth_message="Easel: log in with a user:password given to --auth or --auth-file" if logins else None,
-            share=False,
-            inbrowser=not args.no_browser and has_display(),
-            max_file_size=args.max_upload_mb * 1024 * 1024,
-            allowed_paths=[str(outdir)],
-            show_error=False,   # unexpected errors say "Error", never a traceback; EaselErrors are shown as gr.Error
-            ssr_mode=False,     # no Node server
-            mcp_server=False,
-            enable_monitoring=False,
-            footer_links=["settings"],
-            quiet=True,         # Gradio's banner suggests share=True; the URLs are printed below
-            prevent_thread_lock=True,
-        )
+        sock = _bind(host, args.port)
     except OSError as e:  # e.g. the port is taken
-        print(f"error: cannot serve on {host}:{args.port}: {e}".splitlines()[0], file=sys.stderr)
+        print(f"error: cannot serve on {host}:{args.port}: {e.strerror or e}".splitlines()[0], file=sys.stderr)
         return EXIT_FAILURE
-    local = "127.0.0.1" if host == ANY_ADDRESS else host
-    print(f"Easel is running at http://{local}:{args.port}  (Ctrl+C to stop)", flush=True)
-    if args.listen:
-        addresses = lan_addresses() if host == ANY_ADDRESS else [host]
-        for address in addresses:
-            print(f"On your network: http://{address}:{args.port}", flush=True)
-        if not logins:
-            print("warning: no login required (--insecure-no-auth): anyone who can reach this machine can use it",
-                  file=sys.stderr)
-    page.block_thread()  # until Ctrl+C
+
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+    local = "127.0.0.1" if host in (ANY_ADDRESS, "::") else host
+    url = f"http://{local}:{args.port}"
+
+    def announce():
+        while not server.started and not server.should_exit:
+            threading.Event().wait(0.05)
+        if not server.started:
+            return
+        print(f"Easel is running at {url}  (Ctrl+C to stop)", flush=True)
+        if args.listen:
+            addresses = lan_addresses() if host == ANY_ADDRESS else [host]
+            for address in addresses:
+                print(f"On your network: http://{address}:{args.port}", flush=True)
+            if not logins:
+                print("warning: no login required (--insecure-no-auth): anyone who can reach this machine can use it",
+                      file=sys.stderr, flush=True)
+        if not args.no_browser and has_display():
+            webbrowser.open(url)
+
+    threading.Thread(target=announce, name="easel-announce", daemon=True).start()
+    server.run(sockets=[sock])  # until Ctrl+C or SIGTERM
     return 0
+
+
+def build_app(page, *, logins, outdir: Path, max_upload_mb: int, listen: str | None = None,
+              allowed_hosts=(), cors_origins: frozenset[str] = frozenset(), limiter=None):
+    """The ASGI app: the page mounted at / inside our FastAPI app, all of it behind RequestGuard."""
+    import gradio as gr
+    from fastapi import FastAPI
+    from fastapi.middleware.cors import CORSMiddleware
+
+    from ui.security import BODY_OVERHEAD, GuardPolicy, RequestGuard, allowed_hosts_for
+
+    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+    # Gradio adds its own CORS handling unless the parent app has a CORSMiddleware: this one
+    # allows exactly the origins the user listed (none by default).
+    app.add_middleware(CORSMiddleware, allow_origins=sorted(cors_origins), allow_credentials=True,
+                       allow_methods=["*"], allow_headers=["*"])
+    max_bytes = max_upload_mb * 1024 * 1024
+    gr.mount_gradio_app(
+        app, page, path="/",
+        auth=logins or None,
+        auth_message="Easel: log in with a user:password given to --auth or --auth-file" if logins else None,
+        allowed_paths=[str(outdir)],
+        show_error=False,   # unexpected errors say "Error", never a traceback; EaselErrors are shown as gr.Error
+        max_file_size=max_bytes,
+        ssr_mode=False,     # no Node server
+        mcp_server=False,
+        enable_monitoring=False,
+        footer_links=["settings"],
+        run_history=False,
+    )
+    policy = GuardPolicy(allowed_hosts=allowed_hosts_for(listen, allowed_hosts), cors_origins=cors_origins,
+                         max_body_bytes=max_bytes + BODY_OVERHEAD)
+    return RequestGuard(app, policy, limiter)
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(128)
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
