@@ -87,7 +87,8 @@ def normalize_host(value: str) -> str:
 def machine_addresses() -> set[str]:
     """Every address of this machine's interfaces, and its host names: the names a LAN client may
     use to reach a server listening on all addresses. Read from the OS; sends no traffic."""
-    found: set[str] = {socket.gethostname().lower(), socket.getfqdn().lower()}
+    name = socket.gethostname().lower()
+    found: set[str] = {name, f"{name}.local", socket.getfqdn().lower()}  # .local: mDNS names on a LAN
     try:
         import psutil
 
