@@ -1,7 +1,8 @@
 """Reading checkpoints safely and turning them into diffusers pipelines, with no network access.
 
-Single files (`.safetensors`, or `.ckpt`/`.pt` through `torch.load(weights_only=True)` only) are
-read once, identified by `engine.families`, and converted with diffusers' own LDM converters
+Single files (`.safetensors`, or `.ckpt`/`.pt` through `torch.load(weights_only=True)` only, after
+`engine.safe_files` has checked them without running anything in them) are read once, identified by
+`engine.families`, and converted with diffusers' own LDM converters
 (`diffusers.loaders.single_file_utils`, the code behind `from_single_file`). We call those
 converters directly instead of `Pipeline.from_single_file`: that entry point reads the file again
 itself, looks for hub configs first, does not insist that every weight is present, and (offline,
@@ -16,15 +17,12 @@ from __future__ import annotations
 
 import json
 import logging
-import pickle
-import re
-import zipfile
 from pathlib import Path
 
 import torch
 import yaml
 
-from engine.errors import UnknownCheckpointError, UnsafeCheckpointError
+from engine.errors import UnknownCheckpointError
 from engine.families import (
     CLIP_PREFIX,
     FAMILIES,
@@ -38,12 +36,11 @@ from engine.families import (
     resolve_prediction,
     with_prediction,
 )
+from engine.safe_files import WEIGHT_SUFFIXES, read_shapes, read_tensors
 
 logger = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-SAFETENSORS_SUFFIXES = (".safetensors",)
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 CLIP_HEAD_WIDTH = 64  # every released CLIP text tower uses 64-wide attention heads
 BOS_TOKEN_ID, EOS_TOKEN_ID = 49406, 49407
 
@@ -74,73 +71,15 @@ def read_ldm_yaml(yaml_path: Path) -> dict:
     return data
 
 
-def _check_suffix(path: Path) -> str:
-    suffix = path.suffix.lower()
-    if suffix in SAFETENSORS_SUFFIXES:
-        return "safetensors"
-    if suffix in PICKLE_SUFFIXES:
-        return "pickle"
-    allowed = ", ".join(SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES)
-    raise UnknownCheckpointError(f"{path.name}: unsupported checkpoint type '{suffix}' (allowed: {allowed})")
-
-
-def _first_sentence(error: Exception) -> str:
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0].split(". ")[0].rstrip(".")
-
-
-def _refused_global(error: Exception) -> str:
-    # torch names the global it refused ("GLOBAL io.open was not an allowed global"); its advice
-    # on allow-listing it is deliberately not passed on.
-    match = re.search(r"GLOBAL (\S+) was not an allowed global", str(error))
-    return f"it would call {match.group(1)}" if match else _first_sentence(error)
-
-
-def _load_pickle(path: Path) -> dict:
-    try:
-        # weights_only=True: torch's restricted unpickler builds tensors and plain containers only;
-        # anything else (a class, a function call) is refused before it can run.
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except pickle.UnpicklingError as e:
-        raise UnsafeCheckpointError(
-            f"{path.name}: refused - this pickle holds more than plain tensors ({_refused_global(e)}); "
-            "Easel never runs code from a checkpoint: convert it to .safetensors") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise UnknownCheckpointError(f"{path.name}: cannot be read as a PyTorch checkpoint ({_first_sentence(e)})") from None
-    # Lightning checkpoints nest the weights under "state_dict".
-    while isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict):
-        raise UnknownCheckpointError(f"{path.name}: holds a {type(obj).__name__}, not a state dict")
-    return {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
-
-
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a single-file checkpoint; safetensors memory-mapped, pickles only if plain tensors."""
-    path = Path(path)
-    if _check_suffix(path) == "pickle":
-        return _load_pickle(path)
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path), device="cpu")
-    except (SafetensorError, OSError) as e:
-        raise UnknownCheckpointError(f"{path.name}: cannot be read as safetensors ({e})") from None
+    """All tensors of a single-file checkpoint; safetensors memory-mapped, pickles only if plain
+    tensors (see `engine.safe_files`: nothing in the file runs, sizes are checked before reading)."""
+    return read_tensors(path)
 
 
 def read_keys_and_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """Key names and tensor shapes, cheaply: only the safetensors header is read."""
-    path = Path(path)
-    if _check_suffix(path) == "pickle":
-        return {k: tuple(v.shape) for k, v in _load_pickle(path).items()}
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except (SafetensorError, OSError) as e:
-        raise UnknownCheckpointError(f"{path.name}: cannot be read as safetensors ({e})") from None
+    return read_shapes(path)
 
 
 # --- identification ------------------------------------------------------------------------------
@@ -185,6 +124,8 @@ def identify_model(path: Path, *, config_dir: Path | None = None) -> Family:
     """
     path = Path(path)
     if path.is_dir():
+        if path.suffix.lower() in WEIGHT_SUFFIXES and not (path / "model_index.json").is_file():
+            raise UnknownCheckpointError(f"{path.name}: is a folder, not a checkpoint file (and not a diffusers folder)")
         return _identify_folder(path)
     if not path.is_file():
         raise UnknownCheckpointError(f"{path.name}: no such file")

@@ -15,8 +15,16 @@ from pathlib import Path, PurePosixPath
 from engine.errors import ModelNotFoundError
 
 CHECKPOINT_DIR = "Stable-diffusion"
-SUBFOLDERS = ("Stable-diffusion", "VAE", "ESRGAN", "RealESRGAN", "SwinIR", "Lora", "embeddings")
-CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt")
+SUBFOLDERS = ("Stable-diffusion", "VAE", "ESRGAN", "RealESRGAN", "SwinIR", "Lora", "LyCORIS", "embeddings")
+# Every suffix the safe reader (engine/safe_files.py) accepts; kept here too so this module needs no torch.
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+# The other model folders, by the heading `app.py models` lists them under.
+EXTRA_KINDS = {
+    "VAE": ("VAE",),
+    "Upscalers": ("ESRGAN", "RealESRGAN", "SwinIR"),
+    "LoRA": ("Lora", "LyCORIS"),
+    "Embeddings": ("embeddings",),
+}
 
 
 @dataclass(frozen=True)
@@ -49,21 +57,23 @@ class ModelLibrary:
     def refresh(self) -> list[ModelEntry]:
         root = self.checkpoint_dir
         found: dict[str, ModelEntry] = {}
-        if root.is_dir():
-            for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-                here = Path(dirpath)
-                if (here / "model_index.json").is_file() and here != root:
-                    name = here.relative_to(root).as_posix()
-                    found[name] = ModelEntry(name, here, True)
-                    dirnames.clear()  # a diffusers folder's insides are not separate models
-                    continue
-                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-                for fn in sorted(filenames):
-                    if fn.lower().endswith(CHECKPOINT_SUFFIXES) and not fn.startswith("."):
-                        name = (here / fn).relative_to(root).as_posix()
-                        found[name] = ModelEntry(name, here / fn, False)
+        for path, is_folder in _scan(root, diffusers_folders=True):
+            name = path.relative_to(root).as_posix()
+            found[name] = ModelEntry(name, path, is_folder)
         self._entries = dict(sorted(found.items(), key=lambda kv: kv[0].lower()))
         return self.entries()
+
+    def extra_entries(self, kind: str) -> list[ModelEntry]:
+        """The weight files of one other kind (a key of EXTRA_KINDS), scanned now. Names are
+        relative to the models folder ("Lora/style.safetensors"). A folder named like a weight
+        file is listed too, so that it is reported rather than silently skipped."""
+        if kind not in EXTRA_KINDS:
+            raise KeyError(f"{kind!r} is not one of {', '.join(EXTRA_KINDS)}")
+        found = []
+        for sub in EXTRA_KINDS[kind]:
+            for path, _ in _scan(self.models_dir / sub, diffusers_folders=False):
+                found.append(ModelEntry(path.relative_to(self.models_dir).as_posix(), path, False))
+        return sorted(found, key=lambda e: e.name.lower())
 
     def entries(self) -> list[ModelEntry]:
         return list(self._entries.values())
@@ -81,13 +91,37 @@ class ModelLibrary:
         wanted = name.strip()
         if wanted.endswith("]") and " [" in wanted:
             wanted = wanted[: wanted.rindex(" [")]
-        if wanted in self._entries:
-            return self._entries[wanted]
-        by_stem = [e for e in self._entries.values() if e.stem == wanted]
-        if len(by_stem) == 1:
-            return by_stem[0]
+        entry = self._entries.get(wanted)
+        if entry is None:
+            by_stem = [e for e in self._entries.values() if e.stem == wanted]
+            entry = by_stem[0] if len(by_stem) == 1 else None
+        if entry is not None:
+            if not entry.path.exists():  # listed, then deleted or moved
+                del self._entries[entry.name]
+                raise ModelNotFoundError(f"model: {entry.name} is no longer in {entry.path.parent} (deleted or moved)")
+            return entry
         known = ", ".join(self._entries) or f"none (put checkpoints in {self.checkpoint_dir})"
         raise ModelNotFoundError(f"model: {name!r} is not in {self.checkpoint_dir}; available: {known}")
+
+
+def _scan(root: Path, *, diffusers_folders: bool):
+    """(path, is_diffusers_folder) for each model under `root`, hidden names skipped. A folder named
+    like a weight file ("x.safetensors/") is yielded as a model, not walked into: it is reported as
+    unusable instead of vanishing from the list."""
+    if not root.is_dir():
+        return
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        here = Path(dirpath)
+        if diffusers_folders and here != root and (here / "model_index.json").is_file():
+            yield here, True
+            dirnames.clear()  # a diffusers folder's insides are not separate models
+            continue
+        named_like_files = [d for d in dirnames if d.lower().endswith(CHECKPOINT_SUFFIXES) and not d.startswith(".")
+                            and not (diffusers_folders and (here / d / "model_index.json").is_file())]
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in named_like_files)
+        for fn in sorted(filenames + named_like_files):
+            if fn.lower().endswith(CHECKPOINT_SUFFIXES) and not fn.startswith("."):
+                yield here / fn, False
 
 
 def model_hash(path: Path, cache_file: Path | None = None) -> str:

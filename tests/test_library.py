@@ -47,3 +47,17 @@ def test_model_hash_is_sha256_prefix_and_cached(tmp_path):
 
 def test_missing_models_folder_is_empty_not_an_error(tmp_path):
     assert ModelLibrary(tmp_path / "nowhere").entries() == []
+
+
+def test_extra_entries_list_a_kinds_folders_by_name_inside_the_models_folder(tmp_path):
+    for sub, fn in [("Lora", "a.safetensors"), ("LyCORIS", "b.pt"), ("Lora", "readme.txt"), ("VAE", "v.ckpt")]:
+        (tmp_path / sub).mkdir(exist_ok=True)
+        (tmp_path / sub / fn).write_bytes(b"x")
+    assert [e.name for e in ModelLibrary(tmp_path).extra_entries("LoRA")] == ["Lora/a.safetensors", "LyCORIS/b.pt"]
+
+
+def test_a_folder_named_like_a_checkpoint_is_listed_not_walked_into(tmp_path):
+    odd = tmp_path / "Stable-diffusion" / "odd.safetensors"
+    odd.mkdir(parents=True)
+    (odd / "inner.ckpt").write_bytes(b"x")
+    assert [e.name for e in ModelLibrary(tmp_path).entries()] == ["odd.safetensors"]
