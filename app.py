@@ -142,6 +142,11 @@ def _models(args) -> int:
             print(f"{s.name}\n    family: {s.family}\n    plan:   {s.plan}")
             if s.few_step:
                 print(f"    few-step: {s.few_step}")
+    for heading, files in engine.extra_models().items():
+        if files:
+            print(f"\n{heading}")
+        for f in files:
+            print(f"{f.name}\n    " + (f"cannot be used: {f.error}" if f.error else f"ok: {f.tensors} tensors"))
     return 0
 
 

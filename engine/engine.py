@@ -7,6 +7,7 @@ request and returns plain values, so callers need no torch.
 from __future__ import annotations
 
 import math
+import logging
 import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,6 +24,8 @@ from engine.manager import LoadedModel, ModelManager, ModelSettings, distillatio
 from engine.request import GenerationRequest
 from engine.samplers import SAMPLERS, SCHEDULE_TYPES
 from engine.watermark import Watermarker
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,14 @@ class ModelStatus:
     error: str | None   # why it cannot be used
     loaded: bool
     few_step: str | None = None  # "turbo: why" / "lcm: why" (LCM only once loaded), else None
+
+
+@dataclass(frozen=True)
+class WeightsStatus:
+    """A file in one of the other model folders (VAE, upscalers, LoRA, embeddings)."""
+    name: str              # relative to the models folder, e.g. "Lora/style.safetensors"
+    tensors: int | None    # how many tensors it holds; None when it cannot be used
+    error: str | None      # why it cannot be used, one line
 
 
 @dataclass(frozen=True)
@@ -83,7 +94,27 @@ class Engine:
                                             None if kind == "none" else f"{kind}: {why}"))
             except EaselError as e:
                 statuses.append(ModelStatus(entry.name, None, None, str(e), False))
+            except Exception as e:  # noqa: BLE001 - one strange file must not take the whole list down
+                logger.exception("identifying %s", entry.path)
+                statuses.append(ModelStatus(entry.name, None, None,
+                                            f"{entry.name}: cannot be identified ({type(e).__name__}: {e})", False))
         return statuses
+
+    def extra_models(self) -> dict[str, list[WeightsStatus]]:
+        """The other model folders by heading ("VAE", "Upscalers", "LoRA", "Embeddings"): each file
+        with its tensor count, or why it cannot be used. Read safely (`engine.safe_files`): only
+        a safetensors header or the restricted unpickler, nothing in a file runs."""
+        from engine.library import EXTRA_KINDS
+        from engine.safe_files import inspect_weights
+
+        listing = {}
+        for kind in EXTRA_KINDS:
+            statuses = []
+            for entry in self.library.extra_entries(kind):
+                info = inspect_weights(entry.path)
+                statuses.append(WeightsStatus(entry.name, len(info.shapes) if info.ok else None, info.reason))
+            listing[kind] = statuses
+        return listing
 
     def model_names(self) -> list[str]:
         return [e.name for e in self.library.entries()]
