@@ -6,8 +6,8 @@ request and returns plain values, so callers need no torch.
 """
 from __future__ import annotations
 
-import math
 import logging
+import math
 import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
