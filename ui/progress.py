@@ -37,6 +37,6 @@ def preview_every(steps) -> int:
     """A preview every few steps (2 to 8): frequent enough to watch, rare enough to cost little."""
     try:
         steps = int(float(steps))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # inf: the request validation refuses it
         return 0
     return max(2, min(8, steps // 5))
