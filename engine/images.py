@@ -127,7 +127,7 @@ def _read_bounded(source: Any, field: str, max_bytes: int, name: str) -> bytes:
             if size > max_bytes:
                 raise _too_big(field, name, size, max_bytes)
             with open(source, "rb") as f:
-                data = f.read(max_bytes + 1)
+                data = _read_upto(f, max_bytes + 1)
         except RequestError:
             raise
         except FileNotFoundError:
@@ -137,12 +137,24 @@ def _read_bounded(source: Any, field: str, max_bytes: int, name: str) -> bytes:
         except OSError as e:
             raise RequestError(field, f"cannot read {name}: {e.strerror or type(e).__name__}") from None
     elif hasattr(source, "read"):
-        data = source.read(max_bytes + 1)
+        data = _read_upto(source, max_bytes + 1)
     else:
         raise RequestError(field, f"must be an image file, got {type(source).__name__}")
     if len(data) > max_bytes:
         raise _too_big(field, name, len(data), max_bytes)
     return data
+
+
+def _read_upto(stream, limit: int) -> bytes:
+    """At most `limit` bytes, read in pieces (read(limit) would reserve `limit` bytes up front)."""
+    parts, total = [], 0
+    while total < limit:
+        piece = stream.read(min(1 << 20, limit - total))
+        if not piece:
+            break
+        parts.append(piece)
+        total += len(piece)
+    return b"".join(parts)
 
 
 def _too_big(field: str, name: str, size: int, max_bytes: int) -> RequestError:
