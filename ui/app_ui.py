@@ -9,7 +9,11 @@ device, the rest wait in Gradio's bounded queue, which shows each page its posit
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +28,31 @@ log = logging.getLogger(__name__)
 
 GENERATION = "generation"  # concurrency id shared by every event that uses the device
 SIZE_STEP_WITHOUT_MODEL = 8  # only shown while no model exists; a model's own VAE scale factor replaces it
+
+
+class UploadedImage(gr.Image):
+    """An image input that hands the handler the uploaded file's path, unopened.
+
+    gr.Image opens every upload with Pillow before the handler runs, so a zero-byte file, a
+    non-image or a header claiming 20000x20000 pixels would fail inside Gradio with a bare "Error".
+    Here the handler gets the path and `engine.images.open_image` checks size, header and pixel
+    budget before decoding, and says what is wrong in one line naming the field."""
+
+    def preprocess(self, payload):
+        if payload is None:
+            return None
+        if payload.path is not None:
+            return str(payload.path)
+        if payload.url and payload.url.startswith("data:"):  # a pasted image: its bytes, still undecoded
+            try:
+                data = base64.b64decode(payload.url.partition(",")[2], validate=False)
+            except (binascii.Error, ValueError):
+                data = payload.url.encode()  # the opener will say it is not an image
+            fd, path = tempfile.mkstemp(prefix="pasted-", suffix=".img", dir=self.GRADIO_CACHE)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            return path
+        return super().preprocess(payload)
 
 
 def _readable(error: EaselError) -> gr.Error:
@@ -50,7 +79,7 @@ class GenerationTab:
         with gr.Row():
             with gr.Column():
                 if mode == "img2img":
-                    f["init_image"] = gr.Image(label="Init image", type="filepath", image_mode=None, sources=["upload", "clipboard"],
+                    f["init_image"] = UploadedImage(label="Init image", type="filepath", image_mode=None, sources=["upload", "clipboard"],
                                                elem_id="img2img-init-image", height=280)
                     f["denoising_strength"] = gr.Slider(0.0, 1.0, value=0.75, step=0.01, label="Denoising strength",
                                                         elem_id="img2img-denoising-strength")
@@ -181,7 +210,7 @@ def create_ui(engine, settings: SettingsStore | None = None, *, listen: bool = F
                 gr.Markdown("4x upscaling is not wired into the page yet: it comes with the upscaling feature.")
             with gr.Tab("PNG info", id="pnginfo", elem_id="tab-pnginfo"):
                 with gr.Row():
-                    png_image = gr.Image(label="Drop a PNG here", type="filepath", sources=["upload", "clipboard"],
+                    png_image = UploadedImage(label="Drop a PNG here", type="filepath", sources=["upload", "clipboard"],
                                          elem_id="pnginfo-image", height=320)
                     with gr.Column():
                         png_text = gr.Textbox(label="Parameters", lines=6, interactive=False, elem_id="pnginfo-parameters")
