@@ -64,14 +64,12 @@ def test_the_server_keeps_serving_after_bad_uploads(server, client, tmp_path):
 
 def test_a_pasted_image_reaches_the_handler_undecoded(tmp_path):
     import base64
-    import os
 
     from gradio.data_classes import ImageData
 
-    from ui.app_ui import UploadedImage
+    from ui.app_ui import uploaded_image
 
-    upload = UploadedImage(type="filepath")
-    os.makedirs(upload.GRADIO_CACHE, exist_ok=True)
+    upload = uploaded_image()
     bomb = forged_png(20000, 20000)
     path = upload.preprocess(ImageData(url="data:image/png;base64," + base64.b64encode(bomb).decode()))
     with open(path, "rb") as f:
@@ -81,7 +79,7 @@ def test_a_pasted_image_reaches_the_handler_undecoded(tmp_path):
 def test_an_uploaded_file_reaches_the_handler_as_its_path(tmp_path):
     from gradio.data_classes import ImageData
 
-    from ui.app_ui import UploadedImage
+    from ui.app_ui import uploaded_image
 
     (tmp_path / "x.png").write_bytes(b"")
-    assert UploadedImage(type="filepath").preprocess(ImageData(path=str(tmp_path / "x.png"))) == str(tmp_path / "x.png")
+    assert uploaded_image().preprocess(ImageData(path=str(tmp_path / "x.png"))) == str(tmp_path / "x.png")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import logging
 import os
 import tempfile
@@ -30,29 +31,36 @@ GENERATION = "generation"  # concurrency id shared by every event that uses the 
 SIZE_STEP_WITHOUT_MODEL = 8  # only shown while no model exists; a model's own VAE scale factor replaces it
 
 
-class UploadedImage(gr.Image):
+def uploaded_image(**kwargs) -> gr.Image:
     """An image input that hands the handler the uploaded file's path, unopened.
 
     gr.Image opens every upload with Pillow before the handler runs, so a zero-byte file, a
     non-image or a header claiming 20000x20000 pixels would fail inside Gradio with a bare "Error".
     Here the handler gets the path and `engine.images.open_image` checks size, header and pixel
-    budget before decoding, and says what is wrong in one line naming the field."""
+    budget before decoding, and says what is wrong in one line naming the field. (A per-instance
+    preprocess, not a subclass: Gradio writes a .pyi stub beside the module of every component
+    subclass at import time, which fails where the install is read-only.)"""
+    component = gr.Image(type="filepath", image_mode=None, **kwargs)
+    component.preprocess = functools.partial(_unopened_upload, component.GRADIO_CACHE)
+    return component
 
-    def preprocess(self, payload):
-        if payload is None:
-            return None
-        if payload.path is not None:
-            return str(payload.path)
-        if payload.url and payload.url.startswith("data:"):  # a pasted image: its bytes, still undecoded
-            try:
-                data = base64.b64decode(payload.url.partition(",")[2], validate=False)
-            except (binascii.Error, ValueError):
-                data = payload.url.encode()  # the opener will say it is not an image
-            fd, path = tempfile.mkstemp(prefix="pasted-", suffix=".img", dir=self.GRADIO_CACHE)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            return path
-        return super().preprocess(payload)
+
+def _unopened_upload(cache_dir: str, payload):
+    if payload is None:
+        return None
+    if payload.path is not None:
+        return str(payload.path)
+    if payload.url and payload.url.startswith("data:"):  # a pasted image: its bytes, still undecoded
+        try:
+            data = base64.b64decode(payload.url.partition(",")[2], validate=False)
+        except (binascii.Error, ValueError):
+            data = payload.url.encode()  # the opener will say it is not an image
+        os.makedirs(cache_dir, exist_ok=True)
+        fd, path = tempfile.mkstemp(prefix="pasted-", suffix=".img", dir=cache_dir)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return path
+    return None
 
 
 def _readable(error: EaselError) -> gr.Error:
@@ -79,7 +87,7 @@ class GenerationTab:
         with gr.Row():
             with gr.Column():
                 if mode == "img2img":
-                    f["init_image"] = UploadedImage(label="Init image", type="filepath", image_mode=None, sources=["upload", "clipboard"],
+                    f["init_image"] = uploaded_image(label="Init image", sources=["upload", "clipboard"],
                                                elem_id="img2img-init-image", height=280)
                     f["denoising_strength"] = gr.Slider(0.0, 1.0, value=0.75, step=0.01, label="Denoising strength",
                                                         elem_id="img2img-denoising-strength")
@@ -210,7 +218,7 @@ def create_ui(engine, settings: SettingsStore | None = None, *, listen: bool = F
                 gr.Markdown("4x upscaling is not wired into the page yet: it comes with the upscaling feature.")
             with gr.Tab("PNG info", id="pnginfo", elem_id="tab-pnginfo"):
                 with gr.Row():
-                    png_image = UploadedImage(label="Drop a PNG here", type="filepath", sources=["upload", "clipboard"],
+                    png_image = uploaded_image(label="Drop a PNG here", sources=["upload", "clipboard"],
                                          elem_id="pnginfo-image", height=320)
                     with gr.Column():
                         png_text = gr.Textbox(label="Parameters", lines=6, interactive=False, elem_id="pnginfo-parameters")
