@@ -25,10 +25,22 @@ def tiny_models_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def sd_engine(tiny_models_dir, tmp_path_factory):
+def plain_cpu():
+    """A CPU with no GPU and no native bf16: the fp32 CPU plan, whatever machine runs the suite
+    (the auto plan picks a bf16 UNet on CPUs that have it, and fp16 on a GPU)."""
+    from dataclasses import replace
+
+    from engine.devices import Hardware
+
+    return replace(Hardware.detect(), cuda=False, cuda_name="", cuda_vram_gb=0.0, cuda_bf16=False, mps=False,
+                   cpu_bf16=False)
+
+
+@pytest.fixture(scope="session")
+def sd_engine(tiny_models_dir, tmp_path_factory, plain_cpu):
     from engine.engine import Engine, EngineConfig
 
     root = tmp_path_factory.mktemp("engine")
-    eng = Engine(EngineConfig(tiny_models_dir, root / "outputs", root / "data"))
+    eng = Engine(EngineConfig(tiny_models_dir, root / "outputs", root / "data"), plain_cpu)
     eng.load_model("tiny-sd1")
     return eng
