@@ -135,18 +135,21 @@ def _models(args) -> int:
     statuses = engine.models()
     if not statuses:
         print(f"no models in {engine.library.checkpoint_dir}")
+    # File names and reasons come from the models folder, which may hold downloaded files with
+    # crafted names: each is printed as one escaped line.
     for s in statuses:
         if s.error:
-            print(f"{s.name}\n    cannot be used: {s.error}")
+            print(f"{_one_line(s.name)}\n    cannot be used: {_one_line(s.error)}")
         else:
-            print(f"{s.name}\n    family: {s.family}\n    plan:   {s.plan}")
+            print(f"{_one_line(s.name)}\n    family: {s.family}\n    plan:   {s.plan}")
             if s.few_step:
-                print(f"    few-step: {s.few_step}")
+                print(f"    few-step: {_one_line(s.few_step)}")
     for heading, files in engine.extra_models().items():
         if files:
             print(f"\n{heading}")
         for f in files:
-            print(f"{f.name}\n    " + (f"cannot be used: {f.error}" if f.error else f"ok: {f.tensors} tensors"))
+            print(f"{_one_line(f.name)}\n    "
+                  + (f"cannot be used: {_one_line(f.error)}" if f.error else f"ok: {f.tensors} tensors"))
     return 0
 
 

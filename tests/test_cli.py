@@ -128,3 +128,16 @@ def test_stored_precision_is_used_and_command_line_precision_wins(capsys, dirs):
 def test_bad_stored_precision_is_bad_input(capsys, dirs):
     code, _, err = cli(capsys, "models", *dirs, "--set-precision", "tiny-sd1", "fp8")
     assert code == 2 and err.startswith("error: precision: must be one of")
+
+
+def test_models_listing_escapes_crafted_file_names(capsys, tmp_path):
+    """A downloaded file's name can carry terminal escapes; `app.py models` shows them escaped."""
+    folder = tmp_path / "models" / "Stable-diffusion"
+    folder.mkdir(parents=True)
+    (folder / "evil\x1b]0;pwned\x07\x1b[2J.safetensors").write_bytes(b"\0" * 8)
+    code, out, err = cli(capsys, "models", "--models-dir", str(tmp_path / "models"), "--outdir", str(tmp_path / "out"),
+                         "--data-dir", str(tmp_path / "data"))
+    assert code == 0, err
+    assert "\x1b" not in out and "\x07" not in out
+    assert "evil\\x1b]0;pwned\\x07\\x1b[2J.safetensors" in out
+    assert "cannot be used" in out
