@@ -14,13 +14,14 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from engine.devices import Hardware
-from engine.errors import EaselError, ModelNotFoundError
+from engine.errors import CancelledError, EaselError, ModelNotFoundError
 from engine.families import FAMILIES
 from engine.generator import GenerationResult, Generator, Job, OutputSettings
 from engine.images import open_image
 from engine.infotext import parse_infotext, printable, read_infotext
 from engine.library import ModelLibrary
 from engine.manager import LoadedModel, ModelManager, ModelSettings, distillation_of
+from engine.outputs import remove_leftovers
 from engine.request import GenerationRequest
 from engine.samplers import SAMPLERS, SCHEDULE_TYPES
 from engine.watermark import Watermarker
@@ -74,6 +75,8 @@ class Engine:
         self.watermarker = Watermarker()
         self.generator = Generator(self.manager, OutputSettings(config.outputs_dir, config.watermark), self.watermarker)
         self._busy = threading.Lock()
+        # Temp files of saves that were killed mid-write (only those whose writer is gone: engine/outputs.py).
+        remove_leftovers(config.outputs_dir)
 
     # --- models -----------------------------------------------------------------------------
     def refresh_models(self) -> list[ModelStatus]:
@@ -178,9 +181,12 @@ class Engine:
         return self.load_model(model).default_fields()
 
     def generate(self, request: GenerationRequest, job: Job | None = None, model: str | None = None) -> GenerationResult:
+        job = job or Job()
         with self._busy:
+            if job.cancelled.is_set():  # cancelled while it waited for the job before it
+                raise CancelledError("cancelled")
             loaded = self.load_model(model)
-            return self.generator.run(request, loaded, job)
+            return self.generator.run(request, loaded, job)  # checks again: cancelled during the load
 
     # --- PNG info -----------------------------------------------------------------------------
     def png_info(self, source) -> PngInfo:

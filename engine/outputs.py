@@ -12,6 +12,16 @@ Saving is atomic and safe when several threads or processes save into one folder
 From step 2 on, N is always held by the temp file or by the finished PNG (the rename swaps one
 for the other in a single step), so no two writers can end up with the same number and an
 existing file is never overwritten. Any failure removes the temp file and releases N.
+
+A writer killed mid-save (power cut, SIGKILL) leaves its `.NNNNN.part` behind, never a truncated
+PNG. Such leftovers are removed when the Engine starts (`remove_leftovers`, every dated folder)
+and whenever a save lists a folder (that folder only). The rule that tells a dead writer's temp
+file from a live one's: on POSIX each writer holds an exclusive flock on its temp file from
+creating it until it is renamed, and the kernel drops that lock when the process dies; a temp
+file whose lock can be taken has no owner left. (A writer re-checks, once it holds the lock, that
+its file was not removed in the instant between creating and locking it.) Windows has no flock
+but will not delete a file another process has open; there a temp file is removed only when it
+is older than STALE_SECONDS and the delete succeeds.
 """
 from __future__ import annotations
 
@@ -19,6 +29,7 @@ import datetime
 import math
 import os
 import re
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,12 +38,23 @@ from PIL import Image
 from engine.errors import EaselError, RequestError
 from engine.infotext import write_png_with_infotext
 
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+
 MODES = ("txt2img", "img2img", "extras")
 NUMBER_DIGITS = 5
 # A1111 compatible: every file in the folder whose name starts with digits and '-' holds a number.
 _NUMBERED = re.compile(r"^(\d+)-")
 _RESERVED = re.compile(r"^\.(\d+)\.part$")
 _MAX_ATTEMPTS = 1000
+# Windows only (no flock): a temp file this old belongs to no live writer; writing one PNG takes well under a second.
+STALE_SECONDS = 600
+
+
+class SaveError(EaselError):
+    """An image could not be written (disk full, read-only or missing folder); nothing was left behind."""
 
 
 def output_folder(outdir: Path, mode: str, when: datetime.date | None = None) -> Path:
@@ -49,8 +71,73 @@ def _check_seed(seed) -> int:
     return seed
 
 
+def _lock(fd: int) -> None:
+    """Hold an exclusive lock on a temp file while writing it (POSIX; see the module's docstring)."""
+    if fcntl is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            pass  # a filesystem without locks: then no clean-up can take its temp files for dead ones
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        here, there = os.fstat(fd), os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+
+
+def _remove_if_dead(path: Path) -> bool:
+    """Remove a temp file whose writer is gone; True when it was removed."""
+    if fcntl is None:
+        try:
+            if time.time() - os.stat(path).st_mtime < STALE_SECONDS:
+                return False
+            os.unlink(path)  # fails while the writer has it open
+        except OSError:
+            return False
+        return True
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False  # renamed to its PNG or removed meanwhile
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return False  # a live writer holds it
+        # Locked: no live writer. Only the file we locked goes (the name may have been reused).
+        if not _same_file(fd, path):
+            return False
+        os.unlink(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def remove_leftovers(outdir: Path) -> int:
+    """Remove dead writers' temp files from every `<outdir>/<mode>/<date>/` folder; how many."""
+    removed = 0
+    for mode in MODES:
+        try:
+            days = [entry.path for entry in os.scandir(Path(outdir) / mode) if entry.is_dir()]
+        except OSError:
+            continue
+        for day in days:
+            try:
+                names = os.listdir(day)
+            except OSError:
+                continue
+            removed += sum(_remove_if_dead(Path(day) / name) for name in names if _RESERVED.match(name))
+    return removed
+
+
 def _used_numbers(folder: Path) -> tuple[int, set[int]]:
-    """(highest number in use, numbers held by finished PNGs)."""
+    """(highest number in use, numbers held by finished PNGs). Dead writers' temp files found on
+    the way are removed, so they hold no number."""
     highest, finished = 0, set()
     for name in os.listdir(folder):
         numbered = _NUMBERED.match(name)
@@ -60,6 +147,8 @@ def _used_numbers(folder: Path) -> tuple[int, set[int]]:
             if name.endswith(".png"):
                 finished.add(number)
         elif reserved:
+            if _remove_if_dead(folder / name):
+                continue
             number = int(reserved.group(1))
         else:
             continue
@@ -77,13 +166,23 @@ def _reserve(folder: Path) -> tuple[int, int, Path]:
         except FileExistsError:
             number += 1
             continue
-        highest, finished = _used_numbers(folder)
+        _lock(fd)
+        if not _same_file(fd, temp):
+            # Another writer's clean-up took it for a dead writer's in the instant before the lock.
+            os.close(fd)
+            continue
+        try:
+            highest, finished = _used_numbers(folder)
+        except OSError:
+            os.close(fd)
+            os.unlink(temp)
+            raise
         if number not in finished:
             return number, fd, temp
         os.close(fd)
         os.unlink(temp)
         number = max(number, highest) + 1
-    raise EaselError(f"could not reserve a file number in {folder} after {_MAX_ATTEMPTS} tries")
+    raise SaveError(f"could not reserve a file number in {folder} after {_MAX_ATTEMPTS} tries")
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -106,25 +205,33 @@ def _save_numbered(data: bytes, folder: Path, suffix: str) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
         number, fd, temp = _reserve(folder)
     except OSError as error:
-        raise EaselError(f"output folder {folder}: cannot write there ({error.strerror or error})") from error
+        raise SaveError(f"output folder {folder}: cannot write there ({error.strerror or error})") from error
     final = folder / f"{number:0{NUMBER_DIGITS}d}{suffix}"
+    open_fd = fd
     try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+        if os.name == "nt":  # Windows cannot rename a file that is open
+            open_fd = None
             os.close(fd)
+        # POSIX: renamed while still locked, so no clean-up can take it for a dead writer's.
         os.replace(temp, final)
     except BaseException as error:
+        if open_fd is not None:
+            open_fd = None
+            os.close(fd)
         try:
             os.unlink(temp)
-        except FileNotFoundError:
+        except OSError:
             pass
         if isinstance(error, OSError):
-            raise EaselError(f"output file {final}: could not write it ({error.strerror or error})") from error
+            raise SaveError(f"output file {final}: could not write it ({error.strerror or error})") from error
         raise
+    finally:
+        if open_fd is not None:
+            os.close(fd)
     _fsync_folder(folder)
     return final
 
