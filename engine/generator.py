@@ -23,7 +23,7 @@ from engine.families import Family
 from engine.feature_cache import INTERVAL, MIN_STEPS, FeatureReuse
 from engine.infotext import build_infotext
 from engine.manager import LoadedModel, ModelManager
-from engine.outputs import make_grid, save_grid, save_png
+from engine.outputs import SaveError, make_grid, save_grid, save_png
 from engine.preview import latents_to_preview
 from engine.request import MAX_SEED, GenerationRequest
 from engine.samplers import make_scheduler
@@ -69,12 +69,18 @@ class GenerationResult:
     paths: tuple[Path, ...]
     grid_path: Path | None
     notes: tuple[str, ...]  # what the engine had to do on its own (OOM step-down, fp32 VAE retry)
+    save_error: str | None = None  # why some images (count given) were not saved; they are still in `images`
 
 
 @dataclass(frozen=True)
 class OutputSettings:
     outdir: Path
     watermark: bool = True
+
+
+def _check(job: Job) -> None:
+    if job.cancelled.is_set():
+        raise CancelledError("cancelled")
 
 
 def resize_init_image(image: Image.Image, width: int, height: int, mode: str) -> Image.Image:
@@ -100,12 +106,23 @@ class Generator:
 
     def run(self, request: GenerationRequest, model: LoadedModel, job: Job | None = None) -> GenerationResult:
         job = job or Job()
+        _check(job)  # cancelled while it waited in the queue: nothing runs
         base_seed = request.seed if request.seed != -1 else random.randint(0, MAX_SEED)
         notes: list[str] = []
         start = time.monotonic()
         images, seeds, infotexts, paths = [], [], [], []
-        pos, neg = model.encoder.encode_pair(request.prompt, request.negative_prompt)
+        save_error: str | None = None
+        encoded: dict = {}
+
+        def prompts():
+            # Encoded once, and again only after an out-of-memory step down moved the text encoder.
+            if encoded.get("encoder") is not model.encoder:
+                encoded.update(encoder=model.encoder,
+                               pair=model.encoder.encode_pair(request.prompt, request.negative_prompt))
+            return encoded["pair"]
+
         for batch in range(request.batch_count):
+            _check(job)
             batch_seeds = [(base_seed + batch * request.batch_size + k) % (MAX_SEED + 1) for k in range(request.batch_size)]
             if request.mode == "img2img" and request.denoising_strength == 0:
                 # Nothing to denoise (A1111 returns the init image too); no model call at all.
@@ -115,10 +132,13 @@ class Generator:
                 if batch == 0 and request.speed == "fast" and self.denoising_steps(request) < MIN_STEPS:
                     notes.append(f"speed fast: {self.denoising_steps(request)} denoising steps are too few to reuse "
                                  f"features (it needs {MIN_STEPS}); ran every step in full")
-                latents = self._denoise_with_fallback(request, model, pos, neg, batch_seeds, batch, job, start, notes)
-                if job.cancelled.is_set():
-                    raise CancelledError("cancelled")
-                decoded = self._decode(model, latents, notes)
+                # Out of memory in the UNet or in the VAE: the manager steps the plan down and the
+                # failed part runs again (a batch's denoising from its start; a decode on its own).
+                latents = self.manager.with_fallback(
+                    model, lambda: self._denoise(request, model, *prompts(), batch_seeds, batch, job, start), notes)
+                _check(job)
+                decoded = self.manager.with_fallback(model, lambda: self._decode(model, latents, notes), notes)
+                _check(job)
             for k, image in enumerate(decoded):
                 seed = batch_seeds[k]
                 info = self.infotext(request, model, seed)
@@ -127,15 +147,29 @@ class Generator:
                 images.append(image)
                 seeds.append(seed)
                 infotexts.append(info)
-                if request.save_images:
-                    paths.append(save_png(image, self.outputs.outdir, request.mode, seed, info))
+                if request.save_images and save_error is None:
+                    _check(job)
+                    try:
+                        paths.append(save_png(image, self.outputs.outdir, request.mode, seed, info))
+                    except SaveError as error:
+                        # Disk full, read-only folder: the images are still shown; saving stops here.
+                        save_error = str(error)
         grid_path = None
-        if request.save_grid and request.save_images and len(images) > 1:
+        if request.save_grid and request.save_images and save_error is None and len(images) > 1:
             grid = make_grid(images)
             if self.outputs.watermark:
                 grid = self.watermarker.embed(grid)  # a grid of marked tiles no longer reads as marked
-            grid_path = save_grid(grid, self.outputs.outdir, request.mode, seeds[0], infotexts[0])
-        return GenerationResult(tuple(images), tuple(seeds), tuple(infotexts), tuple(paths), grid_path, tuple(notes))
+            try:
+                grid_path = save_grid(grid, self.outputs.outdir, request.mode, seeds[0], infotexts[0])
+            except SaveError as error:
+                save_error = f"the grid was not saved: {error}"
+        if save_error is not None and len(paths) < len(images):
+            unsaved = len(images) - len(paths)
+            save_error = f"{unsaved} of {len(images)} image{'s' if len(images) != 1 else ''} not saved: {save_error}"
+        if save_error is not None:
+            notes.append(save_error)
+        return GenerationResult(tuple(images), tuple(seeds), tuple(infotexts), tuple(paths), grid_path, tuple(notes),
+                                save_error)
 
     def infotext(self, request: GenerationRequest, model: LoadedModel, seed: int) -> str:
         params = {
@@ -152,19 +186,6 @@ class Generator:
             "Version": f"easel-{__version__}",
         }
         return build_infotext(request.prompt, request.negative_prompt, params)
-
-    def _denoise_with_fallback(self, request, model, pos, neg, seeds, batch, job, start, notes):
-        """Out of memory: step down the plan's ladder, say so, and run the batch again."""
-        while True:
-            try:
-                return self._denoise(request, model, pos, neg, seeds, batch, job, start)
-            except torch.OutOfMemoryError:
-                lower = model.plan.step_down(self.manager.hardware, model.info)
-                if lower is None:
-                    raise EaselError("out of memory even on the CPU: try a smaller size or batch") from None
-                self.manager.replan(model, lower)
-                pos, neg = model.encoder.encode_pair(request.prompt, request.negative_prompt)
-                notes.append(lower.notes[-1])
 
     @staticmethod
     def _pipeline_steps(request: GenerationRequest) -> int:
@@ -218,14 +239,14 @@ class Generator:
         sdxl = model.family is Family.SDXL
 
         def on_step_end(pipe, i, t, tensors):
-            if job.cancelled.is_set():
-                raise CancelledError("cancelled")
+            _check(job)
             if job.on_progress:
                 steps = getattr(pipe, "num_timesteps", None) or request.steps
                 preview = None
                 if job.preview_every and (i + 1) % job.preview_every == 0 and "latents" in tensors:
                     preview = latents_to_preview(tensors["latents"][:1], sdxl=sdxl)[0]
                 job.on_progress(ProgressUpdate(i + 1, steps, batch, request.batch_count, time.monotonic() - start, preview))
+                _check(job)  # cancelled while this step was reported: no further UNet step
             return tensors
 
         return on_step_end
@@ -234,13 +255,13 @@ class Generator:
         pipe = model.pipe
         with torch.inference_mode():
             pixels = self._vae_decode(pipe, latents)
-            if torch.isnan(pixels).any() and model.plan.vae_dtype != torch.float32:
+            if not torch.isfinite(pixels).all() and model.plan.vae_dtype != torch.float32:
                 # A1111's black images: this VAE overflows in half precision. Retry once in fp32 and
                 # keep fp32 for this model from now on.
                 self.manager.replan(model, model.plan.with_fp32_vae())
                 notes.append(model.plan.notes[-1])
                 pixels = self._vae_decode(pipe, latents)
-        if torch.isnan(pixels).any():
+        if not torch.isfinite(pixels).all():
             raise EaselError(f"model: {model.entry.name} produced an invalid (NaN) image even in fp32")
         return pipe.image_processor.postprocess(pixels.float(), output_type="pil", do_denormalize=[True] * len(pixels))
 
@@ -248,7 +269,9 @@ class Generator:
     def _vae_decode(pipe, latents: torch.Tensor) -> torch.Tensor:
         vae = pipe.vae
         config = vae.config
-        latents = latents.to(device=vae.device, dtype=vae.dtype)
+        # With model CPU offload the VAE sits on the CPU until decode moves it: the pipeline's
+        # execution device is where it will run.
+        latents = latents.to(device=pipe._execution_device, dtype=vae.dtype)
         mean = getattr(config, "latents_mean", None)
         std = getattr(config, "latents_std", None)
         if mean is not None and std is not None:

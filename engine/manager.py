@@ -10,7 +10,7 @@ import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import torch
 
@@ -184,9 +184,9 @@ def place(pipe, plan: DevicePlan) -> None:
         if module is not None and module.dtype != dtype:
             module.to(dtype=dtype)
     if plan.cpu_offload:
-        pipe.enable_model_cpu_offload(device=plan.device)
+        pipe.enable_model_cpu_offload(device=plan.torch_device)
     else:
-        pipe.to(plan.device)
+        pipe.to(plan.torch_device)
     if plan.attention_slicing:
         pipe.enable_attention_slicing()
     if plan.vae_tiling:
@@ -207,6 +207,23 @@ def place(pipe, plan: DevicePlan) -> None:
             module.to(memory_format=layout)
     if plan.device == "cpu" and plan.threads:
         torch.set_num_threads(plan.threads)
+
+
+T = TypeVar("T")
+
+OUT_OF_MEMORY_ON_CPU = "out of memory even on the CPU: try a smaller size or batch"
+
+
+_OOM_WORDS = ("can't allocate memory", "out of memory", "ALLOC_FAILED")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """torch's allocators raise torch.OutOfMemoryError; others a plain RuntimeError: the CPU's
+    ("DefaultCPUAllocator: can't allocate memory"), cuBLAS ("CUBLAS_STATUS_ALLOC_FAILED"), a kernel
+    launch ("CUDA error: out of memory")."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    return isinstance(error, RuntimeError) and any(words in str(error) for words in _OOM_WORDS)
 
 
 class ModelManager:
@@ -233,7 +250,10 @@ class ModelManager:
     def identify(self, entry: ModelEntry) -> Family:
         """Cached by path, size and mtime: an SD 2.x file without a sidecar needs a UNet run to tell
         eps from v-prediction, too slow to repeat each time the model list is shown."""
-        stat = entry.path.stat()
+        try:
+            stat = entry.path.stat()
+        except FileNotFoundError:
+            raise EaselError(f"model: {entry.name} is no longer on disk; refresh the model list") from None
         key = (str(entry.path), stat.st_size, stat.st_mtime_ns)
         if key not in self._families:
             self._families[key] = identify_model(entry.path)
@@ -249,7 +269,15 @@ class ModelManager:
                 raise EaselError(f"model: {entry.name} is the x4 upscaler; it upscales images and cannot generate them")
             plan = self.plan(entry, family)
             self.unload()
-            pipe = load_pipeline(entry.path, family, torch_dtype=plan.load_dtype)
+            try:
+                pipe = load_pipeline(entry.path, family, torch_dtype=plan.load_dtype)
+            except OSError as error:
+                # Deleted or changed on disk after it was listed.
+                if not entry.path.exists():
+                    raise EaselError(f"model: {entry.name} is no longer on disk; refresh the model list") from None
+                lines = str(error).strip().splitlines()
+                detail = error.strerror or (lines[0] if lines else type(error).__name__)
+                raise EaselError(f"model: {entry.name} could not be read: {detail}") from None
             pipe.set_progress_bar_config(disable=True)
             scheduler_config = dict(pipe.scheduler.config)
             _cast_unet_inputs(pipe.unet)
@@ -268,12 +296,39 @@ class ModelManager:
                 torch.cuda.empty_cache()
 
     def replan(self, loaded: LoadedModel, plan: DevicePlan) -> None:
-        """Apply a new plan (a rung of the OOM ladder, or the fp32 VAE fix) to the loaded model."""
+        """Apply a new plan (a rung of the OOM ladder, or the fp32 VAE fix) to the loaded model.
+        The pipeline ends up as the plan says, whichever plan it had before."""
         with self._lock:
-            if loaded.plan.cpu_offload and not plan.cpu_offload:
+            before = loaded.plan
+            if before.cpu_offload and not plan.cpu_offload:
                 loaded.pipe.remove_all_hooks()
+            if before.attention_slicing and not plan.attention_slicing:
+                loaded.pipe.disable_attention_slicing()
+            if before.vae_tiling and not plan.vae_tiling:
+                loaded.pipe.vae.disable_tiling()
             loaded.plan = plan
             place(loaded.pipe, plan)
             loaded.encoder = _prompt_encoder(loaded.pipe, plan)
             if self.hardware.cuda:
                 torch.cuda.empty_cache()
+
+    def step_down(self, loaded: LoadedModel) -> str:
+        """After an out-of-memory error: move the loaded model one rung down the plan's ladder and
+        say what was done; EaselError when the CPU is already the last rung."""
+        lower = loaded.plan.step_down(self.hardware, loaded.info)
+        if lower is None:
+            raise EaselError(OUT_OF_MEMORY_ON_CPU)
+        self.replan(loaded, lower)
+        return lower.notes[-1]
+
+    def with_fallback(self, loaded: LoadedModel, attempt: Callable[[], T], notes: list[str]) -> T:
+        """Run attempt(); on out of memory step down (see step_down), note it and run it again.
+        `attempt` must read the model's state afresh each time: a step down moves and recasts it."""
+        while True:
+            try:
+                return attempt()
+            except (torch.OutOfMemoryError, RuntimeError) as error:
+                if not is_out_of_memory(error):
+                    raise
+            # Outside the except block: the failed attempt's frames, and the tensors they hold, are gone.
+            notes.append(self.step_down(loaded))

@@ -230,7 +230,9 @@ class Studio:
     @staticmethod
     def _done_view(result) -> GenerationView:
         # The saved files carry the infotext; opened from disk, the gallery's copies keep it too.
-        images = [Image.open(p) for p in result.paths] if result.paths else list(result.images)
+        # When some could not be saved (disk full, read-only folder), show the images in memory.
+        saved = bool(result.paths) and len(result.paths) == len(result.images)
+        images = [Image.open(p) for p in result.paths] if saved else list(result.images)
         captions = [f"Seed {s}" for s in result.seeds]
         n = len(images)
         return GenerationView(
