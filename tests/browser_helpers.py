@@ -63,3 +63,27 @@ def start_server(tmp: Path, *extra: str, timeout: float = 180) -> Server:
             time.sleep(0.5)
     server.stop()
     raise RuntimeError(f"server did not answer within {timeout:.0f}s:\n{server.log_text()[-3000:]}")
+
+
+def start_server_on(host: str, tmp: Path, *extra: str, env: dict | None = None, timeout: float = 180) -> Server:
+    """Like start_server, but reached at `host` (the address given to --listen, which must be loopback
+    or an address the calling test created itself) and with extra environment variables (`env`)."""
+    import os
+
+    port = free_port()
+    log = tmp / "server.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(serve_command(tmp, port, *extra), cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+                                   env={**os.environ, **(env or {})})
+    server = Server(process, f"http://{host}:{port}", log, tmp / "outputs")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{server.log_text()[-3000:]}")
+        try:
+            requests.get(server.url + "/", timeout=2)  # any answer (even 401/403) means it is up
+            return server
+        except requests.ConnectionError:
+            time.sleep(0.5)
+    server.stop()
+    raise RuntimeError(f"server did not answer within {timeout:.0f}s:\n{server.log_text()[-3000:]}")
