@@ -88,6 +88,20 @@ def _same_file(fd: int, path: Path) -> bool:
     return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
 
 
+def _drop(fd: int, temp: Path) -> None:
+    """Remove our own temp file. POSIX: while still holding its lock, or a clean-up could remove it
+    first; Windows cannot delete an open file, so it closes first."""
+    if os.name == "nt":
+        os.close(fd)
+    try:
+        os.unlink(temp)
+    except FileNotFoundError:
+        pass
+    finally:
+        if os.name != "nt":
+            os.close(fd)
+
+
 def _remove_if_dead(path: Path) -> bool:
     """Remove a temp file whose writer is gone; True when it was removed."""
     if fcntl is None:
@@ -174,13 +188,11 @@ def _reserve(folder: Path) -> tuple[int, int, Path]:
         try:
             highest, finished = _used_numbers(folder)
         except OSError:
-            os.close(fd)
-            os.unlink(temp)
+            _drop(fd, temp)
             raise
         if number not in finished:
             return number, fd, temp
-        os.close(fd)
-        os.unlink(temp)
+        _drop(fd, temp)
         number = max(number, highest) + 1
     raise SaveError(f"could not reserve a file number in {folder} after {_MAX_ATTEMPTS} tries")
 
@@ -207,30 +219,31 @@ def _save_numbered(data: bytes, folder: Path, suffix: str) -> Path:
     except OSError as error:
         raise SaveError(f"output folder {folder}: cannot write there ({error.strerror or error})") from error
     final = folder / f"{number:0{NUMBER_DIGITS}d}{suffix}"
-    open_fd = fd
+    is_open = True
     try:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
         os.fsync(fd)
         if os.name == "nt":  # Windows cannot rename a file that is open
-            open_fd = None
+            is_open = False
             os.close(fd)
         # POSIX: renamed while still locked, so no clean-up can take it for a dead writer's.
         os.replace(temp, final)
     except BaseException as error:
-        if open_fd is not None:
-            open_fd = None
-            os.close(fd)
         try:
-            os.unlink(temp)
+            if is_open:
+                is_open = False
+                _drop(fd, temp)
+            else:
+                os.unlink(temp)
         except OSError:
             pass
         if isinstance(error, OSError):
             raise SaveError(f"output file {final}: could not write it ({error.strerror or error})") from error
         raise
     finally:
-        if open_fd is not None:
+        if is_open:
             os.close(fd)
     _fsync_folder(folder)
     return final
