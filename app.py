@@ -118,11 +118,15 @@ def _generate(args, mode: str) -> int:
     request = engine.make_request(fields, model=model)
     result = engine.generate(request, model=model)
     for note in result.notes:
-        print(f"note: {note}", file=sys.stderr)
+        if note != result.save_error:  # said once, as the error below
+            print(f"note: {note}", file=sys.stderr)
     for path in result.paths:
         print(path)
     if result.grid_path:
         print(result.grid_path)
+    if result.save_error:  # the images were made but not (all) written: not a success for a script
+        print(f"error: {_one_line(result.save_error)}", file=sys.stderr)
+        return EXIT_FAILURE
     return 0
 
 

@@ -141,3 +141,14 @@ def test_models_listing_escapes_crafted_file_names(capsys, tmp_path):
     assert "\x1b" not in out and "\x07" not in out
     assert "evil\\x1b]0;pwned\\x07\\x1b[2J.safetensors" in out
     assert "cannot be used" in out
+
+
+def test_txt2img_exits_1_with_one_error_line_when_the_outputs_cannot_be_written(capsys, dirs, tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the outputs folder should be")
+    argv = [a if a != str(tmp_path / "out") else str(blocker / "out") for a in dirs]
+    code, out, err = cli(capsys, "txt2img", *argv, "--prompt", "a cat", "--steps", "1", "--width", "64", "--height", "64")
+    assert code == 1
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "not saved" in errors[0]
+    assert out == ""
