@@ -30,15 +30,38 @@ def test_txt2img_prints_saved_paths(capsys, dirs):
     assert paths[0].name.endswith("-7.png") and paths[1].name.endswith("-8.png")
 
 
-def test_img2img_with_init_image(capsys, dirs, tmp_path):
+def rgb(path) -> "np.ndarray":
+    import numpy as np
     from PIL import Image
 
-    init = tmp_path / "init.png"
-    Image.new("RGB", (64, 64), (200, 30, 30)).save(init)
-    code, out, err = cli(capsys, "img2img", *dirs, "--prompt", "a cat", "--init-img", str(init),
-                         "--strength", "0.5", "--steps", "2")
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+
+
+def img2img_file(capsys, dirs, tmp_path, colours, strength):
+    """Run `img2img` on a 64x64 image with a left and a right half; the saved file's path."""
+    from PIL import Image
+
+    init = tmp_path / f"init-{colours}.png"
+    image = Image.new("RGB", (64, 64), colours[0])
+    image.paste(Image.new("RGB", (32, 64), colours[1]), (32, 0))
+    image.save(init)
+    code, out, err = cli(capsys, "img2img", *dirs, "--prompt", "a cat", "--init-img", str(init), "--seed", "3",
+                         "--strength", str(strength), "--steps", "4", "--width", "64", "--height", "64")
     assert code == 0, err
-    assert "/img2img/" in out
+    (path,) = [Path(line) for line in out.splitlines()]
+    assert path.parent.parent.name == "img2img"
+    return init, path
+
+
+def test_img2img_at_strength_zero_saves_the_init_images_pixels(capsys, dirs, tmp_path):
+    init, saved = img2img_file(capsys, dirs, tmp_path, ((200, 30, 30), (20, 40, 220)), 0)
+    assert abs(rgb(saved) - rgb(init)).max() <= 2
+
+
+def test_img2img_result_depends_on_the_init_image(capsys, dirs, tmp_path):
+    _, a = img2img_file(capsys, dirs, tmp_path, ((200, 30, 30), (20, 40, 220)), 0.3)
+    _, b = img2img_file(capsys, dirs, tmp_path, ((20, 40, 220), (200, 30, 30)), 0.3)
+    assert not (rgb(a) == rgb(b)).all()
 
 
 @pytest.mark.parametrize("argv,field", [
@@ -85,9 +108,10 @@ def test_models_lists_family_and_plan(capsys, dirs):
 
 
 def test_speed_fast_is_recorded_in_the_saved_image(capsys, dirs):
-    _, out, err = cli(capsys, "txt2img", *dirs, "--prompt", "a cat", "--steps", "10", "--width", "64",
-                      "--height", "64", "--seed", "5", "--speed", "fast")
-    code, info, _ = cli(capsys, "pnginfo", out.splitlines()[0])
+    code, out, err = cli(capsys, "txt2img", *dirs, "--prompt", "a cat", "--steps", "10", "--width", "64",
+                         "--height", "64", "--seed", "5", "--speed", "fast")
+    assert code == 0, err  # the txt2img run's own exit code, not pnginfo's
+    code, info, err = cli(capsys, "pnginfo", out.splitlines()[0])
     assert code == 0, err
     assert "Speed: fast" in info
 
@@ -152,3 +176,26 @@ def test_txt2img_exits_1_with_one_error_line_when_the_outputs_cannot_be_written(
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "not saved" in errors[0]
     assert out == ""
+
+
+def test_grid_saves_one_image_of_the_batch_tiles_with_its_parameters(capsys, dirs):
+    from PIL import Image
+
+    code, out, err = cli(capsys, "txt2img", *dirs, "--prompt", "a grid cat", "--steps", "2", "--width", "64",
+                         "--height", "48", "--seed", "21", "--n-samples", "2", "--grid")
+    assert code == 0, err
+    *images, grid_path = [Path(line) for line in out.splitlines()]
+    assert [p.name[-7:] for p in images] == ["-21.png", "-22.png"]
+    assert grid_path.name.endswith("-grid-21.png") and grid_path.parent == images[0].parent
+    grid = Image.open(grid_path)
+    assert grid.size == (128, 48)  # two 64x48 tiles side by side
+    assert (rgb(grid_path)[:, :64] == rgb(images[0])).all() and (rgb(grid_path)[:, 64:] == rgb(images[1])).all()
+    parameters = grid.info["parameters"]
+    assert parameters.startswith("a grid cat\n") and "Seed: 21" in parameters and "Size: 64x48" in parameters
+
+
+def test_no_grid_without_the_flag(capsys, dirs, tmp_path):
+    code, out, err = cli(capsys, "txt2img", *dirs, "--prompt", "a cat", "--steps", "1", "--width", "64",
+                         "--height", "64", "--n-samples", "2")
+    assert code == 0, err
+    assert len(out.splitlines()) == 2 and not list((tmp_path / "out").rglob("*grid*"))

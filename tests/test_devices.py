@@ -151,3 +151,79 @@ def test_weights_load_in_the_plans_dtype_when_all_parts_share_it():
     assert plan_for(FAMILIES[Family.SD1], CUDA).load_dtype == torch.float16
     assert plan_for(FAMILIES[Family.SDXL], CUDA).load_dtype == torch.float32  # fp32 VAE: cast per part
     assert plan_for(FAMILIES[Family.SD1], CPU).load_dtype == torch.float32
+
+
+# --- the GPU plan's parts that also run on a CPU, applied to the tiny model ---------------------
+
+@pytest.fixture(scope="module")
+def own_engine(tiny_models_dir, tmp_path_factory, plain_cpu):
+    """An engine of this module's own: the plans applied here are not undone on the shared one."""
+    from engine.engine import Engine, EngineConfig
+
+    root = tmp_path_factory.mktemp("devices-engine")
+    engine = Engine(EngineConfig(tiny_models_dir, root / "outputs", root / "data"), plain_cpu)
+    engine.load_model("tiny-sd1")
+    return engine
+
+
+def image(engine) -> "np.ndarray":
+    import numpy as np
+
+    request = engine.make_request({"prompt": "a lighthouse", "steps": 3, "width": 64, "height": 48, "seed": 5,
+                                   "save_images": False})
+    return np.asarray(engine.generate(request).images[0], dtype=np.int16)
+
+
+def on_cpu(gpu_plan):
+    """The same plan with its device forced to the CPU (in fp32: the CPU has no fp16 convolutions)."""
+    return replace(gpu_plan, device="cpu", unet_dtype=F32, text_encoder_dtype=F32, vae_dtype=F32)
+
+
+def attention_modules(engine):
+    from diffusers.models.attention_processor import Attention
+
+    return [m for m in engine.manager.current.pipe.unet.modules() if isinstance(m, Attention)]
+
+
+@pytest.mark.parametrize("family, upcast", [(Family.SD2, True), (Family.SD2_V, True), (Family.SD1, False),
+                                            (Family.SDXL, False)])
+def test_cuda_half_precision_plan_upcasts_attention_for_sd2_only(family, upcast):
+    plan = plan_for(FAMILIES[family], CUDA)
+    assert plan.unet_dtype == F16
+    assert plan.upcast_attention is upcast
+
+
+def test_sd2_gpu_plans_upcast_applied_sets_upcast_softmax_and_still_generates(own_engine):
+    import numpy as np
+
+    gpu = plan_for(FAMILIES[Family.SD2], CUDA)
+    modules = attention_modules(own_engine)
+    assert modules and not any(m.upcast_softmax for m in modules)  # the tiny SD 1.x model as loaded
+    reference = image(own_engine)
+    own_engine.manager.replan(own_engine.manager.current, on_cpu(gpu))
+    assert all(m.upcast_softmax and m.upcast_attention for m in attention_modules(own_engine))
+    upcast = image(own_engine)
+    assert upcast.std() > 5
+    assert np.abs(upcast - reference).max() <= 1  # fp32 softmax of fp32 logits: the same image
+
+
+def test_gpu_plans_first_out_of_memory_rung_runs_on_a_cpu(own_engine):
+    import numpy as np
+
+    gpu = plan_for(FAMILIES[Family.SD2], CUDA)
+    sliced = gpu.step_down(CUDA, FAMILIES[Family.SD2])
+    assert (sliced.attention_slicing, sliced.vae_tiling, sliced.upcast_attention) == (True, True, True)
+    reference = image(own_engine)
+    loaded = own_engine.manager.current
+    own_engine.manager.replan(loaded, on_cpu(sliced))
+    try:
+        processors = {type(p).__name__ for p in loaded.pipe.unet.attn_processors.values()}
+        assert processors == {"SlicedAttnProcessor"}  # the non-SDPA path, where upcast_softmax counts
+        assert loaded.pipe.vae.use_tiling
+        sliced_image = image(own_engine)
+    finally:
+        own_engine.manager.replan(loaded, on_cpu(gpu))
+    assert sliced_image.std() > 5
+    # The same picture: the tiny VAE's tiles are 32 px, so tiling blends seams into a 64x48 image
+    # (measured: ~3.5 levels of 255 on average); another picture would differ by ~45.
+    assert np.abs(sliced_image - reference).mean() < 10

@@ -85,6 +85,40 @@ def test_img2img_strength_zero_returns_the_init_image(sd_engine):
     assert np.abs(pixels(result.images[0]) - pixels(init)).max() <= 2
 
 
+def halves(left, right, size=(64, 48)) -> Image.Image:
+    image = Image.new("RGB", size, left)
+    image.paste(Image.new("RGB", (size[0] // 2, size[1]), right), (size[0] // 2, 0))
+    return image
+
+
+def test_img2img_feeds_the_init_images_pixels_to_the_vae_encoder(sd_engine):
+    seen = []
+    encoder = sd_engine.manager.current.pipe.vae.encoder
+    handle = encoder.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().float().clone()))
+    try:
+        run(sd_engine, mode="img2img", init_image=halves((200, 30, 30), (20, 40, 220)), denoising_strength=0.5)
+    finally:
+        handle.remove()
+    assert seen, "img2img never encoded its init image"
+    x = seen[0][0]  # [3, H, W] in [-1, 1]
+    assert tuple(x.shape) == (3, 48, 64)
+    left, right = x[:, :, :28].mean(dim=(1, 2)), x[:, :, 36:].mean(dim=(1, 2))
+    expect = lambda rgb: torch.tensor(rgb, dtype=torch.float32) / 127.5 - 1  # noqa: E731
+    assert torch.allclose(left, expect((200, 30, 30)), atol=0.02)
+    assert torch.allclose(right, expect((20, 40, 220)), atol=0.02)
+
+
+def test_img2img_result_depends_on_the_init_image_and_less_so_at_high_strength(sd_engine):
+    red, blue = halves((200, 30, 30), (20, 40, 220)), halves((20, 40, 220), (200, 30, 30))
+    gap = {}
+    for strength in (0.3, 0.9):
+        a = pixels(run(sd_engine, mode="img2img", init_image=red, denoising_strength=strength, steps=10).images[0])
+        b = pixels(run(sd_engine, mode="img2img", init_image=blue, denoising_strength=strength, steps=10).images[0])
+        gap[strength] = np.abs(a - b).mean()
+    assert gap[0.3] > 0
+    assert gap[0.3] > gap[0.9]
+
+
 def test_progress_reports_every_step_with_previews(sd_engine):
     updates = []
     run(sd_engine, Job(on_progress=updates.append, preview_every=1), steps=4)

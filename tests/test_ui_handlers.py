@@ -5,6 +5,7 @@ import ast
 from pathlib import Path
 
 import gradio as gr
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -72,15 +73,42 @@ def test_txt2img_reports_progress_before_the_result(studio):
     assert 'data-state="done"' in views[-1].progress
 
 
-def test_img2img_uses_the_init_image(studio):
-    init = Image.new("RGB", (80, 48), (200, 30, 30))
-    fields = {"mode": "img2img", "prompt": "a cat", "init_image": init, "denoising_strength": 0.5,
-              "resize_mode": "crop and resize", **SMALL}
-    last = run(studio, ("s1", "img2img"), fields)[-1]
-    image, _ = last.images[0]
-    assert image.size == (64, 64)
-    assert "Denoising strength: 0.5" in last.infotexts[0]
-    assert "img2img" in Path(image.filename).parts
+def barred(centre, bars, size=(96, 64), bar=16) -> Image.Image:
+    """A `centre`-coloured image with `bar`-wide vertical bars of another colour at both sides."""
+    image = Image.new("RGB", size, bars)
+    image.paste(Image.new("RGB", (size[0] - 2 * bar, size[1]), centre), (bar, 0))
+    return image
+
+
+def img2img_view(studio, init, strength, **extra):
+    fields = {"mode": "img2img", "prompt": "a cat", "init_image": init, "denoising_strength": strength,
+              "resize_mode": "crop and resize", **SMALL, **extra}
+    return run(studio, ("s1", "img2img"), fields)[-1]
+
+
+def saved_pixels(view, k=0):
+    image, _ = view.images[k]
+    return np.asarray(Image.open(image.filename).convert("RGB"), dtype=np.int16)
+
+
+@pytest.mark.parametrize("resize_mode, edge", [("crop and resize", (200, 30, 30)), ("just resize", (20, 40, 220))])
+def test_img2img_at_strength_zero_saves_the_resized_init_images_pixels(studio, resize_mode, edge):
+    # 96x64 into 64x64: cropping keeps only the red centre; stretching keeps the blue side bars.
+    view = img2img_view(studio, barred((200, 30, 30), (20, 40, 220)), 0.0, resize_mode=resize_mode)
+    got = saved_pixels(view)
+    assert got.shape == (64, 64, 3)
+    assert np.abs(got[:, 0] - edge).max() <= 2
+    assert np.abs(got[:, 32] - (200, 30, 30)).max() <= 2
+    assert "img2img" in Path(view.images[0][0].filename).parts
+
+
+def test_img2img_result_depends_on_the_init_image(studio):
+    a = img2img_view(studio, barred((200, 30, 30), (20, 40, 220)), 0.3)
+    b = img2img_view(studio, barred((20, 40, 220), (200, 30, 30)), 0.3)
+    again = img2img_view(studio, barred((200, 30, 30), (20, 40, 220)), 0.3)
+    assert "Denoising strength: 0.3" in a.infotexts[0]
+    assert not np.array_equal(saved_pixels(a), saved_pixels(b))
+    assert np.array_equal(saved_pixels(a), saved_pixels(again))  # same seed, same init: same image
 
 
 @pytest.mark.parametrize("field, value", [("steps", 0), ("width", 65), ("cfg_scale", 99)])
@@ -152,7 +180,7 @@ def test_png_info_reads_a_saved_file_and_sends_its_fields(studio):
     text, watermark, parsed = studio.png_info(last.images[0][0].filename)
     assert text == last.infotexts[0]
     assert watermark == "image too small to tell"  # 64x64 is below the watermark's minimum size
-    values = studio.fields_from_infotext(parsed, studio.engine.samplers, studio.engine.schedule_types)
+    values = studio.fields_from_infotext(parsed)
     assert values == {"prompt": "a (blue:1.2) bird", "negative_prompt": "fog", "steps": 2, "sampler": "DPM++ 2M",
                       "schedule_type": "Karras", "cfg_scale": 6.5, "seed": 7, "width": 64, "height": 64, "speed": "exact"}
 
@@ -165,21 +193,19 @@ def test_png_info_on_a_non_image_is_a_readable_error(studio, tmp_path):
 
 
 def test_unknown_sampler_from_infotext_is_left_out(studio):
-    values = studio.fields_from_infotext({"Prompt": "x", "Sampler": "Made Up", "Steps": "oops"},
-                                         studio.engine.samplers, studio.engine.schedule_types)
+    values = studio.fields_from_infotext({"Prompt": "x", "Sampler": "Made Up", "Steps": "oops"})
     assert values == {"prompt": "x", "negative_prompt": "", "schedule_type": "Automatic", "speed": "exact"}
 
 
 def test_a_fast_image_sends_its_speed_back(studio):
     last = run(studio, ("s1", "txt2img"), {"mode": "txt2img", "prompt": "a kite", **SMALL, "steps": 10, "speed": "fast"})[-1]
     _, _, parsed = studio.png_info(last.images[0][0].filename)
-    values = studio.fields_from_infotext(parsed, studio.engine.samplers, studio.engine.schedule_types)
+    values = studio.fields_from_infotext(parsed)
     assert (values["speed"], values["steps"]) == ("fast", 10)
 
 
 def test_an_unknown_speed_from_infotext_is_left_out(studio):
-    values = studio.fields_from_infotext({"Prompt": "x", "Speed": "warp"}, studio.engine.samplers,
-                                         studio.engine.schedule_types)
+    values = studio.fields_from_infotext({"Prompt": "x", "Speed": "warp"})
     assert "speed" not in values
 
 

@@ -80,3 +80,34 @@ def test_plain_imwatermark_decoder_reads_our_text(watermarker):
 
     bgr = np.asarray(watermarker.embed(textured(512, 512, seed=6)))[:, :, ::-1].copy()
     assert WatermarkDecoder("bytes", 40).decode(bgr, "dwtDct") == b"Easel"
+
+
+@pytest.fixture()
+def watermark_setting(sd_engine):
+    """Set the engine's watermark output setting for one test; put it back after."""
+    before = sd_engine.outputs.watermark
+    yield lambda on: sd_engine.set_outputs(watermark=on)
+    sd_engine.set_outputs(watermark=before)
+
+
+def generated(engine, **fields):
+    request = engine.make_request({"prompt": "a lighthouse", "steps": 1, "width": 256, "height": 256, "seed": 11,
+                                   "save_images": True, **fields})
+    return engine.generate(request)
+
+
+@pytest.mark.parametrize("on", [True, False], ids=["watermark-on", "watermark-off"])
+def test_generated_image_carries_the_mark_only_when_the_setting_is_on(sd_engine, watermarker, watermark_setting, on):
+    watermark_setting(on)
+    result = generated(sd_engine)
+    assert watermarker.detect(result.images[0]) is on
+    assert watermarker.detect(Image.open(result.paths[0])) is on  # the saved file, as read back
+
+
+def test_watermark_off_leaves_the_generated_pixels_untouched(sd_engine, watermarker, watermark_setting):
+    watermark_setting(False)
+    plain = generated(sd_engine).images[0]
+    watermark_setting(True)
+    marked = generated(sd_engine).images[0]
+    assert np.array_equal(np.asarray(watermarker.embed(plain)), np.asarray(marked))
+    assert not np.array_equal(np.asarray(plain), np.asarray(marked))
