@@ -105,7 +105,7 @@ def _generate(args, mode: str) -> int:
     engine = _engine(args)
     model = args.model
     if model and Path(model).exists():
-        model = engine.library.add_external(Path(model)).name  # a path typed by the user on their own machine
+        model = engine.add_model_path(Path(model))  # a path typed by the user on their own machine
     fields = {
         "mode": mode, "prompt": args.prompt, "negative_prompt": args.negative_prompt, "seed": args.seed,
         "steps": args.steps, "cfg_scale": args.cfg_scale, "sampler": args.sampler, "schedule_type": args.scheduler,
@@ -138,7 +138,7 @@ def _models(args) -> int:
         engine.set_model_distillation(*args.set_distilled)
     statuses = engine.models()
     if not statuses:
-        print(f"no models in {engine.library.checkpoint_dir}")
+        print(f"no models in {engine.checkpoint_dir}")
     # File names and reasons come from the models folder, which may hold downloaded files with
     # crafted names: each is printed as one escaped line.
     for s in statuses:
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
             argv = ["serve", *argv]
         args = build_parser().parse_args(argv)
-        import engine  # noqa: F401 - installs the torchvision shim before transformers loads
+        import engine.compat  # noqa: F401 - installs the torchvision shim before transformers loads
         from engine.compat import quiet_library_logs
 
         quiet_library_logs()

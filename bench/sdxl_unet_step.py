@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import engine  # noqa: E402,F401 - torchvision shim before diffusers
+import engine.compat  # noqa: E402,F401 - torchvision shim before diffusers
 from cpu_benchmark import machine_info  # noqa: E402
 
 # SDXL base's UNet, as data (the released unet/config.json's architecture fields).

@@ -24,11 +24,7 @@ import yaml
 
 from engine.errors import UnknownCheckpointError
 from engine.families import (
-    CLIP_PREFIX,
     FAMILIES,
-    OPEN_CLIP_PREFIX,
-    SDXL_CLIP_PREFIX,
-    SDXL_OPEN_CLIP_PREFIX,
     Family,
     FamilyInfo,
     detect_family,
@@ -37,6 +33,7 @@ from engine.families import (
     with_prediction,
 )
 from engine.safe_files import WEIGHT_SUFFIXES, read_shapes, read_tensors
+from engine import compat  # noqa: F401 - torchvision shim before transformers/diffusers
 
 logger = logging.getLogger(__name__)
 
@@ -190,6 +187,22 @@ def _vae_scale(original: dict) -> int:
     return 2 ** (len(original["model"]["params"]["first_stage_config"]["params"]["ddconfig"]["ch_mult"]) - 1)
 
 
+def read_model_configs(path: Path, family: Family, config_dir: Path | None = None) -> tuple[int, dict | None]:
+    """(VAE scale factor, UNet config or None) from a checkpoint's config files alone, no weights:
+    a diffusers folder's vae/ and unet/ config.json; a single file's sidecar yaml or the family's
+    shipped one (a single file carries no diffusers UNet config: None)."""
+    path = Path(path)
+    if path.is_dir():
+        vae = _read_json(path / "vae" / "config.json", path)
+        unet = _read_json(path / "unet" / "config.json", path)
+        return 2 ** (len(vae.get("block_out_channels") or [0]) - 1), unet
+    original = read_sidecar(path) or read_ldm_yaml(shipped_config(family, config_dir))
+    try:
+        return _vae_scale(original), None
+    except (KeyError, TypeError):
+        raise UnknownCheckpointError(f"{path.name}: its LDM config has no first_stage_config ddconfig ch_mult") from None
+
+
 def _sdxl_time_embed_dim(original: dict) -> int:
     emb_models = ((original["model"]["params"].get("conditioner_config") or {}).get("params") or {}).get("emb_models") or []
     for emb in emb_models:
@@ -204,10 +217,9 @@ def build_unet(state_dict: dict, original: dict, info: FamilyInfo, dtype: torch.
 
     config = create_unet_diffusers_config_from_ldm(original, state_dict)
     config["upcast_attention"] = info.upcast_attention
-    upscaler = info.family is Family.SD_X4_UPSCALER
     # The upscaler's latent is its input image size; the others' is the image over the VAE factor.
-    config["sample_size"] = info.native_size if upscaler else info.native_size // _vae_scale(original)
-    if info.family is Family.SDXL:
+    config["sample_size"] = info.native_size if info.upscaler else info.native_size // _vae_scale(original)
+    if info.size_conditioning:
         # diffusers recognises SDXL by a 2048/1280 context width only; decide by family instead,
         # so narrower SDXL-shaped models (and our tiny test ones) get the size conditioning too.
         config.update(class_embed_type=None, addition_embed_type="text_time",
@@ -222,8 +234,7 @@ def build_vae(state_dict: dict, original: dict, info: FamilyInfo, dtype: torch.d
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint, create_vae_diffusers_config_from_ldm
 
     config = create_vae_diffusers_config_from_ldm(original, state_dict)
-    upscaler = info.family is Family.SD_X4_UPSCALER
-    config["sample_size"] = info.native_size * _vae_scale(original) if upscaler else info.native_size
+    config["sample_size"] = info.native_size * _vae_scale(original) if info.upscaler else info.native_size
     weights = convert_ldm_vae_checkpoint(state_dict, config)
     return _adopt(_empty(lambda: AutoencoderKL.from_config(config)), weights, dtype, "VAE", path)
 
@@ -344,37 +355,27 @@ def _build_low_res_scheduler(original: dict):
 
 
 def build_text_encoders(state_dict: dict, family: Family, dtype: torch.dtype, path: Path) -> dict:
+    """The family's text towers (`FamilyInfo.text_encoder_specs`) with their tokenizers, named as
+    diffusers' pipelines expect: text_encoder/tokenizer, then text_encoder_2/tokenizer_2."""
     from engine.tokenizers import load_clip_tokenizer
 
-    if family is Family.SDXL:
-        return {
-            "text_encoder": build_clip_text_encoder(state_dict, SDXL_CLIP_PREFIX, dtype, path),
-            "tokenizer": load_clip_tokenizer("clip-l"),
-            "text_encoder_2": build_open_clip_text_encoder(state_dict, SDXL_OPEN_CLIP_PREFIX, dtype, path,
-                                                           with_projection=True, penultimate=False),
-            "tokenizer_2": load_clip_tokenizer("open-clip"),
-        }
-    if family in (Family.SD1, Family.SD1_INPAINT):
-        return {"text_encoder": build_clip_text_encoder(state_dict, CLIP_PREFIX, dtype, path),
-                "tokenizer": load_clip_tokenizer("clip-l")}
-    return {"text_encoder": build_open_clip_text_encoder(state_dict, OPEN_CLIP_PREFIX, dtype, path,
-                                                         with_projection=False, penultimate=True),
-            "tokenizer": load_clip_tokenizer("open-clip")}
+    parts = {}
+    for n, spec in enumerate(FAMILIES[family].text_encoder_specs):
+        suffix = "" if n == 0 else f"_{n + 1}"
+        if spec.tokenizer == "clip-l":
+            encoder = build_clip_text_encoder(state_dict, spec.prefix, dtype, path)
+        else:
+            encoder = build_open_clip_text_encoder(state_dict, spec.prefix, dtype, path,
+                                                   with_projection=spec.with_projection, penultimate=spec.penultimate)
+        parts[f"text_encoder{suffix}"] = encoder
+        parts[f"tokenizer{suffix}"] = load_clip_tokenizer(spec.tokenizer)
+    return parts
 
 
 def _pipeline_class(info: FamilyInfo):
     import diffusers
 
     return getattr(diffusers, info.pipeline)
-
-
-def _pipeline_extras(info: FamilyInfo) -> dict:
-    # Easel watermarks and (not) safety-checks in its own code, the same way for every family.
-    if info.family is Family.SDXL:
-        return {"add_watermarker": False}
-    if info.family is Family.SD_X4_UPSCALER:
-        return {"safety_checker": None, "feature_extractor": None, "watermarker": None}
-    return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
 
 
 def _load_single_file(path: Path, family: Family | None, dtype: torch.dtype, config_dir: Path | None):
@@ -396,9 +397,9 @@ def _load_single_file(path: Path, family: Family | None, dtype: torch.dtype, con
     info = FAMILIES[family]
     parts = {"unet": unet, "vae": build_vae(state_dict, original, info, dtype, path),
              "scheduler": build_scheduler(original, info), **build_text_encoders(state_dict, family, dtype, path)}
-    if family is Family.SD_X4_UPSCALER:
+    if info.upscaler:
         parts["low_res_scheduler"], parts["max_noise_level"] = _build_low_res_scheduler(original)
-    return _pipeline_class(info)(**parts, **_pipeline_extras(info))
+    return _pipeline_class(info)(**parts, **dict(info.pipeline_extras))
 
 
 def load_pipeline(path: Path, family: Family | None = None, torch_dtype: torch.dtype = torch.float32, *,
@@ -412,7 +413,7 @@ def load_pipeline(path: Path, family: Family | None = None, torch_dtype: torch.d
     if path.is_dir():
         info = FAMILIES[family or _identify_folder(path)]
         return _pipeline_class(info).from_pretrained(
-            str(path), local_files_only=True, dtype=torch_dtype, **_pipeline_extras(info))
+            str(path), local_files_only=True, dtype=torch_dtype, **dict(info.pipeline_extras))
     if not path.is_file():
         raise UnknownCheckpointError(f"{path.name}: no such file")
     return _load_single_file(path, family, torch_dtype, config_dir)

@@ -61,6 +61,10 @@ def ensure_torchvision_importable() -> str:
     return "shimmed"
 
 
+# Runs once, when the first module that needs transformers or diffusers imports this one.
+TORCHVISION_STATUS = ensure_torchvision_importable()
+
+
 def quiet_library_logs() -> None:
     """diffusers/transformers talk a lot (progress bars per component, advice meant for their own
     developers). Easel reports progress itself; keep their warnings-and-above only."""

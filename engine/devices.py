@@ -199,6 +199,6 @@ def plan_for(family: FamilyInfo, hardware: Hardware, device: str = "auto",
     compute = _DTYPES[wanted]
     half = compute != torch.float32
     # SDXL's VAE overflows in fp16 (NaN images); MPS's fp16 VAE is unreliable too.
-    vae = torch.float32 if half and compute == torch.float16 and (family.text_encoders == 2 or dev == "mps") else compute
+    vae = torch.float32 if half and compute == torch.float16 and (family.fp16_vae_overflows or dev == "mps") else compute
     return DevicePlan(dev, compute, compute, vae, upcast_attention=half and family.upcast_attention,
                       notes=tuple(notes))

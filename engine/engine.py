@@ -8,21 +8,21 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping
 
 from engine.devices import Hardware
-from engine.errors import CancelledError, EaselError, ModelNotFoundError
-from engine.families import FAMILIES
-from engine.generator import GenerationResult, Generator, Job, OutputSettings
+from engine.errors import EaselError, ModelNotFoundError
+from engine.generator import Generator
+from engine.jobs import GenerationResult, Job, check_cancelled
 from engine.images import open_image
 from engine.infotext import parse_infotext, printable, read_infotext
 from engine.library import ModelLibrary
-from engine.manager import LoadedModel, ModelManager, ModelSettings, distillation_of
-from engine.outputs import remove_leftovers
-from engine.request import GenerationRequest
+from engine.manager import LoadedModel, ModelFacts, ModelManager, ModelSettings
+from engine.outputs import OutputSettings, remove_leftovers
+from engine.publish import Publisher
+from engine.request import LIMITS, GenerationRequest
 from engine.samplers import SAMPLERS, SCHEDULE_TYPES
 from engine.watermark import Watermarker
 
@@ -73,8 +73,8 @@ class Engine:
                                     settings=ModelSettings(config.data_dir / "model-settings.json"),
                                     cache_dir=config.data_dir / "cache")
         self.watermarker = Watermarker()
-        self.generator = Generator(self.manager, OutputSettings(config.outputs_dir, config.watermark), self.watermarker)
-        self._busy = threading.Lock()
+        self.publisher = Publisher(OutputSettings(config.outputs_dir, config.watermark), self.watermarker)
+        self.generator = Generator(self.manager, self.publisher)
         # Temp files of saves that were killed mid-write (only those whose writer is gone: engine/outputs.py).
         remove_leftovers(config.outputs_dir)
 
@@ -88,13 +88,11 @@ class Engine:
         current = self.manager.current
         for entry in self.library.entries():
             try:
-                family = self.manager.identify(entry)
-                plan = self.manager.plan(entry, family)
+                facts = self.manager.facts(entry)
+                plan = self.manager.plan(entry, facts.family)
                 loaded = bool(current and current.entry == entry)
-                unet_config = current.pipe.unet.config if loaded else None
-                kind, why = distillation_of(entry, self.manager.settings.distillation(entry.name), unet_config)
-                statuses.append(ModelStatus(entry.name, FAMILIES[family].label, plan.describe(), None, loaded,
-                                            None if kind == "none" else f"{kind}: {why}"))
+                few_step = None if facts.distillation == "none" else f"{facts.distillation}: {facts.distillation_why}"
+                statuses.append(ModelStatus(entry.name, facts.info.label, plan.describe(), None, loaded, few_step))
             except EaselError as e:
                 statuses.append(ModelStatus(entry.name, None, None, str(e), False))
             except Exception as e:  # noqa: BLE001 - one strange file must not take the whole list down
@@ -126,16 +124,35 @@ class Engine:
     def current_model(self) -> str | None:
         return self.manager.current.entry.name if self.manager.current else None
 
+    @property
+    def checkpoint_dir(self) -> Path:
+        """Where checkpoints go (`<models>/Stable-diffusion`): for messages telling the user."""
+        return self.library.checkpoint_dir
+
+    def add_model_path(self, path: Path) -> str:
+        """Make a checkpoint outside the models folder usable, by its path; returns its model name.
+        Only for a path typed on the command line of this machine: the UI and the API never call it."""
+        return self.library.add_external(Path(path)).name
+
+    def _model_name(self, name: str | None) -> str:
+        """The name asked for, or else the loaded model, or else the first in the list."""
+        if name:
+            return name
+        if self.manager.current:
+            return self.manager.current.entry.name
+        entries = self.library.entries()
+        if not entries:
+            raise ModelNotFoundError(f"model: no checkpoint found; put a .safetensors file in {self.checkpoint_dir}")
+        return entries[0].name
+
+    def model_facts(self, name: str | None = None) -> ModelFacts:
+        """Family, VAE scale factor and distillation of a model, from its files' headers: no load."""
+        return self.manager.facts(self.library.resolve(self._model_name(name)))
+
     def load_model(self, name: str | None = None) -> LoadedModel:
-        if name is None:
-            if self.manager.current:
-                return self.manager.current
-            entries = self.library.entries()
-            if not entries:
-                raise ModelNotFoundError(
-                    f"model: no checkpoint found; put a .safetensors file in {self.library.checkpoint_dir}")
-            name = entries[0].name
-        return self.manager.load(name)
+        """Load a model now (the model picker): waits for a running job, like a job of its own."""
+        with self.manager.use(self._model_name(name)) as loaded:
+            return loaded
 
     def set_model_precision(self, name: str, precision: str) -> None:
         entry = self.library.resolve(name)
@@ -153,40 +170,43 @@ class Engine:
     # --- where and how images are saved -------------------------------------------------------
     @property
     def outputs(self) -> OutputSettings:
-        return self.generator.outputs
+        return self.publisher.outputs
 
     def set_outputs(self, outdir: Path | None = None, watermark: bool | None = None) -> OutputSettings:
-        current = self.generator.outputs
-        self.generator.outputs = OutputSettings(Path(outdir) if outdir is not None else current.outdir,
+        current = self.publisher.outputs
+        self.publisher.outputs = OutputSettings(Path(outdir) if outdir is not None else current.outdir,
                                                 current.watermark if watermark is None else bool(watermark))
-        return self.generator.outputs
+        return self.publisher.outputs
 
     # --- generation ---------------------------------------------------------------------------
     samplers = tuple(SAMPLERS)
     schedule_types = SCHEDULE_TYPES
 
+    limits = LIMITS  # the request's ranges, for the page's sliders and the API's messages
+
     def make_request(self, fields: Mapping[str, Any], model: str | None = None) -> GenerationRequest:
-        """Validate raw fields against the (loaded) model: sizes step by its VAE scale factor, and
-        fields left out (or None) take the model's own defaults where it has them (LCM models)."""
-        loaded = self.load_model(model)
+        """Validate raw fields for a model: sizes step by `size_step`, and fields left out (or None)
+        take the model's own defaults where it has them (LCM, turbo). Reads the model's headers and
+        config files only: no weights are loaded here."""
+        facts = self.model_facts(model)
         given = {k: v for k, v in fields.items() if v is not None}
-        return GenerationRequest.validate({**loaded.default_fields(), **given}, size_multiple=size_multiple(loaded))
+        return GenerationRequest.validate({**facts.default_fields(), **given}, size_multiple=size_multiple(facts))
 
     def size_step(self, model: str | None = None) -> int:
         """The step width and height must take for this model (see `size_multiple`)."""
-        return size_multiple(self.load_model(model))
+        return size_multiple(self.model_facts(model))
 
     def model_defaults(self, model: str | None = None) -> dict[str, Any]:
         """Request fields this model wants other than A1111's defaults (e.g. LCM: sampler, steps, CFG)."""
-        return self.load_model(model).default_fields()
+        return self.model_facts(model).default_fields()
 
     def generate(self, request: GenerationRequest, job: Job | None = None, model: str | None = None) -> GenerationResult:
+        """Run a validated request: the one place a model is loaded for a job, under the manager's
+        in-use scope, so nothing re-plans or unloads it while the job runs."""
         job = job or Job()
-        with self._busy:
-            if job.cancelled.is_set():  # cancelled while it waited for the job before it
-                raise CancelledError("cancelled")
-            loaded = self.load_model(model)
-            return self.generator.run(request, loaded, job)  # checks again: cancelled during the load
+        check_cancelled(job)  # cancelled while it waited in the page's queue: not even a load
+        with self.manager.use(self._model_name(model)) as loaded:
+            return self.generator.run(request, loaded, job)  # checks first: cancelled while it waited
 
     # --- PNG info -----------------------------------------------------------------------------
     def png_info(self, source) -> PngInfo:
@@ -218,12 +238,12 @@ DEMO_MODEL_NAME = "demo-tiny-random (makes noise)"
 PIPELINE_SIZE_CHECK = 8
 
 
-def size_multiple(loaded: LoadedModel) -> int:
+def size_multiple(facts: ModelFacts) -> int:
     """What width and height must be a multiple of for this model, so that every size validation
     accepts also runs: the VAE's scale factor (pixels per latent) and the pipeline's own check.
     The UNet's downsampling adds nothing: diffusers' UNet2DConditionModel upsamples to the skip
     connections' sizes (forward_upsample_size) when a latent does not divide evenly."""
-    return math.lcm(int(loaded.vae_scale_factor), PIPELINE_SIZE_CHECK)
+    return math.lcm(int(facts.vae_scale_factor), PIPELINE_SIZE_CHECK)
 
 
 def read_png_info(source, watermarker: Watermarker | None = None) -> PngInfo:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
@@ -25,35 +25,6 @@ class Family(str, enum.Enum):
     SD_X4_UPSCALER = "sd-x4-upscaler"
 
 
-@dataclass(frozen=True)
-class FamilyInfo:
-    family: Family
-    label: str
-    prediction_type: str  # "epsilon" | "v_prediction"
-    native_size: int  # pixels; the upscaler's is its input size
-    upcast_attention: bool  # SD 2.x attention overflows in fp16 unless computed in fp32
-    text_encoders: int
-    ldm_config: str  # file name under engine/configs/
-    pipeline: str  # diffusers pipeline class name
-
-
-FAMILIES: Mapping[Family, FamilyInfo] = types.MappingProxyType({
-    Family.SD1: FamilyInfo(Family.SD1, "SD 1.x", "epsilon", 512, False, 1,
-                           "v1-inference.yaml", "StableDiffusionPipeline"),
-    Family.SD2: FamilyInfo(Family.SD2, "SD 2.x (512, epsilon)", "epsilon", 512, True, 1,
-                           "v2-inference.yaml", "StableDiffusionPipeline"),
-    Family.SD2_V: FamilyInfo(Family.SD2_V, "SD 2.x (768, v-prediction)", "v_prediction", 768, True, 1,
-                             "v2-inference-v.yaml", "StableDiffusionPipeline"),
-    Family.SDXL: FamilyInfo(Family.SDXL, "SDXL base", "epsilon", 1024, False, 2,
-                            "sd_xl_base.yaml", "StableDiffusionXLPipeline"),
-    Family.SD1_INPAINT: FamilyInfo(Family.SD1_INPAINT, "SD 1.x inpainting", "epsilon", 512, False, 1,
-                                   "v1-inpainting-inference.yaml", "StableDiffusionInpaintPipeline"),
-    Family.SD2_INPAINT: FamilyInfo(Family.SD2_INPAINT, "SD 2.x inpainting", "epsilon", 512, True, 1,
-                                   "v2-inpainting-inference.yaml", "StableDiffusionInpaintPipeline"),
-    Family.SD_X4_UPSCALER: FamilyInfo(Family.SD_X4_UPSCALER, "SD x4 upscaler", "v_prediction", 128, False, 1,
-                                      "x4-upscaling.yaml", "StableDiffusionUpscalePipeline"),
-})
-
 # Key names of the original (LDM / sgm) single-file layout.
 UNET_PREFIX = "model.diffusion_model."
 UNET_IN_KEY = UNET_PREFIX + "input_blocks.0.0.weight"
@@ -65,6 +36,80 @@ SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer."
 SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
 SDXL_REFINER_PREFIX = "conditioner.embedders.0.model."
 VAE_PREFIX = "first_stage_model."
+
+
+
+@dataclass(frozen=True)
+class TextEncoderSpec:
+    """One text tower of a family: which tokenizer, where its weights sit in a single file, and
+    which of its outputs the UNet reads."""
+    tokenizer: str            # "clip-l" (OpenAI CLIP-L) or "open-clip" (OpenCLIP ViT-H/bigG)
+    prefix: str               # its keys' prefix in the original single-file layout
+    with_projection: bool = False  # SDXL's second tower: its pooled, projected output conditions the UNet too
+    penultimate: bool = False      # the UNet reads the last-but-one layer's hidden states (SD 2.x)
+
+
+CLIP_L = TextEncoderSpec("clip-l", CLIP_PREFIX)
+OPEN_CLIP_H = TextEncoderSpec("open-clip", OPEN_CLIP_PREFIX, penultimate=True)
+SDXL_ENCODERS = (TextEncoderSpec("clip-l", SDXL_CLIP_PREFIX),
+                 TextEncoderSpec("open-clip", SDXL_OPEN_CLIP_PREFIX, with_projection=True))
+
+# Easel watermarks and (not) safety-checks in its own code, the same way for every family, so each
+# pipeline is built without its own watermarker / safety checker.
+_SD_EXTRAS = types.MappingProxyType({"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False})
+_SDXL_EXTRAS = types.MappingProxyType({"add_watermarker": False})
+_UPSCALER_EXTRAS = types.MappingProxyType({"safety_checker": None, "feature_extractor": None, "watermarker": None})
+
+
+@dataclass(frozen=True)
+class FamilyInfo:
+    """Everything Easel knows about a family, as data: adding a family (or a mode) is one entry."""
+    family: Family
+    label: str
+    prediction_type: str  # "epsilon" | "v_prediction"
+    native_size: int  # pixels; the upscaler's is its input size
+    upcast_attention: bool  # SD 2.x attention overflows in fp16 unless computed in fp32
+    text_encoder_specs: tuple[TextEncoderSpec, ...]
+    ldm_config: str  # file name under engine/configs/
+    pipeline: str  # diffusers pipeline class name (txt2img, or the family's only pipeline)
+    img2img_pipeline: str | None = None  # None: the family cannot generate from an image
+    pipeline_extras: Mapping[str, object] = field(default_factory=lambda: _SD_EXTRAS)  # keyword arguments its pipeline class is built with
+    inpaint_unet: bool = False  # the UNet takes image + mask channels (9 in): always given an image and a mask
+    fp16_vae_overflows: bool = False  # its VAE gives NaN/inf in fp16: keep the VAE in fp32 on fp16 plans
+    size_conditioning: bool = False  # SDXL's UNet takes size/crop conditioning (addition_embed_type text_time)
+    latent_preview: str = "sd"  # which latent -> RGB approximation the live preview uses ("sd" | "sdxl")
+    upscaler: bool = False  # it upscales an image (latent = the input image) instead of generating one
+
+    @property
+    def text_encoders(self) -> int:
+        return len(self.text_encoder_specs)
+
+    @property
+    def generates(self) -> bool:
+        return not self.upscaler
+
+
+FAMILIES: Mapping[Family, FamilyInfo] = types.MappingProxyType({
+    Family.SD1: FamilyInfo(Family.SD1, "SD 1.x", "epsilon", 512, False, (CLIP_L,),
+                           "v1-inference.yaml", "StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline"),
+    Family.SD2: FamilyInfo(Family.SD2, "SD 2.x (512, epsilon)", "epsilon", 512, True, (OPEN_CLIP_H,),
+                           "v2-inference.yaml", "StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline"),
+    Family.SD2_V: FamilyInfo(Family.SD2_V, "SD 2.x (768, v-prediction)", "v_prediction", 768, True, (OPEN_CLIP_H,),
+                             "v2-inference-v.yaml", "StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline"),
+    Family.SDXL: FamilyInfo(Family.SDXL, "SDXL base", "epsilon", 1024, False, SDXL_ENCODERS,
+                            "sd_xl_base.yaml", "StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline",
+                            pipeline_extras=_SDXL_EXTRAS, fp16_vae_overflows=True, size_conditioning=True,
+                            latent_preview="sdxl"),
+    Family.SD1_INPAINT: FamilyInfo(Family.SD1_INPAINT, "SD 1.x inpainting", "epsilon", 512, False, (CLIP_L,),
+                                   "v1-inpainting-inference.yaml", "StableDiffusionInpaintPipeline",
+                                   "StableDiffusionInpaintPipeline", inpaint_unet=True),
+    Family.SD2_INPAINT: FamilyInfo(Family.SD2_INPAINT, "SD 2.x inpainting", "epsilon", 512, True, (OPEN_CLIP_H,),
+                                   "v2-inpainting-inference.yaml", "StableDiffusionInpaintPipeline",
+                                   "StableDiffusionInpaintPipeline", inpaint_unet=True),
+    Family.SD_X4_UPSCALER: FamilyInfo(Family.SD_X4_UPSCALER, "SD x4 upscaler", "v_prediction", 128, False,
+                                      (OPEN_CLIP_H,), "x4-upscaling.yaml", "StableDiffusionUpscalePipeline",
+                                      pipeline_extras=_UPSCALER_EXTRAS, upscaler=True),
+})
 
 _ARCH_BY_CHANNELS = {  # (text encoder kind, UNet input channels) -> family
     ("clip", 4): Family.SD1,

@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from engine import compat  # noqa: F401 - torchvision shim before transformers/diffusers
 from diffusers.hooks import HookRegistry, ModelHook
 
 HOOK_NAME = "easel_feature_reuse"

@@ -13,6 +13,7 @@ import json
 import re
 import unicodedata
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, PngImagePlugin
@@ -41,6 +42,77 @@ _EXIF_IFD = 0x8769
 _USER_COMMENT = 0x9286
 _UNICODE_PREFIX = b"UNICODE\x00"
 _ASCII_PREFIX = b"ASCII\x00\x00\x00"
+
+
+@dataclass(frozen=True)
+class InfotextField:
+    """One A1111 infotext key and the request field it carries, both ways: the generator writes
+    with `params_from_values`, PNG info / send-to reads back with `values_from_params`."""
+    key: str                  # as A1111 writes it ("Size" is written WxH and read back as Size-1/Size-2)
+    field: str | None         # the request field; None: written for other tools, not read back (Model)
+    kind: type = str          # what reading turns the text into
+    unset: object = None      # the value A1111 leaves out of the text, and a reader assumes when absent
+    img2img_only: bool = False
+
+
+# In A1111's order. Prompt and negative prompt are not pairs of the last line: build_infotext places them.
+INFOTEXT_FIELDS = (
+    InfotextField("Steps", "steps", int),
+    InfotextField("Sampler", "sampler"),
+    InfotextField("Schedule type", "schedule_type", unset="Automatic"),
+    InfotextField("CFG scale", "cfg_scale", float),
+    InfotextField("Seed", "seed", int),
+    InfotextField("Size-1", "width", int),
+    InfotextField("Size-2", "height", int),
+    InfotextField("Model hash", None),
+    InfotextField("Model", None),
+    InfotextField("Denoising strength", "denoising_strength", float, img2img_only=True),
+    InfotextField("Speed", "speed", unset="exact"),
+    InfotextField("Version", None),
+)
+_TEXT_FIELDS = (("Prompt", "prompt"), ("Negative prompt", "negative_prompt"))
+_SIZE_KEYS = ("Size-1", "Size-2")
+
+
+def params_from_values(values: Mapping[str, object], *, model_hash: str | None, model: str | None,
+                       version: str) -> dict[str, object]:
+    """The parameters line's pairs for a request's values (its fields, with `seed` the image's own
+    seed), in A1111's order; values equal to a field's `unset` are left out, as A1111 does."""
+    extra = {"Model hash": model_hash, "Model": model, "Version": version}
+    params: dict[str, object] = {}
+    for spec in INFOTEXT_FIELDS:
+        if spec.key == _SIZE_KEYS[0]:
+            params["Size"] = f"{values['width']}x{values['height']}"
+        elif spec.key == _SIZE_KEYS[1]:
+            continue
+        elif spec.field is None:
+            params[spec.key] = extra[spec.key]
+        elif spec.img2img_only and values.get("mode") != "img2img":
+            continue
+        else:
+            value = values.get(spec.field)
+            params[spec.key] = None if value == spec.unset else value
+    return params
+
+
+def values_from_params(parsed: Mapping[str, object]) -> dict[str, object]:
+    """Request field values from `parse_infotext`'s result; a value that does not parse is left
+    out. With a prompt present, fields A1111 leaves out when unset take their unset value."""
+    values: dict[str, object] = {field: parsed[key] for key, field in _TEXT_FIELDS if key in parsed}
+    for spec in INFOTEXT_FIELDS:
+        if spec.field is None or spec.key not in parsed:
+            continue
+        try:
+            raw = parsed[spec.key]
+            values[spec.field] = spec.kind(float(raw)) if spec.kind is int else spec.kind(raw)
+        except (TypeError, ValueError):
+            continue
+    if "prompt" in values:
+        values.setdefault("negative_prompt", "")
+        for spec in INFOTEXT_FIELDS:
+            if spec.field is not None and spec.unset is not None:
+                values.setdefault(spec.field, spec.unset)
+    return values
 
 
 def quote(value) -> str:

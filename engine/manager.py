@@ -10,23 +10,17 @@ import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 import torch
 
-from engine.checkpoints import identify_model, load_pipeline
+from engine.checkpoints import identify_model, load_pipeline, read_model_configs
 from engine.devices import DevicePlan, Hardware, Precision, plan_for
 from engine.errors import EaselError, RequestError
 from engine.families import FAMILIES, Family, FamilyInfo
 from engine.library import ModelEntry, ModelLibrary, model_hash
 from engine.prompts import PromptEncoder
-
-IMG2IMG_PIPELINES = {
-    "StableDiffusionPipeline": "StableDiffusionImg2ImgPipeline",
-    "StableDiffusionXLPipeline": "StableDiffusionXLImg2ImgPipeline",
-    "StableDiffusionInpaintPipeline": "StableDiffusionInpaintPipeline",
-}
-
 
 # What a user can say about a checkpoint's distillation (`app.py models --set-distilled`): "auto"
 # lets the engine tell (an LCM UNet shows it in its config; a turbo file only in its name).
@@ -84,16 +78,34 @@ class ModelSettings:
         self._write(name, "distillation", distillation)
 
 
-def distillation_of(entry: ModelEntry, said: str, unet_config: Any = None) -> tuple[str, str]:
+def distillation_of(entry: ModelEntry, said: str, unet_config: Mapping | None = None) -> tuple[str, str]:
     """(kind, why): kind is "lcm", "turbo" or "none". Turbo models have their base model's weights
     layout, so only the user's word or the file name can tell; the user's word wins."""
-    if unet_config is not None and getattr(unet_config, "time_cond_proj_dim", None) is not None:
+    if unet_config is not None and unet_config.get("time_cond_proj_dim") is not None:
         return "lcm", "its UNet takes a guidance embedding (LCM)"
     if said != "auto":
         return said, "as set with `app.py models --set-distilled`"
     if "turbo" in entry.stem.lower():
         return "turbo", "its file name says turbo; `app.py models --set-distilled NAME none` if it is not"
     return "none", ""
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What validating a request needs to know about a checkpoint, read from its header and config
+    files only (no weights are loaded): its family, its VAE's scale factor, and its distillation."""
+    family: Family
+    vae_scale_factor: int
+    distillation: str  # "lcm", "turbo" or "none": see distillation_of
+    distillation_why: str
+
+    @property
+    def info(self) -> FamilyInfo:
+        return FAMILIES[self.family]
+
+    def default_fields(self) -> dict:
+        """Request defaults that suit this model better than A1111's, for fields the user left out."""
+        return dict(FEW_STEP_DEFAULTS.get(self.distillation, {}))
 
 
 @dataclass
@@ -136,7 +148,7 @@ class LoadedModel:
         if self._img2img is None:
             import diffusers
 
-            cls = getattr(diffusers, IMG2IMG_PIPELINES[type(self.pipe).__name__])
+            cls = getattr(diffusers, self.info.img2img_pipeline)
             # from_pipe shares the loaded modules: no second copy of the weights.
             self._img2img = self.pipe if cls is type(self.pipe) else cls.from_pipe(self.pipe)
             self._img2img.set_progress_bar_config(disable=True)
@@ -237,6 +249,7 @@ class ModelManager:
         self.cache_dir = cache_dir
         self.current: LoadedModel | None = None
         self._families: dict[tuple, Family] = {}
+        self._configs: dict[tuple, tuple] = {}
         self._lock = threading.RLock()
         # Fail at start-up on a bad --device/--precision, not at the first image.
         plan_for(FAMILIES[Family.SD1], hardware, device, precision)
@@ -250,23 +263,40 @@ class ModelManager:
     def identify(self, entry: ModelEntry) -> Family:
         """Cached by path, size and mtime: an SD 2.x file without a sidecar needs a UNet run to tell
         eps from v-prediction, too slow to repeat each time the model list is shown."""
+        key = self._file_key(entry)
+        if key not in self._families:
+            self._families[key] = identify_model(entry.path)
+        return self._families[key]
+
+    def facts(self, entry: ModelEntry) -> ModelFacts:
+        """The checkpoint's ModelFacts, from its header and config files (cached like identify);
+        the distillation the user stated is read fresh, since they may change it any time."""
+        key = self._file_key(entry)
+        if key not in self._configs:
+            family = self.identify(entry)
+            self._configs[key] = (family, *read_model_configs(entry.path, family))
+        family, vae_scale_factor, unet_config = self._configs[key]
+        kind, why = distillation_of(entry, self.settings.distillation(entry.name), unet_config)
+        return ModelFacts(family, vae_scale_factor, kind, why)
+
+    @staticmethod
+    def _file_key(entry: ModelEntry) -> tuple:
         try:
             stat = entry.path.stat()
         except FileNotFoundError:
             raise EaselError(f"model: {entry.name} is no longer on disk; refresh the model list") from None
-        key = (str(entry.path), stat.st_size, stat.st_mtime_ns)
-        if key not in self._families:
-            self._families[key] = identify_model(entry.path)
-        return self._families[key]
+        return str(entry.path), stat.st_size, stat.st_mtime_ns
 
     def load(self, name: str) -> LoadedModel:
         with self._lock:
             entry = self.library.resolve(name)
             if self.current and self.current.entry == entry:
                 return self.current
-            family = self.identify(entry)
-            if family is Family.SD_X4_UPSCALER:
-                raise EaselError(f"model: {entry.name} is the x4 upscaler; it upscales images and cannot generate them")
+            facts = self.facts(entry)
+            family = facts.family
+            if not FAMILIES[family].generates:
+                raise EaselError(f"model: {entry.name} is the {FAMILIES[family].label}; it upscales images and "
+                                 "cannot generate them")
             plan = self.plan(entry, family)
             self.unload()
             try:
@@ -284,10 +314,16 @@ class ModelManager:
             place(pipe, plan)
             encoder = _prompt_encoder(pipe, plan)
             hash_cache = self.cache_dir / "hashes.json" if self.cache_dir else None
-            distillation, _ = distillation_of(entry, self.settings.distillation(entry.name), pipe.unet.config)
             self.current = LoadedModel(entry, family, plan, pipe, model_hash(entry.path, hash_cache), encoder,
-                                       scheduler_config, distillation)
+                                       scheduler_config, facts.distillation)
             return self.current
+
+    @contextmanager
+    def use(self, name: str) -> Iterator[LoadedModel]:
+        """The model `name`, loaded, for the duration of one job: nothing else loads, unloads or
+        re-plans it until the job ends (other threads wait on the manager's lock)."""
+        with self._lock:
+            yield self.load(name)
 
     def unload(self) -> None:
         with self._lock:
@@ -311,6 +347,12 @@ class ModelManager:
             loaded.encoder = _prompt_encoder(loaded.pipe, plan)
             if self.hardware.cuda:
                 torch.cuda.empty_cache()
+
+    def use_fp32_vae(self, loaded: LoadedModel) -> str:
+        """The VAE gave NaN/inf in half precision (A1111's black images): keep it in fp32 for this
+        model from now on, and say so."""
+        self.replan(loaded, loaded.plan.with_fp32_vae())
+        return loaded.plan.notes[-1]
 
     def step_down(self, loaded: LoadedModel) -> str:
         """After an out-of-memory error: move the loaded model one rung down the plan's ladder and

@@ -26,6 +26,7 @@ is older than STALE_SECONDS and the delete succeeds.
 from __future__ import annotations
 
 import datetime
+from dataclasses import dataclass
 import math
 import os
 import re
@@ -55,6 +56,12 @@ STALE_SECONDS = 600
 
 class SaveError(EaselError):
     """An image could not be written (disk full, read-only or missing folder); nothing was left behind."""
+
+
+@dataclass(frozen=True)
+class OutputSettings:
+    outdir: Path
+    watermark: bool = True
 
 
 def output_folder(outdir: Path, mode: str, when: datetime.date | None = None) -> Path:

@@ -7,6 +7,7 @@ the field and the allowed range. Inside the engine a request is trusted as-is.
 from __future__ import annotations
 
 import dataclasses
+import types
 import math
 import unicodedata
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from PIL import Image
 
 from engine.errors import RequestError
 from engine.images import MAX_INPUT_PIXELS, open_image
-from engine.prompts import weight_problem
+from engine.prompt_syntax import weight_problem
 from engine.samplers import DEFAULT_SAMPLER, check_sampler, split_legacy_name
 
 MODES = ("txt2img", "img2img")
@@ -39,6 +40,24 @@ RANGES = {
     "denoising_strength": (0.0, 1.0),
     "seed": (-1, MAX_SEED),
 }
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What a request may ask for, in one place: validation enforces it, the page's sliders and
+    choices are built from it, so the two cannot drift apart."""
+    ranges: Mapping[str, tuple[float, float]]
+    min_side: int  # before the model's size step; the real minimum is the step itself
+    max_side: int
+    max_pixels: int
+    max_prompt_chars: int
+    modes: tuple[str, ...]
+    resize_modes: tuple[str, ...]
+    speeds: tuple[str, ...]
+
+
+LIMITS = RequestLimits(types.MappingProxyType(RANGES), 64, MAX_SIDE, MAX_PIXELS, MAX_PROMPT_CHARS, MODES,
+                       RESIZE_MODES, SPEEDS)
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from engine import compat  # noqa: F401 - torchvision shim before transformers/diffusers
 from engine.tokenizers import load_clip_tokenizer
 
 TEXT_HIDDEN = 64  # one 64-wide head, like every real CLIP text tower's head width

@@ -13,6 +13,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from engine import compat  # noqa: F401 - torchvision shim before transformers/diffusers
+
 BPE_FILE_NAME = "bpe_simple_vocab_16e6.txt.gz"
 VOCAB_SIZE = 49408
 MODEL_MAX_LENGTH = 77

@@ -9,7 +9,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-import engine  # noqa: E402,F401 - the torchvision shim must precede transformers
+import engine.compat  # noqa: E402,F401 - the torchvision shim must precede transformers
 from engine.compat import quiet_library_logs  # noqa: E402
 
 quiet_library_logs()

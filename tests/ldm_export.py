@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import yaml
 
-import engine  # noqa: F401 - torchvision shim before diffusers
+import engine.compat  # noqa: F401 - torchvision shim before diffusers
 from engine.families import (
     CLIP_PREFIX,
     OPEN_CLIP_PREFIX,

@@ -7,7 +7,7 @@ import socket
 import pytest
 import torch
 
-import engine  # noqa: F401 - torchvision shim first
+import engine.compat  # noqa: F401 - torchvision shim first
 from engine.checkpoints import (
     identify_model,
     load_pipeline,

@@ -5,7 +5,7 @@ import pytest
 import torch
 import yaml
 
-import engine  # noqa: F401 - torchvision shim first
+import engine.compat  # noqa: F401 - torchvision shim first
 from engine.checkpoints import identify_model, read_keys_and_shapes
 from engine.errors import UnknownCheckpointError
 from engine.families import FAMILIES, UNET_IN_KEY, Family, detect_family, needs_prediction_test

@@ -18,12 +18,12 @@ import pytest
 import torch
 from PIL import Image
 
-import engine.generator as generator_module
+import engine.publish as publish_module
 import engine.outputs as outputs
 from engine.devices import DevicePlan
 from engine.engine import Engine, EngineConfig
 from engine.errors import CancelledError, EaselError
-from engine.generator import Job
+from engine.jobs import Job
 from engine.manager import OUT_OF_MEMORY_ON_CPU
 from engine.outputs import save_png
 
@@ -403,13 +403,13 @@ def test_cancel_during_decode_saves_nothing(sd_engine, reference):
 
 def test_cancel_during_a_save_keeps_that_file_whole_and_saves_no_more(eng, monkeypatch):
     job = Job()
-    real_save = generator_module.save_png
+    real_save = publish_module.save_png
 
     def save_while_the_user_cancels(*args, **kwargs):
         job.cancel()
         return real_save(*args, **kwargs)
 
-    monkeypatch.setattr(generator_module, "save_png", save_while_the_user_cancels)
+    monkeypatch.setattr(publish_module, "save_png", save_while_the_user_cancels)
     with pytest.raises(CancelledError):
         run(eng, job, save_images=True, batch_size=2)
     files = [p for p in eng.config.outputs_dir.rglob("*") if p.is_file()]

@@ -36,7 +36,7 @@ def test_user_choices_still_win_on_an_lcm_model(lcm_engine):
 def test_lcm_model_runs_one_unet_pass_per_step(lcm_engine):
     request = lcm_engine.make_request({"prompt": "a cat", "negative_prompt": "dog", "width": 64, "height": 64,
                                        "save_images": False})
-    unet = lcm_engine.manager.current.pipe.unet
+    unet = lcm_engine.load_model().pipe.unet
     calls = []
     handle = unet.register_forward_pre_hook(lambda m, args, kwargs: calls.append(
         (args[0].shape[0], kwargs.get("timestep_cond") is not None)), with_kwargs=True)
@@ -94,7 +94,7 @@ def test_a_turbo_model_runs_one_unet_pass_per_step(turbo_engine):
     request = turbo_engine.make_request({"prompt": "a cat", "negative_prompt": "dog", "width": 64, "height": 64,
                                          "save_images": False}, model="tiny-sd-turbo")
     calls = []
-    unet = turbo_engine.manager.current.pipe.unet
+    unet = turbo_engine.load_model("tiny-sd-turbo").pipe.unet
     handle = unet.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0]))
     try:
         turbo_engine.generate(request, model="tiny-sd-turbo")
@@ -118,3 +118,12 @@ def test_models_listing_says_which_are_few_step(capsys, turbo_engine, tmp_path):
         blocks[name] = blocks.get(name, "") + line + "\n"
     assert "few-step: turbo: as set with" in blocks["tiny-plain"]
     assert "few-step: turbo: its file name says turbo" in blocks["tiny-sd-turbo"]
+
+
+def test_validating_a_request_loads_no_weights(lcm_engine):
+    """make_request, size_step and model_defaults read the model's headers and configs only: the
+    LCM defaults and the size step come without the model being loaded."""
+    lcm_engine.manager.unload()
+    request = lcm_engine.make_request({"prompt": "a cat", "width": 64, "height": 64})
+    assert (request.sampler, lcm_engine.size_step(), lcm_engine.model_defaults()["steps"]) == ("LCM", 8, 4)
+    assert lcm_engine.manager.current is None

@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 
 from engine.errors import CancelledError
-from engine.generator import Job
+from engine.jobs import Job
 
 BASE = {"prompt": "a red fox in the snow", "negative_prompt": "blurry", "steps": 3, "width": 64, "height": 48,
         "seed": 1234, "save_images": False}

@@ -26,7 +26,9 @@ pytestmark = pytest.mark.slow
 
 CLIENTS, JOBS_PER_CLIENT = 8, 4
 SOAK_WARMUP, SOAK_JOBS = 20, 200
-RSS_GROWTH_LIMIT = 50 * 1024 * 1024  # generous: the figures measured are printed by the test
+# Measured (bench/soak_rss.py, 200 jobs): +17 MiB while each progress yield left the gallery/infotext out
+# (Gradio kept a component copy per job in the session), +1.6 MiB since every yield sets them (ui/app_ui.py)
+RSS_GROWTH_LIMIT = 10 * 1024 * 1024
 WAIT_S = 600  # per job, generous: two shared CPU cores; nothing asserts on time
 FIELDS = {"prompt": "Prompt", "negative_prompt": "Negative prompt", "steps": "Steps", "width": "Width",
           "height": "Height", "seed": "Seed (-1: random)", "cfg_scale": "CFG scale", "batch_count": "Batch count",

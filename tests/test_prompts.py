@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import engine  # noqa: F401 - torchvision shim before transformers/diffusers
+import engine.compat  # noqa: F401 - torchvision shim before transformers/diffusers
 from engine.prompts import BREAK, PromptEncoder, chunk_prompt, parse_prompt_attention
 from engine.tokenizers import load_clip_tokenizer
 from tiny_models import tiny_sd1_pipeline, tiny_text_encoder

@@ -66,4 +66,4 @@ def test_test_command_runs_pytest():
     proc = subprocess.run([*TEST.split(), "tests/test_layers.py", "-q"], cwd=ROOT, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert re.search(r"\b2 passed\b", proc.stdout)
+    assert re.search(r"\b[1-9]\d* passed\b", proc.stdout) and "failed" not in proc.stdout

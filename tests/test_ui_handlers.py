@@ -11,7 +11,7 @@ from PIL import Image
 
 from engine.engine import Engine, EngineConfig
 from engine.errors import CancelledError, EaselError
-from engine.generator import ProgressUpdate
+from engine.jobs import ProgressUpdate
 from ui.app_ui import create_ui
 from ui.handlers import JobBoard
 from ui.progress import describe

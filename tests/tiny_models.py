@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-import engine  # noqa: F401 - installs the torchvision shim before transformers is imported
+import engine.compat  # noqa: F401 - installs the torchvision shim before transformers is imported
 from engine.tokenizers import load_clip_tokenizer
 
 # The SD 1.x builders live in the engine (selftest and --demo use them); the other families are

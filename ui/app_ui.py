@@ -73,6 +73,7 @@ class GenerationTab:
     def __init__(self, studio: Studio, mode: str, model: gr.Dropdown, demo: bool, model_fields: dict):
         self.studio, self.mode, self.model = studio, mode, model
         engine = studio.engine
+        limits = engine.limits  # every range and choice below comes from the engine's request limits
         side = 128 if demo else 512
         f: dict[str, Any] = {}
         with gr.Row():
@@ -89,33 +90,34 @@ class GenerationTab:
                 if mode == "img2img":
                     f["init_image"] = uploaded_image(label="Init image", sources=["upload", "clipboard"],
                                                elem_id="img2img-init-image", height=280)
-                    f["denoising_strength"] = gr.Slider(0.0, 1.0, value=0.75, step=0.01, label="Denoising strength",
+                    f["denoising_strength"] = gr.Slider(*limits.ranges["denoising_strength"], value=0.75, step=0.01,
+                                                        label="Denoising strength",
                                                         elem_id="img2img-denoising-strength")
-                    f["resize_mode"] = gr.Radio(["just resize", "crop and resize", "resize and fill"], value="just resize",
+                    f["resize_mode"] = gr.Radio(list(limits.resize_modes), value=limits.resize_modes[0],
                                                 label="Resize mode", elem_id="img2img-resize-mode")
                 with gr.Row():
                     f["sampler"] = gr.Dropdown(list(engine.samplers), value=engine.samplers[0], label="Sampler",
                                                elem_id=f"{mode}-sampler")
                     f["schedule_type"] = gr.Dropdown(list(engine.schedule_types), value="Automatic", label="Schedule type",
                                                      elem_id=f"{mode}-schedule-type")
-                f["steps"] = gr.Slider(1, 150, value=model_fields.get("steps", {}).get("value", 4 if demo else 20), step=1,
+                f["steps"] = gr.Slider(*limits.ranges["steps"], value=model_fields.get("steps", {}).get("value", 4 if demo else 20), step=1,
                                        label="Steps", elem_id=f"{mode}-steps")
-                f["cfg_scale"] = gr.Slider(0.0, 30.0, value=model_fields.get("cfg_scale", {}).get("value", 7.0), step=0.5,
+                f["cfg_scale"] = gr.Slider(*limits.ranges["cfg_scale"], value=model_fields.get("cfg_scale", {}).get("value", 7.0), step=0.5,
                                            label="CFG scale", elem_id=f"{mode}-cfg-scale")
                 with gr.Row():
                     step = model_fields.get("width", {}).get("step", SIZE_STEP_WITHOUT_MODEL)
-                    f["width"] = gr.Slider(64, 2048, value=side, step=step, label="Width", elem_id=f"{mode}-width")
-                    f["height"] = gr.Slider(64, 2048, value=side, step=step, label="Height", elem_id=f"{mode}-height")
+                    f["width"] = gr.Slider(limits.min_side, limits.max_side, value=side, step=step, label="Width", elem_id=f"{mode}-width")
+                    f["height"] = gr.Slider(limits.min_side, limits.max_side, value=side, step=step, label="Height", elem_id=f"{mode}-height")
                 with gr.Row(equal_height=True):
                     f["seed"] = gr.Number(value=-1, precision=0, label="Seed (-1: random)", elem_id=f"{mode}-seed", scale=4)
                     self.random_seed = gr.Button("🎲", elem_id=f"{mode}-random-seed", scale=0, min_width=48)
                     self.reuse_seed = gr.Button("♻️", elem_id=f"{mode}-reuse-seed", scale=0, min_width=48)
-                f["speed"] = gr.Radio(["exact", "fast"], value="exact", label="Speed", elem_id=f"{mode}-speed",
+                f["speed"] = gr.Radio(list(limits.speeds), value=limits.speeds[0], label="Speed", elem_id=f"{mode}-speed",
                                       info="fast: reuses the model's deep features between steps; about 2.5-3x faster "
                                            "from 10 steps up, a slightly different image")
                 with gr.Row():
-                    f["batch_count"] = gr.Slider(1, 100, value=1, step=1, label="Batch count", elem_id=f"{mode}-batch-count")
-                    f["batch_size"] = gr.Slider(1, 8, value=1, step=1, label="Batch size", elem_id=f"{mode}-batch-size")
+                    f["batch_count"] = gr.Slider(*limits.ranges["batch_count"], value=1, step=1, label="Batch count", elem_id=f"{mode}-batch-count")
+                    f["batch_size"] = gr.Slider(*limits.ranges["batch_size"], value=1, step=1, label="Batch size", elem_id=f"{mode}-batch-size")
             with gr.Column():
                 self.progress = gr.HTML(progress_html("Ready", 0.0, "idle"), elem_id=f"{mode}-progress")
                 self.preview = gr.Image(label="Live preview", interactive=False, height=160, elem_id=f"{mode}-preview")
@@ -138,29 +140,38 @@ class GenerationTab:
             fields = {names[c]: v for c, v in values.items() if c in names}
             fields["mode"] = mode
             key = (request.session_hash, mode)
+            # Every yield gives each shown output (progress, preview, gallery, infotext) a plain value, never
+            # leaving one out: Gradio fills a left-out output with gr.skip(), an update that builds a new copy
+            # of that component for the session, and the next plain value files the copy under its own new id
+            # in the session's config, where it stays as long as the session (Gradio keeps sessions until 10000
+            # newer ones push them out, closed or not): about 50 KiB per job. See gradio/blocks.py
+            # postprocess_data and tests/test_load.py's memory test. The first yield clears the last job's
+            # results; gr.State outputs (infotexts, last_seed) may be left out, they take another path.
+            shown = {self.preview: None, self.gallery: [], self.infotext: ""}
             try:
-                for n, view in enumerate(studio.generate(key, fields, values.get(model), values.get(self.job_token))):
+                for view in studio.generate(key, fields, values.get(model), values.get(self.job_token)):
                     out = {self.progress: view.progress}
-                    if view.preview is not None or n == 0:  # the first view clears the last job's preview
-                        out[self.preview] = view.preview
+                    if view.preview is not None:
+                        shown[self.preview] = view.preview
                     if view.images is not None:
-                        out.update({self.gallery: list(view.images), self.infotext: view.infotexts[0] if view.infotexts else "",
-                                    self.infotexts: view.infotexts, self.last_seed: view.seeds[0] if view.seeds else None})
+                        shown.update({self.gallery: list(view.images),
+                                      self.infotext: view.infotexts[0] if view.infotexts else ""})
+                        out.update({self.infotexts: view.infotexts, self.last_seed: view.seeds[0] if view.seeds else None})
                         for note in view.notes:
                             gr.Info(note)
-                    yield out
+                    yield {**out, **shown}
             except CancelledError as e:
                 message = str(e)[:1].upper() + str(e)[1:]  # "Cancelled at step 3/20"
                 gr.Warning(message)
-                yield {self.progress: progress_html(message, 0.0, "cancelled")}
+                yield {self.progress: progress_html(message, 0.0, "cancelled"), **shown}
             except EaselError as e:
-                yield {self.progress: progress_html(f"Failed: {e}", 0.0, "failed")}
+                yield {self.progress: progress_html(f"Failed: {e}", 0.0, "failed"), **shown}
                 raise _readable(e) from None
             except Exception as e:  # a bug: the page gets one line, the server's log the traceback
                 log.exception("generation failed")
                 first_line = (str(e).splitlines() or [""])[0]
                 message = f"unexpected error ({type(e).__name__}: {first_line}); details are in the server's log"
-                yield {self.progress: progress_html(f"Failed: {message}", 0.0, "failed")}
+                yield {self.progress: progress_html(f"Failed: {message}", 0.0, "failed"), **shown}
                 raise gr.Error(message, print_exception=False) from None
 
         def cancel(request: gr.Request):
@@ -276,7 +287,7 @@ def create_ui(engine, settings: SettingsStore | None = None, *, listen: bool = F
 
         def send_to(tab, target: str, with_image: bool):
             def send(parsed, path):
-                values = studio.fields_from_infotext(parsed or {}, engine.samplers, engine.schedule_types)
+                values = studio.fields_from_infotext(parsed or {})
                 if with_image and path:
                     values["init_image"] = path
                 if not values:

@@ -16,26 +16,11 @@ from typing import Any, Iterator
 from PIL import Image
 
 from engine.errors import CancelledError, EaselError
-from engine.generator import Job
+from engine.infotext import values_from_params
+from engine.jobs import Job
 from engine.images import open_image
-from engine.request import SPEEDS
 from ui.progress import describe, preview_every, progress_html
 from ui.settings import SettingsStore
-
-# A1111 infotext keys (as parsed by engine.infotext) -> request field names, with their types.
-INFOTEXT_FIELDS = {
-    "Prompt": ("prompt", str),
-    "Negative prompt": ("negative_prompt", str),
-    "Steps": ("steps", int),
-    "Sampler": ("sampler", str),
-    "Schedule type": ("schedule_type", str),
-    "CFG scale": ("cfg_scale", float),
-    "Seed": ("seed", int),
-    "Size-1": ("width", int),
-    "Size-2": ("height", int),
-    "Denoising strength": ("denoising_strength", float),
-    "Speed": ("speed", str),
-}
 
 WATERMARK_WORDS = {True: "Easel watermark found", False: "no Easel watermark found", None: "image too small to tell"}
 
@@ -112,7 +97,7 @@ class Studio:
                     "noise. Start without `--demo` to use your own checkpoints.")
         if not self.engine.model_names():
             return (f"**No model found.** Put a Stable Diffusion checkpoint (`.safetensors`) in "
-                    f"`{self.engine.library.checkpoint_dir}` and press *Refresh* on the Models tab, "
+                    f"`{self.engine.checkpoint_dir}` and press *Refresh* on the Models tab, "
                     f"or run `python app.py download` to fetch the default SD 1.5 model.")
         return ""
 
@@ -248,29 +233,13 @@ class Studio:
         text = info.parameters or "(no generation parameters found in this image)"
         return text, WATERMARK_WORDS[info.watermark], dict(info.fields)
 
-    @staticmethod
-    def fields_from_infotext(parsed: dict, samplers, schedule_types) -> dict[str, Any]:
-        """Request field values from parsed A1111 parameters; values that do not parse are left out."""
-        values: dict[str, Any] = {}
-        for key, (name, kind) in INFOTEXT_FIELDS.items():
-            if key not in parsed:
-                continue
-            try:
-                value = kind(float(parsed[key])) if kind is int else kind(parsed[key])
-            except (TypeError, ValueError):
-                continue
-            values[name] = value
-        if "prompt" in values:  # A1111 leaves defaults out of the text
-            values.setdefault("negative_prompt", "")
-            values.setdefault("schedule_type", "Automatic")
-            values.setdefault("speed", "exact")
-        if values.get("sampler") not in samplers:
-            values.pop("sampler", None)
-        if values.get("schedule_type") not in schedule_types:
-            values.pop("schedule_type", None)
-        if values.get("speed") not in SPEEDS:
-            values.pop("speed", None)
-        return values
+    def fields_from_infotext(self, parsed: dict) -> dict[str, Any]:
+        """Request field values from parsed A1111 parameters (the two-way table in engine.infotext);
+        values that do not parse, and names this Easel does not know, are left out."""
+        values = values_from_params(parsed)
+        known = {"sampler": self.engine.samplers, "schedule_type": self.engine.schedule_types,
+                 "speed": self.engine.limits.speeds}
+        return {k: v for k, v in values.items() if k not in known or v in known[k]}
 
     # --- output settings ------------------------------------------------------------------------
     def apply_saved_outputs(self, keep_command_line: frozenset[str] = frozenset()) -> None:
