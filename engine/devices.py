@@ -175,15 +175,13 @@ def plan_for(family: FamilyInfo, hardware: Hardware, device: str = "auto",
             wanted = Precision.BF16 if hardware.cpu_bf16 else Precision.FP32
             notes.append(f"fp16 cannot run on the CPU; using {wanted.value}")
         if wanted is Precision.AUTO:
-            # Native bf16 halves the UNet's time (measured: 6.9 vs 13.8 s/step for SD 1.5 at 512²);
-            # without native support torch emulates it and it is slower than fp32.
+            # Native bf16 about halves the UNet's time; without native support torch emulates it and
+            # it is far slower than fp32 (docs/benchmarks.md).
             wanted = Precision.BF16 if hardware.cpu_bf16 else Precision.FP32
         compute = _DTYPES[wanted]
         # The text encoder runs once per prompt and the VAE once per image: fp32 keeps them clean.
-        # Channels-last stays off: on a quiet 2-core Zen 3 (AVX2) it was no faster than NCHW for the
-        # SD 1.5 UNet (14.99 vs 14.62 s/step) and re-laying out the weights raised peak RSS from 5.4
-        # to 7.8 GB (docs/benchmarks.md). The attention default (SDPA's CPU flash kernel) is already
-        # the fastest measured.
+        # Channels-last stays off and the attention default stays: both measured no faster, and
+        # channels-last costs memory (docs/benchmarks.md).
         return DevicePlan(dev, compute, torch.float32, torch.float32,
                           threads=hardware.physical_cores, notes=tuple(notes))
 

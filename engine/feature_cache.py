@@ -25,9 +25,8 @@ from engine import compat  # noqa: F401 - torchvision shim before transformers/d
 from diffusers.hooks import HookRegistry, ModelHook
 
 HOOK_NAME = "easel_feature_reuse"
-# One full UNet step, then INTERVAL - 1 reuse steps. Measured at 20 steps on SD 1.5 (random weights,
-# docs/benchmarks.md): 2 -> 1.66x end to end at 45.0 dB PSNR, 3 -> 2.13x / 40.3 dB, 4 -> 2.86x / 37.7 dB,
-# 5 -> 3.59x / 36.2 dB. 4 is the first to clear 2.5x with room to spare.
+# One full UNet step, then INTERVAL - 1 reuse steps: 4 is the first interval that cleared 2.5x end
+# to end with room to spare (each interval's speed and PSNR: docs/benchmarks.md).
 INTERVAL = 4
 MIN_STEPS = 10   # fewer steps (LCM, turbo, short img2img) move too far per step to reuse anything
 

@@ -18,6 +18,8 @@ from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
+from engine.samplers import split_schedule_suffix
+
 PARAMETERS_KEY = "parameters"
 NEGATIVE_PREFIX = "Negative prompt:"
 
@@ -28,13 +30,6 @@ MIN_PARAM_PAIRS = 3
 # A key as A1111 writes them: starts with a word character, then words, spaces, '-' or '/'.
 _KEY = re.compile(r"\s*(\w[\w \-/]*):\s*")
 _SIZE = re.compile(r"^(\d+)x(\d+)$")
-
-# Schedule names that pre-1.9 A1111 glued onto the sampler ("DPM++ 2M Karras"). Longest first so
-# "SGM Uniform" wins over "Uniform".
-_OLD_SCHEDULE_SUFFIXES = (
-    "Align Your Steps", "Polyexponential", "SGM Uniform", "Exponential", "KL Optimal",
-    "Karras", "Uniform", "Simple", "Normal", "Beta",
-)
 
 # EXIF tags: the Exif sub-IFD pointer and UserComment inside it (where A1111 puts the text in
 # JPEG/WebP files). UserComment starts with an 8-byte character-code prefix.
@@ -176,12 +171,9 @@ def _split_old_sampler(result: dict[str, object]) -> None:
     sampler = result.get("Sampler")
     if not isinstance(sampler, str) or "Schedule type" in result:
         return
-    for schedule in _OLD_SCHEDULE_SUFFIXES:
-        suffix = f" {schedule}"
-        if sampler.endswith(suffix) and len(sampler) > len(suffix):
-            result["Sampler"] = sampler[: -len(suffix)]
-            result["Schedule type"] = schedule
-            return
+    base, schedule = split_schedule_suffix(sampler)
+    if schedule is not None:
+        result["Sampler"], result["Schedule type"] = base, schedule
 
 
 def parse_infotext(text: str) -> dict[str, object]:

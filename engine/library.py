@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from engine.atomic import write_atomic
 from engine.errors import ModelNotFoundError
 
 CHECKPOINT_DIR = "Stable-diffusion"
@@ -150,8 +151,5 @@ def model_hash(path: Path, cache_file: Path | None = None) -> str:
     full = digest.hexdigest()
     if cache_file:
         cache[key] = full
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(cache, indent=1))
-        os.replace(tmp, cache_file)
+        write_atomic(cache_file, json.dumps(cache, indent=1))
     return full[:10]

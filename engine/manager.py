@@ -6,7 +6,6 @@ the command line's --device/--precision, then the precision stored for that chec
 from __future__ import annotations
 
 import json
-import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 import torch
 
+from engine.atomic import write_atomic
 from engine.checkpoints import identify_model, load_pipeline, read_model_configs
 from engine.devices import DevicePlan, Hardware, Precision, plan_for
 from engine.errors import EaselError, RequestError
@@ -54,10 +54,7 @@ class ModelSettings:
             return
         data = self._read()
         data.setdefault(name, {})[key] = value
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
-        os.replace(tmp, self.path)
+        write_atomic(self.path, json.dumps(data, indent=1))
 
     def precision(self, name: str) -> str:
         return self._read().get(name, {}).get("precision", Precision.AUTO.value)

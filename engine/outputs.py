@@ -38,13 +38,14 @@ from PIL import Image
 
 from engine.errors import EaselError, RequestError
 from engine.infotext import write_png_with_infotext
+from engine.request import MODES as GENERATION_MODES
 
 try:
     import fcntl
 except ImportError:  # Windows
     fcntl = None
 
-MODES = ("txt2img", "img2img", "extras")
+MODES = (*GENERATION_MODES, "extras")  # output folders: one per generation mode, and the upscaler's (A1111's name)
 NUMBER_DIGITS = 5
 # A1111 compatible: every file in the folder whose name starts with digits and '-' holds a number.
 _NUMBERED = re.compile(r"^(\d+)-")

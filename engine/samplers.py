@@ -46,15 +46,31 @@ SCHEDULE_TYPES = _SIGMA_SCHEDULES
 DEFAULT_SAMPLER = "Euler a"
 
 
-def split_legacy_name(name: str) -> tuple[str, str | None]:
-    """'DPM++ 2M Karras' -> ('DPM++ 2M', 'Karras'); names already in SAMPLERS are returned as-is."""
-    if name in SAMPLERS:
-        return name, None
-    for schedule in ("Karras", "Exponential"):
+# Every schedule name A1111 has, as pre-1.9 A1111 glued them onto the sampler ("DPM++ 2M Karras").
+# Longest first so "SGM Uniform" wins over "Uniform". Easel runs SCHEDULE_TYPES of them; the rest
+# are still split off when reading old infotexts, so the message names the schedule, not the sampler.
+A1111_SCHEDULE_NAMES = (
+    "Align Your Steps", "Polyexponential", "SGM Uniform", "Exponential", "KL Optimal",
+    "Karras", "Uniform", "Simple", "Normal", "Beta",
+)
+
+
+def split_schedule_suffix(name: str) -> tuple[str, str | None]:
+    """'DPM++ 2M Karras' -> ('DPM++ 2M', 'Karras'); a name with no schedule suffix -> (name, None)."""
+    for schedule in A1111_SCHEDULE_NAMES:
         suffix = f" {schedule}"
-        if name.endswith(suffix) and name[: -len(suffix)] in SAMPLERS:
+        if name.endswith(suffix) and len(name) > len(suffix):
             return name[: -len(suffix)], schedule
     return name, None
+
+
+def split_legacy_name(name: str) -> tuple[str, str | None]:
+    """A sampler name as a request may give it: a name in SAMPLERS as-is, or a known sampler with a
+    schedule suffix split off; anything else is returned whole (validation then names it)."""
+    if name in SAMPLERS:
+        return name, None
+    base, schedule = split_schedule_suffix(name)
+    return (base, schedule) if base in SAMPLERS else (name, None)
 
 
 def check_sampler(sampler: str, schedule: str) -> None:

@@ -10,9 +10,9 @@ import gzip
 import importlib.util
 import json
 import os
-import tempfile
 from pathlib import Path
 
+from engine.atomic import write_atomic
 from engine import compat  # noqa: F401 - torchvision shim before transformers/diffusers
 
 BPE_FILE_NAME = "bpe_simple_vocab_16e6.txt.gz"
@@ -59,19 +59,12 @@ def _vocab_and_merges(bpe_path: Path) -> tuple[dict[str, int], list[str]]:
     return {t: i for i, t in enumerate(tokens)}, merges
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def write_tokenizer_files(dest: Path, kind: str = "clip-l") -> Path:
     """Write a complete CLIPTokenizer folder for `kind` ('clip-l' or 'open-clip') into dest."""
     dest.mkdir(parents=True, exist_ok=True)
     vocab, merges = _vocab_and_merges(find_bpe_vocab())
-    _write_atomic(dest / "vocab.json", json.dumps(vocab, ensure_ascii=False))
-    _write_atomic(dest / "merges.txt", "#version: 0.2\n" + "\n".join(merges) + "\n")
+    write_atomic(dest / "vocab.json", json.dumps(vocab, ensure_ascii=False))
+    write_atomic(dest / "merges.txt", "#version: 0.2\n" + "\n".join(merges) + "\n")
     config = {
         "tokenizer_class": "CLIPTokenizer",
         "model_max_length": MODEL_MAX_LENGTH,
@@ -81,7 +74,7 @@ def write_tokenizer_files(dest: Path, kind: str = "clip-l") -> Path:
         "pad_token": PAD_TOKENS[kind],
         "do_lower_case": True,
     }
-    _write_atomic(dest / "tokenizer_config.json", json.dumps(config, indent=1))
+    write_atomic(dest / "tokenizer_config.json", json.dumps(config, indent=1))
     return dest
 
 

@@ -6,10 +6,10 @@ saving never leaves a half-written file. An unreadable file is treated as empty,
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
+
+from engine.atomic import write_atomic
 
 
 @dataclass(frozen=True)
@@ -34,15 +34,7 @@ class SettingsStore:
         return UISettings(**{k: v for k, v in raw.items() if k in known})
 
     def save(self, settings: UISettings) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".settings-", suffix=".json", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(asdict(settings), f, indent=2)
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomic(self.path, json.dumps(asdict(settings), indent=2))
 
     def update(self, **changes) -> UISettings:
         settings = replace(self.load(), **changes)
