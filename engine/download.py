@@ -27,6 +27,10 @@ DEFAULT_MODEL = DefaultModel("stable-diffusion-v1-5/stable-diffusion-v1-5", "v1-
 def download_default_model(models_dir: Path, model: DefaultModel = DEFAULT_MODEL) -> Path:
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.utils import logging as hub_logging
+
+    # The hub client logs every retry ("Retrying in 8s [Retry 3/5]"); the user gets one line from us.
+    hub_logging.set_verbosity_error()
 
     dest_dir = Path(models_dir) / CHECKPOINT_DIR
     dest_dir.mkdir(parents=True, exist_ok=True)

@@ -123,8 +123,6 @@ def test_download_offline_fails_with_one_line_and_no_partial_file(tmp_path):
     assert_one_line_failure(done, tmp_path / "models")
 
 
-@pytest.mark.xfail(strict=True, reason="huggingface_hub logs each of its 5 connection retries to stderr before "
-                                       "Easel's error line (and waits ~30 s)")
 def test_download_with_the_hub_unreachable_fails_with_one_line_and_no_partial_file(tmp_path):
     done = download(tmp_path, HF_ENDPOINT=f"http://{LOOPBACK}:{free_port()}", HF_HUB_OFFLINE="0")
     assert_one_line_failure(done, tmp_path / "models")
