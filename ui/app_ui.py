@@ -67,6 +67,18 @@ def _readable(error: EaselError) -> gr.Error:
     return gr.Error(str(error).splitlines()[0] if str(error) else type(error).__name__, print_exception=False)
 
 
+def shows_errors(handler):
+    """An EaselError from `handler` becomes the page's one-line error message. (functools.wraps keeps
+    the signature Gradio inspects.)"""
+    @functools.wraps(handler)
+    def wrapped(*args, **kwargs):
+        try:
+            return handler(*args, **kwargs)
+        except EaselError as e:
+            raise _readable(e) from None
+    return wrapped
+
+
 class GenerationTab:
     """Widgets and events of one generation tab (txt2img or img2img)."""
 
@@ -256,12 +268,10 @@ def create_ui(engine, settings: SettingsStore | None = None, *, listen: bool = F
 
         tab_fields = [(tab, name) for tab in (txt2img, img2img) for name in ("width", "height", "sampler", "steps", "cfg_scale")]
 
+        @shows_errors
         def select_model(name):
-            try:
-                message = studio.select_model(name)
-                changes = studio.model_fields(name)
-            except EaselError as e:
-                raise _readable(e) from None
+            message = studio.select_model(name)
+            changes = studio.model_fields(name)
             return [message, *(gr.update(**changes.get(field, {})) for _, field in tab_fields)]
 
         model.input(select_model, model, [banner, *(tab.fields[field] for tab, field in tab_fields)],
@@ -277,13 +287,7 @@ def create_ui(engine, settings: SettingsStore | None = None, *, listen: bool = F
         refresh.click(refresh_models, None, [models_table, model, banner], concurrency_id=GENERATION,
                       concurrency_limit=1, api_visibility="private")
 
-        def read_png(path):
-            try:
-                return studio.png_info(path)
-            except EaselError as e:
-                raise _readable(e) from None
-
-        png_image.change(read_png, png_image, [png_text, png_mark, png_fields], api_name="png_info")
+        png_image.change(shows_errors(studio.png_info), png_image, [png_text, png_mark, png_fields], api_name="png_info")
 
         def send_to(tab, target: str, with_image: bool):
             def send(parsed, path):
@@ -301,11 +305,9 @@ def create_ui(engine, settings: SettingsStore | None = None, *, listen: bool = F
         send_img.click(send_to(img2img, "img2img", True), [png_fields, png_image], [tabs, *img2img.fields.values()],
                        queue=False, api_visibility="private")
 
+        @shows_errors
         def save_settings(folder, mark):
-            try:
-                message = studio.save_output_settings(folder, mark)
-            except EaselError as e:
-                raise _readable(e) from None
+            message = studio.save_output_settings(folder, mark)
             return message, studio.output_settings()[0]
 
         save.click(save_settings, [out_box, mark_box], [saved_note, out_box], queue=False, api_visibility="private")
