@@ -47,22 +47,7 @@ class Server:
 
 def start_server(tmp: Path, *extra: str, timeout: float = 180) -> Server:
     """Start the server (loopback only) and wait until it answers HTTP; fail with its log if it dies."""
-    port = free_port()
-    log = tmp / "server.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(serve_command(tmp, port, *extra), cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
-    server = Server(process, f"http://{LOOPBACK}:{port}", log, tmp / "outputs")
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}:\n{server.log_text()[-3000:]}")
-        try:
-            requests.get(server.url + "/", timeout=2)
-            return server
-        except requests.ConnectionError:
-            time.sleep(0.5)
-    server.stop()
-    raise RuntimeError(f"server did not answer within {timeout:.0f}s:\n{server.log_text()[-3000:]}")
+    return start_server_on(LOOPBACK, tmp, *extra, timeout=timeout)
 
 
 def start_server_on(host: str, tmp: Path, *extra: str, env: dict | None = None, timeout: float = 180) -> Server:
@@ -87,3 +72,29 @@ def start_server_on(host: str, tmp: Path, *extra: str, env: dict | None = None, 
             time.sleep(0.5)
     server.stop()
     raise RuntimeError(f"server did not answer within {timeout:.0f}s:\n{server.log_text()[-3000:]}")
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+
+def chromium(*extra_args: str):
+    """A generator for a module fixture: Debian's Chromium driven by Playwright, closed afterwards.
+    Without Chromium the tests skip, except under CI, where they fail."""
+    import os
+
+    import pytest
+
+    if not CHROMIUM.exists():
+        message = f"{CHROMIUM} is missing (apt-get install chromium)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    from playwright.sync_api import sync_playwright
+
+    playwright = sync_playwright().start()
+    browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=[*CHROMIUM_ARGS, *extra_args])
+    yield browser
+    browser.close()
+    playwright.stop()

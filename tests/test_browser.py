@@ -5,38 +5,23 @@ skip, except under CI, where they fail. A failing test leaves a screenshot in te
 """
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from tests.browser_helpers import REPO, start_server
+from tests.browser_helpers import REPO, chromium, start_server
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
 ARTIFACTS = REPO / "test-artifacts"
 WAIT_MS = 90_000  # generous: two shared CPU cores; nothing here asserts on time
 
 
 @pytest.fixture(scope="module")
 def browser():
-    if not CHROMIUM.exists():
-        message = f"{CHROMIUM} is missing (apt-get install chromium)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    from playwright.sync_api import sync_playwright
-
-    playwright = sync_playwright().start()
-    chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-    yield chromium
-    chromium.close()
-    playwright.stop()
+    yield from chromium()
 
 
 @pytest.fixture(scope="module")

@@ -7,14 +7,12 @@ web site is); DNS rebinding is played by Chromium's own resolver rules, which po
 from __future__ import annotations
 
 import http.server
-import os
 import threading
 from functools import partial
 
 import pytest
 
-from tests.browser_helpers import LOOPBACK, free_port, start_server
-from tests.test_browser import CHROMIUM, CHROMIUM_ARGS
+from tests.browser_helpers import LOOPBACK, chromium, free_port, start_server
 
 pytestmark = pytest.mark.browser
 
@@ -28,18 +26,7 @@ FRAME_PAGE = """<!doctype html><html><body><iframe id="frame" src="{easel}/"></i
 
 @pytest.fixture(scope="module")
 def browser():
-    if not CHROMIUM.exists():
-        if os.environ.get("CI"):
-            pytest.fail(f"{CHROMIUM} is missing")
-        pytest.skip(f"{CHROMIUM} is missing")
-    from playwright.sync_api import sync_playwright
-
-    playwright = sync_playwright().start()
-    chromium = playwright.chromium.launch(executable_path=str(CHROMIUM),
-                                          args=[*CHROMIUM_ARGS, "--host-resolver-rules=MAP evil.example 127.0.0.1"])
-    yield chromium
-    chromium.close()
-    playwright.stop()
+    yield from chromium("--host-resolver-rules=MAP evil.example 127.0.0.1")
 
 
 @pytest.fixture(scope="module")
