@@ -43,6 +43,8 @@ def serve_args(*argv: str):
     (("--auth", "user:"), "error: --auth: expected user:password"),
     (("--auth-file", "/nonexistent/logins.txt"), "error: --auth-file: cannot read"),
     (("--listen", "--insecure-no-auth", "--queue-size", "0"), "error: --queue-size: must be at least 1"),
+    (("--cors-allow-origins", "evil.example"), "error: --cors-allow-origins: 'evil.example' is not an http(s) origin"),
+    (("--cors-allow-origins", "https://ok.example,javascript:alert(1)"), "error: --cors-allow-origins: 'javascript"),
 ])
 def test_bad_serve_option_refuses_to_start_with_one_line(argv, message, capsys):
     assert serve(None, serve_args(*argv)) == 2  # refused before the engine is touched

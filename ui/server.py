@@ -127,24 +127,24 @@ def _command_line_outputs(args) -> frozenset[str]:
     return frozenset(given)
 
 
+def check_serve_options(args) -> tuple[list[tuple[str, str]], frozenset[str]]:
+    """(logins, allowed CORS origins) from the serve options; ServeError (one line) when one is bad."""
+    logins = parse_logins(args.auth, args.auth_file)
+    if args.listen and not logins and not args.insecure_no_auth:
+        raise ServeError("--listen shares the page on the network: add --auth user:password or --auth-file FILE "
+                         "(or --insecure-no-auth to let anyone on the network use it)")
+    if not 1 <= args.port <= 65535:
+        raise ServeError(f"--port: must be between 1 and 65535, got {args.port}")
+    if args.queue_size < 1:
+        raise ServeError(f"--queue-size: must be at least 1, got {args.queue_size}")
+    if args.max_upload_mb < 1:
+        raise ServeError(f"--max-upload-mb: must be at least 1, got {args.max_upload_mb}")
+    return logins, parse_cors_origins(args.cors_allow_origins)
+
+
 def serve(engine, args) -> int:
     try:
-        logins = parse_logins(args.auth, args.auth_file)
-        if args.listen and not logins and not args.insecure_no_auth:
-            raise ServeError("--listen shares the page on the network: add --auth user:password or --auth-file FILE "
-                             "(or --insecure-no-auth to let anyone on the network use it)")
-        if not 1 <= args.port <= 65535:
-            raise ServeError(f"--port: must be between 1 and 65535, got {args.port}")
-        if args.queue_size < 1:
-            raise ServeError(f"--queue-size: must be at least 1, got {args.queue_size}")
-        if args.max_upload_mb < 1:
-            raise ServeError(f"--max-upload-mb: must be at least 1, got {args.max_upload_mb}")
-    except ServeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-
-    try:
-        cors_origins = parse_cors_origins(args.cors_allow_origins)
+        logins, cors_origins = check_serve_options(args)
     except ServeError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -173,28 +173,29 @@ def serve(engine, args) -> int:
     import uvicorn
 
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
-    local = "127.0.0.1" if host in (ANY_ADDRESS, "::") else host
-    url = f"http://{local}:{args.port}"
-
-    def announce():
-        while not server.started and not server.should_exit:
-            threading.Event().wait(0.05)
-        if not server.started:
-            return
-        print(f"Easel is running at {url}  (Ctrl+C to stop)", flush=True)
-        if args.listen:
-            addresses = lan_addresses() if host == ANY_ADDRESS else [host]
-            for address in addresses:
-                print(f"On your network: http://{address}:{args.port}", flush=True)
-            if not logins:
-                print("warning: no login required (--insecure-no-auth): anyone who can reach this machine can use it",
-                      file=sys.stderr, flush=True)
-        if not args.no_browser and has_display():
-            webbrowser.open(url)
-
-    threading.Thread(target=announce, name="easel-announce", daemon=True).start()
+    threading.Thread(target=_announce, args=(server, args, host, bool(logins)), name="easel-announce",
+                     daemon=True).start()
     server.run(sockets=[sock])  # until Ctrl+C or SIGTERM
     return 0
+
+
+def _announce(server, args, host: str, has_logins: bool) -> None:
+    """Once the server listens: print where to reach it (and on the network), open a browser tab."""
+    while not server.started and not server.should_exit:
+        threading.Event().wait(0.05)
+    if not server.started:
+        return
+    local = "127.0.0.1" if host in (ANY_ADDRESS, "::") else host
+    url = f"http://{local}:{args.port}"
+    print(f"Easel is running at {url}  (Ctrl+C to stop)", flush=True)
+    if args.listen:
+        for address in lan_addresses() if host == ANY_ADDRESS else [host]:
+            print(f"On your network: http://{address}:{args.port}", flush=True)
+        if not has_logins:
+            print("warning: no login required (--insecure-no-auth): anyone who can reach this machine can use it",
+                  file=sys.stderr, flush=True)
+    if not args.no_browser and has_display():
+        webbrowser.open(url)
 
 
 def build_app(page, *, logins, outdir: Path, max_upload_mb: int, listen: str | None = None,
