@@ -4,6 +4,7 @@
     python app.py txt2img --prompt ... generate from the command line; saved paths go to stdout
     python app.py img2img --init-img FILE --strength 0.8 --prompt ...
     python app.py models               models found, their family and device/precision plan
+    python app.py upscale --input FILE [--upscaler NAME] [--scale 2|3|4] [--tile PX]   saved in outputs/extras
     python app.py pnginfo FILE         the parameters saved in an image, and its watermark status
     python app.py selftest             check the install with a tiny random model (no weights needed)
     python app.py download             fetch the default SD 1.5 checkpoint (needs internet)
@@ -65,7 +66,7 @@ def _add_generation_options(p: argparse.ArgumentParser, img2img: bool) -> None:
 def build_parser() -> Parser:
     parser = Parser(prog="app.py", description="Easel: a local Stable Diffusion studio")
     sub = parser.add_subparsers(dest="command", parser_class=Parser)
-    for name in ("serve", "txt2img", "img2img", "models", "pnginfo", "selftest", "download"):
+    for name in ("serve", "txt2img", "img2img", "upscale", "models", "pnginfo", "selftest", "download"):
         p = sub.add_parser(name)
         if name != "selftest":
             _add_engine_options(p)
@@ -73,6 +74,12 @@ def build_parser() -> Parser:
             _add_generation_options(p, img2img=name == "img2img")
         if name == "pnginfo":
             p.add_argument("file", type=Path)
+        if name == "upscale":
+            p.add_argument("--input", required=True, type=Path, help="the image to upscale")
+            p.add_argument("--upscaler", default=None, help="Lanczos (default) or a file from models/ESRGAN, "
+                                                            "RealESRGAN, SwinIR (see `app.py models`)")
+            p.add_argument("--scale", default="4", help="2, 3 or 4")
+            p.add_argument("--tile", default=None, help="tile size in pixels (default 256; 0: no tiling)")
         if name == "models":
             p.add_argument("--set-precision", nargs=2, metavar=("MODEL", "PRECISION"),
                            help="remember a precision (auto, fp32, fp16, bf16) for one checkpoint")
@@ -125,6 +132,22 @@ def _generate(args, mode: str) -> int:
     if result.grid_path:
         print(result.grid_path)
     if result.save_error:  # the images were made but not (all) written: not a success for a script
+        print(f"error: {_one_line(result.save_error)}", file=sys.stderr)
+        return EXIT_FAILURE
+    return 0
+
+
+def _upscale(args) -> int:
+    from engine.images import open_image
+    from engine.upscalers import DEFAULT_TILE
+
+    engine = _engine(args)
+    image = open_image(args.input, "input")  # size, pixel and text bounds before decoding
+    tile = DEFAULT_TILE if args.tile is None else args.tile
+    result = engine.upscale(image, args.upscaler, args.scale, tile)
+    for path in result.paths:
+        print(path)
+    if result.save_error:
         print(f"error: {_one_line(result.save_error)}", file=sys.stderr)
         return EXIT_FAILURE
     return 0
@@ -190,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if args.command in ("txt2img", "img2img"):
                 return _generate(args, args.command)
+            if args.command == "upscale":
+                return _upscale(args)
             if args.command == "models":
                 return _models(args)
             if args.command == "pnginfo":

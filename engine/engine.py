@@ -24,6 +24,7 @@ from engine.outputs import OutputSettings, remove_leftovers
 from engine.publish import Publisher
 from engine.request import LIMITS, GenerationRequest
 from engine.samplers import SAMPLERS, SCHEDULE_TYPES
+from engine.upscalers import DEFAULT_TILE, Upscalers, pick_device
 from engine.watermark import Watermarker
 
 logger = logging.getLogger(__name__)
@@ -75,6 +76,7 @@ class Engine:
         self.watermarker = Watermarker()
         self.publisher = Publisher(OutputSettings(config.outputs_dir, config.watermark), self.watermarker)
         self.generator = Generator(self.manager, self.publisher)
+        self.upscalers = Upscalers(self.library, self.publisher, device=pick_device(config.device, self.hardware))
         # Temp files of saves that were killed mid-write (only those whose writer is gone: engine/outputs.py).
         remove_leftovers(config.outputs_dir)
 
@@ -207,6 +209,17 @@ class Engine:
         check_cancelled(job)  # cancelled while it waited in the page's queue: not even a load
         with self.manager.use(self._model_name(model)) as loaded:
             return self.generator.run(request, loaded, job)  # checks first: cancelled while it waited
+
+    # --- upscaling (extras) ---------------------------------------------------------------------
+    def upscaler_names(self) -> list[str]:
+        """"Lanczos", then the files in models/ESRGAN, RealESRGAN and SwinIR."""
+        return self.upscalers.names()
+
+    def upscale(self, image, upscaler: str | None = None, scale=4, tile=DEFAULT_TILE, job: Job | None = None,
+                *, overlap=None, save: bool = True) -> GenerationResult:
+        """Upscale an opened image (engine.images.open_image) and publish it in outputs/extras:
+        watermark after upscaling, the source's infotext plus the Postprocess keys."""
+        return self.upscalers.run(image, upscaler, scale, tile, overlap, job, save=save)
 
     # --- PNG info -----------------------------------------------------------------------------
     def png_info(self, source) -> PngInfo:

@@ -1,0 +1,331 @@
+"""Upscaling an image: Lanczos, or an ESRGAN-family model (ESRGAN, Real-ESRGAN, SwinIR ...) from the
+models folder, run in overlapping tiles, then published like any other image (mode "extras").
+
+- The list: "Lanczos" (always there, no weights) and every weight file in `models/ESRGAN`,
+  `models/RealESRGAN` and `models/SwinIR` (the library's "Upscalers"). A name is looked up among
+  the scanned entries only, never joined onto a path.
+- Loading: the state dict comes from `engine.safe_files.read_tensors` (a pickle that would run code
+  is refused before anything is unpickled); spandrel only recognises the architecture from key
+  names and shapes and builds the module (`ModelLoader().load_from_state_dict`), it never opens the
+  file itself. An architecture spandrel does not know is one error naming the file.
+- Tiling: tiles of `tile` input pixels overlapping by `overlap`; each tile's output is weighted by a
+  linear feather (0 at an inner tile edge, 1 from `overlap` pixels in) and the weighted sum is
+  divided by the summed weights, so tiles meet without a seam. Only one tile is in the model at a
+  time: the model's memory is bounded by the tile size, not the image (the output buffer grows with
+  the image: 16 bytes per output pixel). Progress per tile, cancel between tiles.
+- Scale: a 4x model asked for 2 or 3 runs at 4x, then Lanczos brings it down to the asked scale;
+  a scale above the model's is refused (`scale`).
+- Publishing: `Publisher` (watermark on the final, upscaled pixels), the source image's infotext
+  plus A1111's extras keys `Postprocess upscale by: N, Postprocess upscaler: NAME`.
+"""
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Callable
+
+from PIL import Image
+
+from engine.errors import RequestError, UnknownCheckpointError
+from engine.infotext import parse_infotext, quote, read_infotext
+from engine.jobs import GenerationResult, Job, ProgressUpdate, check_cancelled
+from engine.library import ModelLibrary
+from engine.publish import Publisher
+
+LANCZOS = "Lanczos"
+UPSCALER_KIND = "Upscalers"  # engine.library.EXTRA_KINDS key: ESRGAN/, RealESRGAN/, SwinIR/
+SCALES = (2, 3, 4)
+DEFAULT_TILE = 256
+DEFAULT_OVERLAP = 16  # input pixels; when not given, at most a quarter of the tile
+MIN_TILE, MAX_TILE = 32, 2048  # tile 0: the whole image in one piece
+# The accumulation buffers take 16 bytes per output pixel (RGB + weight, float32): 50 MP is 800 MB.
+MAX_OUTPUT_PIXELS = 50_000_000
+MODE = "extras"  # A1111's name for the upscaler's output folder
+_PP_KEYS = ("Postprocess upscale by", "Postprocess upscaler")
+
+
+@dataclass(frozen=True)
+class Upscaler:
+    name: str               # what users see and type; for a model, the file name without extension
+    path: Path | None       # None: Lanczos
+
+
+def list_upscalers(library: ModelLibrary) -> list[Upscaler]:
+    """Lanczos, then the model files (by stem; by path relative to the models folder when two
+    files share a stem)."""
+    entries = library.extra_entries(UPSCALER_KIND)
+    stems = [PurePosixPath(e.name).stem for e in entries]
+    found = [Upscaler(LANCZOS, None)]
+    for entry, stem in zip(entries, stems):
+        unique = stems.count(stem) == 1 and stem.lower() != LANCZOS.lower()
+        found.append(Upscaler(stem if unique else entry.name, entry.path))
+    return found
+
+
+def resolve_upscaler(library: ModelLibrary, name: str | None) -> Upscaler:
+    wanted = (name or LANCZOS).strip()
+    available = list_upscalers(library)
+    for up in available:
+        if up.name == wanted or up.name.lower() == wanted.lower() and up.path is None:
+            return up
+    for up in available:  # the full relative name also works ("ESRGAN/4x-foo.pth")
+        if up.path is not None and up.path.relative_to(library.models_dir).as_posix() == wanted:
+            return up
+    names = ", ".join(up.name for up in available)
+    raise RequestError("upscaler", f"{wanted!r} is not an upscaler; available: {names}")
+
+
+# --- loading ---------------------------------------------------------------------------------------
+
+def load_model(path: Path, device: str = "cpu"):
+    """The spandrel ImageModelDescriptor for a weight file, in eval mode on `device`."""
+    from engine.safe_files import read_tensors
+
+    path = Path(path)
+    state_dict = read_tensors(path)  # refuses code-running pickles and forged files, by name
+    import engine.compat  # noqa: F401 - spandrel imports torchvision: the operator shim first
+    from spandrel import ImageModelDescriptor, ModelLoader, UnsupportedModelError
+
+    try:
+        descriptor = ModelLoader(device="cpu").load_from_state_dict(state_dict)
+    except UnsupportedModelError:
+        raise UnknownCheckpointError(
+            f"{path.name}: not an upscaler architecture Easel knows (ESRGAN, Real-ESRGAN, SwinIR and "
+            f"the others spandrel reads)") from None
+    except Exception as e:  # noqa: BLE001 - a known architecture with inconsistent shapes
+        text = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise UnknownCheckpointError(f"{path.name}: looks like an upscaler but cannot be built ({text})") from None
+    if not isinstance(descriptor, ImageModelDescriptor) or descriptor.input_channels != 3 \
+            or descriptor.output_channels != 3:
+        raise UnknownCheckpointError(f"{path.name}: is a {descriptor.architecture.name} model, not an RGB upscaler")
+    descriptor.model.eval()
+    return descriptor.to(device)
+
+
+# --- tiles -----------------------------------------------------------------------------------------
+
+def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+    """Start offsets covering 0..length with tiles of `tile` overlapping by at least `overlap`."""
+    if tile <= 0 or length <= tile:
+        return [0]
+    stride = tile - overlap
+    starts = list(range(0, length - tile, stride))
+    starts.append(length - tile)
+    return starts
+
+
+def _ramp(n: int, fade: int, left: bool, right: bool):
+    """Per-pixel weights along one axis of a tile's output: a linear feather over `fade` pixels at
+    each edge that has a neighbour, strictly above 0 so every output pixel has some weight."""
+    import torch
+
+    w = torch.ones(n)
+    if fade > 0:
+        ramp = (torch.arange(fade, dtype=torch.float32) + 0.5) / fade
+        fade = min(fade, n)
+        if left:
+            w[:fade] = torch.minimum(w[:fade], ramp[:fade])
+        if right:
+            w[n - fade:] = torch.minimum(w[n - fade:], ramp[:fade].flip(0))
+    return w
+
+
+def run_tiled(model: Callable, pixels, scale: int, tile: int, overlap: int, *,
+              multiple_of: int = 1, minimum: int = 0,
+              on_tile: Callable[[int, int], None] | None = None, job: Job | None = None):
+    """The model's output for `pixels` (1x3xHxW, 0..1), computed tile by tile and feather-blended.
+
+    `model` maps 1x3xhxw to 1x3x(h*scale)x(w*scale). Tiles are padded (replicated edge) to the
+    model's size requirements and the padding cropped off its output. `on_tile(done, total)` after
+    each tile; `job` is checked for cancel before each one."""
+    import torch
+    import torch.nn.functional as F
+
+    _, channels, height, width = pixels.shape
+    ys, xs = tile_starts(height, tile, overlap), tile_starts(width, tile, overlap)
+    th, tw = (height, width) if tile <= 0 else (min(tile, height), min(tile, width))
+    out = torch.zeros(1, channels, height * scale, width * scale)
+    weight = torch.zeros(1, 1, height * scale, width * scale)
+    total, done = len(ys) * len(xs), 0
+    for iy, y in enumerate(ys):
+        for ix, x in enumerate(xs):
+            if job is not None:
+                check_cancelled(job)
+            piece = pixels[:, :, y:y + th, x:x + tw]
+            ph, pw = _padded(th, multiple_of, minimum), _padded(tw, multiple_of, minimum)
+            if (ph, pw) != (th, tw):
+                piece = F.pad(piece, (0, pw - tw, 0, ph - th), mode="replicate")
+            with torch.inference_mode():
+                result = model(piece).float().cpu()
+            result = result[:, :, :th * scale, :tw * scale].clamp(0, 1)
+            if result.shape[-2:] != (th * scale, tw * scale):
+                raise UnknownCheckpointError(
+                    f"the model gave {tuple(result.shape[-2:])} for a {th}x{tw} tile, not {scale}x that")
+            fade = overlap * scale
+            wy = _ramp(th * scale, fade, iy > 0, iy < len(ys) - 1)
+            wx = _ramp(tw * scale, fade, ix > 0, ix < len(xs) - 1)
+            w = (wy[:, None] * wx[None, :])[None, None]
+            oy, ox = y * scale, x * scale
+            out[:, :, oy:oy + th * scale, ox:ox + tw * scale] += result * w
+            weight[:, :, oy:oy + th * scale, ox:ox + tw * scale] += w
+            del result, piece
+            done += 1
+            if on_tile is not None:
+                on_tile(done, total)
+    return out.div_(weight)
+
+
+def _padded(n: int, multiple_of: int, minimum: int) -> int:
+    n = max(n, minimum)
+    return -(-n // multiple_of) * multiple_of if multiple_of > 1 else n
+
+
+def _to_tensor(image: Image.Image):
+    import numpy as np
+    import torch
+
+    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(array).permute(2, 0, 1)[None].contiguous()
+
+
+def _to_image(tensor) -> Image.Image:
+    array = (tensor[0].permute(1, 2, 0).clamp(0, 1) * 255.0).round().to(dtype=__import__("torch").uint8)
+    return Image.fromarray(array.numpy(), "RGB")
+
+
+# --- checks and infotext ---------------------------------------------------------------------------
+
+def check_options(image: Image.Image, scale, tile, overlap) -> tuple[int, int, int]:
+    def whole(value, field):
+        if isinstance(value, bool):
+            raise RequestError(field, f"must be a whole number, got {value!r}")
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise RequestError(field, f"must be a whole number, got {value!r}") from None
+        if number != int(number):
+            raise RequestError(field, f"must be a whole number, got {value!r}")
+        return int(number)
+
+    scale, tile = whole(scale, "scale"), whole(tile, "tile")
+    # Not given: 16 px, less for small tiles (a quarter of the tile at most).
+    overlap = min(DEFAULT_OVERLAP, max(tile, 0) // 4) if overlap is None else whole(overlap, "tile_overlap")
+    if scale not in SCALES:
+        raise RequestError("scale", f"must be one of {', '.join(map(str, SCALES))}, got {scale}")
+    if tile != 0 and not MIN_TILE <= tile <= MAX_TILE:
+        raise RequestError("tile", f"must be 0 (no tiling) or from {MIN_TILE} to {MAX_TILE} pixels, got {tile}")
+    if overlap < 0 or (tile and overlap * 2 >= tile):
+        raise RequestError("tile_overlap", f"must be from 0 to less than half the tile ({tile}), got {overlap}")
+    w, h = image.size
+    if w * h * scale * scale > MAX_OUTPUT_PIXELS:
+        raise RequestError("scale", f"{w}x{h} at {scale}x would be {w * scale}x{h * scale} = "
+                                    f"{w * h * scale * scale} pixels; at most {MAX_OUTPUT_PIXELS} are allowed "
+                                    f"(a smaller scale or image)")
+    return scale, tile, overlap
+
+
+def upscale_infotext(source: str | None, upscaler: str, scale: int) -> str:
+    """The source's parameters with A1111's extras keys appended to its parameter line (an earlier
+    upscale's keys are replaced); the keys alone when the source had none."""
+    added = f"Postprocess upscale by: {scale}, Postprocess upscaler: {quote(upscaler)}"
+    if not source or not source.strip():
+        return added
+    text = source.rstrip()
+    *lines, last = text.split("\n")
+    for key in _PP_KEYS:  # a re-upscaled image: the latest upscale's keys only
+        last = re.sub(rf"(^|,\s*){re.escape(key)}:\s*(\"(?:[^\"\\]|\\.)*\"|[^,]*)", "", last).strip().strip(",").strip()
+    if last and len(parse_infotext(last)) > 2:  # a parameter line (Prompt and Negative prompt are always there)
+        last = f"{last}, {added}"
+    else:
+        lines.append(last)
+        last = added
+    return "\n".join([*lines, last]).strip("\n")
+
+
+def _seed_of(source: str | None) -> int:
+    if source:
+        seed = parse_infotext(source).get("Seed")
+        if isinstance(seed, str) and seed.isdigit():
+            return int(seed)
+    return 0
+
+
+def pick_device(device: str, hardware) -> str:
+    """The device upscaling runs on: the configured one (auto: CUDA, then MPS, then CPU)."""
+    if device in ("auto", "cuda") and getattr(hardware, "cuda", False):
+        return "cuda"
+    if device in ("auto", "mps") and getattr(hardware, "mps", False):
+        return "mps"
+    return "cpu"
+
+
+# --- running ---------------------------------------------------------------------------------------
+
+class Upscalers:
+    """The upscalers of one models folder; keeps the last model used loaded."""
+
+    def __init__(self, library: ModelLibrary, publisher: Publisher, device: str = "cpu"):
+        self.library, self.publisher, self.device = library, publisher, device
+        self._loaded: tuple[tuple, object] | None = None
+
+    def names(self) -> list[str]:
+        return [up.name for up in list_upscalers(self.library)]
+
+    def _model(self, path: Path):
+        stat = path.stat()
+        key = (str(path), stat.st_size, stat.st_mtime_ns, self.device)
+        if self._loaded is None or self._loaded[0] != key:
+            self._loaded = None
+            self._loaded = (key, load_model(path, self.device))
+        return self._loaded[1]
+
+    def upscale_image(self, image: Image.Image, upscaler: str | None = None, scale=4, tile=DEFAULT_TILE,
+                      overlap=None, job: Job | None = None) -> tuple[Image.Image, str]:
+        """The upscaled image (exactly scale x the input) and the upscaler's name, not published."""
+        job = job or Job()
+        scale, tile, overlap = check_options(image, scale, tile, overlap)
+        chosen = resolve_upscaler(self.library, upscaler)
+        started = time.monotonic()
+        target = (image.width * scale, image.height * scale)
+
+        def report(done: int, total: int) -> None:
+            if job.on_progress is not None:
+                job.on_progress(ProgressUpdate(step=done, steps=total, batch=0, batches=1,
+                                               elapsed=time.monotonic() - started))
+
+        check_cancelled(job)
+        if chosen.path is None:
+            result = image.convert("RGB").resize(target, Image.LANCZOS)
+            report(1, 1)
+            return result, chosen.name
+        descriptor = self._model(chosen.path)
+        if descriptor.scale < scale:
+            raise RequestError("scale", f"{chosen.name} is a {descriptor.scale}x model: it cannot reach {scale}x "
+                                        f"(ask {descriptor.scale} or less, or use {LANCZOS})")
+        req = descriptor.size_requirements
+        pixels = _to_tensor(image).to(self.device)
+        out = run_tiled(descriptor, pixels, descriptor.scale, tile, overlap, multiple_of=req.multiple_of,
+                        minimum=req.minimum, on_tile=report, job=job)
+        result = _to_image(out)
+        del out, pixels
+        if result.size != target:
+            result = result.resize(target, Image.LANCZOS)
+        return result, chosen.name
+
+    def run(self, image: Image.Image, upscaler: str | None = None, scale=4, tile=DEFAULT_TILE,
+            overlap=None, job: Job | None = None, *, save: bool = True) -> GenerationResult:
+        """Upscale and publish: watermark on the final pixels, infotext, atomic save in outputs/extras."""
+        job = job or Job()
+        source = read_infotext(image)
+        result, name = self.upscale_image(image, upscaler, scale, tile, overlap, job)
+        scale = int(float(scale))
+        infotext = upscale_infotext(source, name, scale)
+        seed = _seed_of(source)
+        publication = self.publisher.begin(MODE, save=save, job=job)
+        publication.add(result, seed, infotext)
+        published = publication.finish()
+        notes = (published.save_error,) if published.save_error else ()
+        return GenerationResult(published.images, (seed,), (infotext,), published.paths, None, notes,
+                                published.save_error)

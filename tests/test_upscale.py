@@ -1,0 +1,291 @@
+"""Upscaling (engine/upscalers.py, Engine.upscale, `app.py upscale`) with tiny random ESRGAN models
+built here in Real-ESRGAN's key layout (RRDBNet: conv_first, body.N.rdbM.convK, conv_body,
+conv_up1/2, conv_hr, conv_last), saved as .safetensors and as a plain-tensor .pth."""
+import io
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+import app
+from engine.errors import CancelledError, RequestError, UnknownCheckpointError, UnsafeCheckpointError
+from engine.infotext import read_infotext, write_png_with_infotext
+from engine.jobs import Job
+from engine.upscalers import load_model, run_tiled, upscale_infotext
+
+FEAT, GROW = 8, 32  # spandrel's RRDB fixes the growth channels at 32
+
+
+def rrdb_state_dict(seed: int = 0, blocks: int = 1, feat: int = FEAT, up_convs: int = 2) -> dict:
+    """A random RRDBNet in Real-ESRGAN's layout; 2 upsampling convs = 4x, 1 = 2x."""
+    gen = torch.Generator().manual_seed(seed)
+    sd = {}
+
+    def conv(name, cout, cin, bias=0.0):
+        sd[f"{name}.weight"] = torch.randn(cout, cin, 3, 3, generator=gen) * (1.0 / (cin * 9)) ** 0.5
+        sd[f"{name}.bias"] = torch.full((cout,), bias)
+
+    conv("conv_first", feat, 3)
+    for b in range(blocks):
+        for r in (1, 2, 3):
+            for k in range(1, 6):
+                conv(f"body.{b}.rdb{r}.conv{k}", feat if k == 5 else GROW, feat + (k - 1) * GROW)
+    conv("conv_body", feat, feat)
+    for u in range(1, up_convs + 1):
+        conv(f"conv_up{u}", feat, feat)
+    conv("conv_hr", feat, feat)
+    conv("conv_last", 3, feat, bias=0.5)
+    return sd
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("upscale-models")
+    (root / "ESRGAN").mkdir()
+    (root / "RealESRGAN").mkdir()
+    save_file(rrdb_state_dict(0), str(root / "ESRGAN" / "tiny4x.safetensors"))
+    torch.save(rrdb_state_dict(1), root / "RealESRGAN" / "tiny4x-pth.pth")
+    save_file({"foo.weight": torch.zeros(3, 3)}, str(root / "ESRGAN" / "mystery.safetensors"))
+    return root
+
+
+@pytest.fixture(scope="module")
+def engine(models_dir, tmp_path_factory, plain_cpu):
+    from engine.engine import Engine, EngineConfig
+
+    root = tmp_path_factory.mktemp("upscale-engine")
+    return Engine(EngineConfig(models_dir, root / "outputs", root / "data"), plain_cpu)
+
+
+def noise_image(size, seed=0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8), "RGB")
+
+
+def gradient_image(size) -> Image.Image:
+    w, h = size
+    x = np.linspace(0, 255, w)[None, :, None]
+    y = np.linspace(0, 255, h)[:, None, None]
+    array = np.concatenate([np.broadcast_to(x, (h, w, 1)), np.broadcast_to(y, (h, w, 1)),
+                            np.broadcast_to((x + y) / 2, (h, w, 1))], axis=2)
+    return Image.fromarray(array.round().astype(np.uint8), "RGB")
+
+
+def pixels(image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+# --- the list and loading --------------------------------------------------------------------------
+
+def test_list_has_lanczos_and_the_model_files(engine):
+    assert engine.upscaler_names() == ["Lanczos", "mystery", "tiny4x", "tiny4x-pth"]
+
+
+@pytest.mark.parametrize("name", ["ESRGAN/tiny4x.safetensors", "RealESRGAN/tiny4x-pth.pth"])
+def test_spandrel_detects_the_tiny_rrdbnet(models_dir, name):
+    descriptor = load_model(models_dir / name)
+    assert descriptor.architecture.id == "ESRGAN"
+    assert descriptor.scale == 4
+    assert descriptor.model.training is False
+
+
+def test_unknown_architecture_is_one_error_naming_the_file(engine):
+    with pytest.raises(UnknownCheckpointError) as info:
+        engine.upscale(noise_image((32, 32)), "mystery", 4, save=False)
+    message = str(info.value)
+    assert message.startswith("mystery.safetensors: ") and "\n" not in message
+
+
+def test_hostile_pth_is_refused_and_never_runs(tmp_path, plain_cpu):
+    from engine.engine import Engine, EngineConfig
+
+    marker = tmp_path / "MARKER"
+
+    class Evil:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    (tmp_path / "models" / "ESRGAN").mkdir(parents=True)
+    (tmp_path / "models" / "ESRGAN" / "evil.pth").write_bytes(pickle.dumps({"conv_first.weight": Evil()}, protocol=4))
+    eng = Engine(EngineConfig(tmp_path / "models", tmp_path / "out", tmp_path / "data"), plain_cpu)
+    assert "evil" in eng.upscaler_names()
+    with pytest.raises(UnsafeCheckpointError, match=r"^evil\.pth: refused: this pickle would call os\.system"):
+        eng.upscale(noise_image((32, 32)), "evil", 4)
+    assert not marker.exists()
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.png"))
+
+
+# --- sizes, scales -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("scale", [2, 3, 4])
+@pytest.mark.parametrize("upscaler", ["tiny4x", "tiny4x-pth", "Lanczos"])
+def test_output_is_exactly_scale_times_the_input(engine, upscaler, scale):
+    image, name = engine.upscalers.upscale_image(noise_image((37, 29)), upscaler, scale, tile=32, overlap=4)
+    assert image.size == (37 * scale, 29 * scale) and image.mode == "RGB" and name == upscaler
+    assert pixels(image).std() > 2  # not a flat image: the model really ran
+
+
+def test_a_scale_the_model_cannot_reach_names_scale(tmp_path, plain_cpu):
+    from engine.engine import Engine, EngineConfig
+
+    (tmp_path / "m" / "ESRGAN").mkdir(parents=True)
+    save_file(rrdb_state_dict(2, up_convs=1), str(tmp_path / "m" / "ESRGAN" / "tiny2x.safetensors"))
+    assert load_model(tmp_path / "m" / "ESRGAN" / "tiny2x.safetensors").scale == 2
+    eng = Engine(EngineConfig(tmp_path / "m", tmp_path / "out", tmp_path / "data"), plain_cpu)
+    assert eng.upscalers.upscale_image(noise_image((20, 20)), "tiny2x", 2, tile=0)[0].size == (40, 40)
+    with pytest.raises(RequestError, match=r"^scale: tiny2x is a 2x model: it cannot reach 4x"):
+        eng.upscale(noise_image((20, 20)), "tiny2x", 4)
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"scale": 5}, "scale"), ({"scale": "x"}, "scale"), ({"scale": 2.5}, "scale"), ({"tile": 7}, "tile"),
+    ({"tile": 64, "overlap": 32}, "tile_overlap"), ({"upscaler": "../../etc/passwd"}, "upscaler"),
+])
+def test_bad_options_name_the_field(engine, kwargs, field):
+    args = {"upscaler": "Lanczos", "scale": 4, "tile": 256, **kwargs}
+    with pytest.raises(RequestError) as info:
+        engine.upscale(noise_image((16, 16)), args.pop("upscaler"), args.pop("scale"), args.pop("tile"),
+                       save=False, **args)
+    assert str(info.value).startswith(f"{field}: ")
+
+
+def test_output_pixel_budget_names_scale(engine):
+    with pytest.raises(RequestError, match=r"^scale: 4000x4000 at 4x would be 16000x16000"):
+        engine.upscale(Image.new("RGB", (4000, 4000)), "Lanczos", 4, save=False)
+
+
+# --- tiles -----------------------------------------------------------------------------------------
+
+def test_tiled_and_untiled_agree_away_from_the_seams(engine):
+    """120 px in 64 px tiles overlapping by 8: tiles at 0 and 56, inner edges at 56 and 64. The tiny
+    RRDBNet sees about 20 input pixels around each pixel, so pixels more than 20 px from an inner
+    edge (input 0..35 and 85..119) come out the same; tolerance: 1/255 (rounding)."""
+    source = noise_image((120, 120), seed=3)
+    tiled, _ = engine.upscalers.upscale_image(source, "tiny4x", 4, tile=64, overlap=8)
+    whole, _ = engine.upscalers.upscale_image(source, "tiny4x", 4, tile=0)
+    a, b = pixels(tiled), pixels(whole)
+    far = np.r_[0:36 * 4, 85 * 4:120 * 4]
+    assert np.abs(a[np.ix_(far, far)] - b[np.ix_(far, far)]).max() <= 1
+    assert np.abs(a - b).mean() < 4  # near the seams the two differ only a little on average
+
+
+def test_smooth_input_shows_no_seam():
+    """A worst-case model whose every tile comes out 0.2 brighter or darker than the last: without
+    blending that is a 51-level step at each seam; the linear feather spreads it over the overlap
+    (8 px x 4 = 32 output px), so no two neighbouring pixels differ by more than the gradient's own
+    slope plus 0.2/32."""
+    offsets = iter([0.0, 0.2, -0.2, 0.1] * 10)
+
+    def model(piece):
+        up = torch.nn.functional.interpolate(piece, scale_factor=4, mode="bilinear", align_corners=False)
+        return up * 0.5 + next(offsets)
+
+    smooth = torch.from_numpy(np.asarray(gradient_image((120, 96)), dtype=np.float32) / 255).permute(2, 0, 1)[None]
+    out = run_tiled(model, smooth, 4, tile=64, overlap=8)
+    assert out.shape == (1, 3, 96 * 4, 120 * 4)
+    step_x = (out[..., 1:] - out[..., :-1]).abs().max().item()
+    step_y = (out[..., 1:, :] - out[..., :-1, :]).abs().max().item()
+    slope = 0.5 / (120 * 4 - 1)  # the gradient itself, halved by the model
+    assert step_x <= slope * 1.5 + 0.2 * 2 / 32 + 1e-4
+    assert step_y <= 0.5 / (96 * 4 - 1) * 1.5 + 0.2 * 2 / 32 + 1e-4
+
+
+def test_progress_per_tile_and_cancel_between_tiles(engine):
+    updates = []
+    engine.upscalers.upscale_image(noise_image((70, 70)), "tiny4x", 2, tile=32, overlap=4,
+                                   job=Job(on_progress=updates.append))
+    assert [(u.step, u.steps) for u in updates] == [(i, 9) for i in range(1, 10)]  # starts 0, 28, 38 per axis
+    assert updates[-1].fraction == 1 and updates[0].eta is not None
+
+    seen = []
+    job = Job()
+
+    def cancel_after_two(update):
+        seen.append(update.step)
+        if update.step == 2:
+            job.cancel()
+
+    job.on_progress = cancel_after_two
+    before = set(engine.outputs.outdir.rglob("*.png"))
+    with pytest.raises(CancelledError):
+        engine.upscale(noise_image((70, 70)), "tiny4x", 4, tile=32, job=job)
+    assert seen == [1, 2]  # the third tile never started
+    assert set(engine.outputs.outdir.rglob("*.png")) == before  # nothing saved
+
+
+# --- publishing ------------------------------------------------------------------------------------
+
+SOURCE_INFO = "a red fox\nNegative prompt: blurry\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1234, Size: 128x128"
+
+
+def test_published_with_watermark_after_upscaling_and_the_source_infotext(engine):
+    source = Image.open(io.BytesIO(write_png_with_infotext(gradient_image((128, 128)), SOURCE_INFO)))
+    source.load()
+    result = engine.upscale(source, "tiny4x", 2, tile=64)
+    (path,) = result.paths
+    assert path.parent.parent.name == "extras" and path.name.endswith("-1234.png")
+    expected = SOURCE_INFO + ", Postprocess upscale by: 2, Postprocess upscaler: tiny4x"
+    assert result.infotexts == (expected,)
+    with Image.open(path) as saved:
+        assert saved.size == (256, 256)
+        assert read_infotext(saved) == expected
+    info = engine.png_info(path)
+    assert info.watermark is True
+    assert info.fields["Postprocess upscaler"] == "tiny4x" and info.fields["Seed"] == "1234"
+
+
+def test_infotext_of_an_image_without_one_and_a_second_upscale():
+    assert upscale_infotext(None, "Lanczos", 4) == "Postprocess upscale by: 4, Postprocess upscaler: Lanczos"
+    once = upscale_infotext(SOURCE_INFO, "a, b", 2)
+    assert once.endswith('Postprocess upscale by: 2, Postprocess upscaler: "a, b"')
+    assert upscale_infotext(once, "Lanczos", 4) == SOURCE_INFO + ", Postprocess upscale by: 4, Postprocess upscaler: Lanczos"
+
+
+# --- the command line ------------------------------------------------------------------------------
+
+def cli(capsys, *argv):
+    code = app.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture()
+def dirs(models_dir, tmp_path):
+    return ["--models-dir", str(models_dir), "--outdir", str(tmp_path / "out"), "--data-dir", str(tmp_path / "data")]
+
+
+def test_cli_upscale_prints_the_path_and_pnginfo_reads_it(capsys, dirs, tmp_path):
+    src = tmp_path / "in.png"
+    src.write_bytes(write_png_with_infotext(gradient_image((128, 128)), SOURCE_INFO))
+    code, out, err = cli(capsys, "upscale", *dirs, "--input", str(src), "--upscaler", "Lanczos", "--scale", "4")
+    assert code == 0, err
+    (line,) = out.splitlines()
+    assert Path(line).is_file() and Path(line).is_relative_to(tmp_path / "out" / "extras")
+    code, out, err = cli(capsys, "pnginfo", *dirs, line)
+    assert code == 0, err
+    assert "Postprocess upscale by: 4, Postprocess upscaler: Lanczos" in out
+    assert "Watermark: Easel watermark found" in out
+
+
+@pytest.mark.parametrize("args, says", [
+    ([], "--input"),
+    (["--input", "{missing}"], "input: nope.png does not exist"),
+    (["--input", "{text}"], "input: notes.png is not an image"),
+    (["--input", "{png}", "--scale", "8"], "scale: must be one of 2, 3, 4"),
+    (["--input", "{png}", "--tile", "abc"], "tile: must be a whole number"),
+    (["--input", "{png}", "--upscaler", "nope"], "upscaler: 'nope' is not an upscaler; available: Lanczos, mystery, tiny4x"),
+])
+def test_cli_bad_input_exits_2_with_one_line(capsys, dirs, tmp_path, args, says):
+    (tmp_path / "notes.png").write_text("not an image")
+    Image.new("RGB", (16, 16)).save(tmp_path / "ok.png")
+    names = {"{missing}": str(tmp_path / "nope.png"), "{text}": str(tmp_path / "notes.png"),
+             "{png}": str(tmp_path / "ok.png")}
+    code, out, err = cli(capsys, "upscale", *dirs, *[names.get(a, a) for a in args])
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith("error: ") and says in err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.png"))
