@@ -57,6 +57,13 @@ def _add_generation_options(p: argparse.ArgumentParser, img2img: bool) -> None:
     p.add_argument("--grid", action="store_true", help="also save a grid of the batch")
     p.add_argument("--speed", default=None, help="exact (default) or fast: reuse the UNet's deep features "
                                                  "across steps, about 2.5-3x faster, a slightly different image")
+    if not img2img:  # hires fix: A1111's names, as in its API
+        p.add_argument("--hires", dest="enable_hr", action="store_true",
+                       help="hires fix: generate at --width x --height, enlarge, then refine with a second pass")
+        p.add_argument("--hr-scale", default=None, help="hires fix: how much to enlarge, 1-4 (default 2)")
+        p.add_argument("--hr-upscaler", default=None, help="hires fix: Latent (default) or Lanczos")
+        p.add_argument("--hr-steps", default=None, help="hires fix: second-pass steps (default: same as --steps)")
+        p.add_argument("--strength", default=None, help="hires fix: denoising strength of the second pass (default 0.75)")
     if img2img:
         p.add_argument("--init-img", required=True, type=Path)
         p.add_argument("--strength", default=None, help="denoising strength 0-1 (default 0.75)")
@@ -119,6 +126,9 @@ def _generate(args, mode: str) -> int:
         "width": args.width, "height": args.height, "batch_size": args.n_samples, "batch_count": args.n_iter,
         "save_grid": args.grid or None, "speed": args.speed,
     }
+    if mode == "txt2img":
+        fields.update(enable_hr=args.enable_hr or None, hr_scale=args.hr_scale, hr_upscaler=args.hr_upscaler,
+                      hr_second_pass_steps=args.hr_steps, denoising_strength=args.strength)
     if mode == "img2img":
         init = open_image(args.init_img, "init_image")  # size, pixel and text bounds before decoding
         fields.update(init_image=init, denoising_strength=args.strength, resize_mode=args.resize_mode)

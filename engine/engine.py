@@ -7,13 +7,12 @@ request and returns plain values, so callers need no torch.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping
 
 from engine.devices import Hardware
-from engine.errors import EaselError, ModelNotFoundError
+from engine.errors import EaselError, ModelNotFoundError, RequestError
 from engine.generator import Generator
 from engine.jobs import GenerationResult, Job, check_cancelled
 from engine.images import open_image
@@ -22,7 +21,7 @@ from engine.library import ModelLibrary
 from engine.manager import LoadedModel, ModelFacts, ModelManager, ModelSettings
 from engine.outputs import OutputSettings, remove_leftovers
 from engine.publish import Publisher
-from engine.request import LIMITS, GenerationRequest
+from engine.request import LIMITS, GenerationRequest, size_multiple
 from engine.samplers import SAMPLERS, SCHEDULE_TYPES
 from engine.upscalers import DEFAULT_TILE, Upscalers, pick_device
 from engine.watermark import Watermarker
@@ -192,11 +191,16 @@ class Engine:
         config files only: no weights are loaded here."""
         facts = self.model_facts(model)
         given = {k: v for k, v in fields.items() if v is not None}
-        return GenerationRequest.validate({**facts.default_fields(), **given}, size_multiple=size_multiple(facts))
+        request = GenerationRequest.validate({**facts.default_fields(), **given},
+                                             size_multiple=size_multiple(facts.vae_scale_factor))
+        if request.enable_hr and facts.info.inpaint_unet:
+            raise RequestError("enable_hr", f"hires fix needs an ordinary checkpoint; {facts.info.label} models "
+                                            "redraw through a mask")
+        return request
 
     def size_step(self, model: str | None = None) -> int:
         """The step width and height must take for this model (see `size_multiple`)."""
-        return size_multiple(self.model_facts(model))
+        return size_multiple(self.model_facts(model).vae_scale_factor)
 
     def model_defaults(self, model: str | None = None) -> dict[str, Any]:
         """Request fields this model wants other than A1111's defaults (e.g. LCM: sampler, steps, CFG)."""
@@ -244,20 +248,6 @@ class Engine:
 
 
 DEMO_MODEL_NAME = "demo-tiny-random (makes noise)"
-
-# diffusers' StableDiffusion(XL)Pipeline.check_inputs refuse a width or height not divisible by 8,
-# whatever the VAE's scale factor (`if height % 8 != 0 or width % 8 != 0: raise ValueError`); the
-# inpainting pipelines ask for the VAE's scale factor instead.
-PIPELINE_SIZE_CHECK = 8
-
-
-def size_multiple(facts: ModelFacts) -> int:
-    """What width and height must be a multiple of for this model, so that every size validation
-    accepts also runs: the VAE's scale factor (pixels per latent) and the pipeline's own check.
-    The UNet's downsampling adds nothing: diffusers' UNet2DConditionModel upsamples to the skip
-    connections' sizes (forward_upsample_size) when a latent does not divide evenly."""
-    return math.lcm(int(facts.vae_scale_factor), PIPELINE_SIZE_CHECK)
-
 
 def read_png_info(source, watermarker: Watermarker | None = None) -> PngInfo:
     """Parameters and watermark status of an image (a path, bytes or a PIL image), opened with the

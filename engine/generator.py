@@ -22,7 +22,7 @@ from engine.jobs import GenerationResult, Job, ProgressUpdate, check_cancelled
 from engine.manager import LoadedModel, ModelManager
 from engine.publish import Publisher
 from engine.preview import latents_to_preview
-from engine.request import MAX_SEED, GenerationRequest
+from engine.request import MAX_SEED, GenerationRequest, hires_size, size_multiple
 from engine.samplers import make_scheduler
 
 
@@ -40,10 +40,15 @@ def resize_init_image(image: Image.Image, width: int, height: int, mode: str) ->
 
 
 def pipeline_steps(request: GenerationRequest) -> int:
-    """`num_inference_steps` for diffusers: img2img runs int(steps * strength) of them, at least one."""
-    steps = request.steps
-    if request.mode == "img2img" and request.denoising_strength > 0:  # strength 0 runs no step at all
-        while int(steps * request.denoising_strength) < 1:
+    """`num_inference_steps` for diffusers' first pass (see img2img_steps)."""
+    return img2img_steps(request.steps, request.denoising_strength) if request.mode == "img2img" else request.steps
+
+
+def img2img_steps(steps: int, strength: float) -> int:
+    """`num_inference_steps` for an img2img pass: diffusers runs int(steps * strength) of them, and
+    at least one must run. Strength 0 runs no step at all."""
+    if strength > 0:
+        while int(steps * strength) < 1:
             steps += 1
     return steps
 
@@ -129,6 +134,10 @@ class Generator:
             return [run.init_image.copy() for _ in seeds]  # nothing to denoise (A1111 returns the init image too)
         latents = self.manager.with_fallback(run.model, lambda: self._denoise(run, batch, seeds), run.notes)
         check_cancelled(run.job)
+        if run.request.enable_hr:
+            first = latents
+            latents = self.manager.with_fallback(run.model, lambda: self._hires_pass(run, batch, seeds, first), run.notes)
+            check_cancelled(run.job)
         images = self.manager.with_fallback(run.model, lambda: self._decode(run, latents), run.notes)
         check_cancelled(run.job)
         return images
@@ -140,8 +149,40 @@ class Generator:
         return build_infotext(request.prompt, request.negative_prompt, params)
 
     def _denoise(self, run: Run, batch: int, seeds: list[int]) -> torch.Tensor:
+        """The first (or only) pass: txt2img, img2img, or the inpainting UNet given a whole-image mask."""
         request, model = run.request, run.model
-        pipe = model.pipeline(request.mode)
+        if model.info.inpaint_unet:
+            size = (request.width, request.height)
+            init = run.init_image or Image.new("RGB", size, (127, 127, 127))
+            # Whole-image mask: the inpainting UNet redraws everything, guided by the init image.
+            extra = dict(image=init, mask_image=Image.new("L", size, 255), width=request.width, height=request.height,
+                         strength=request.denoising_strength if request.mode == "img2img" else 1.0)
+        elif request.mode == "img2img":
+            extra = dict(image=run.init_image, strength=request.denoising_strength)
+        else:
+            extra = dict(width=request.width, height=request.height)
+        return self._pipeline_pass(run, batch, seeds, request.mode, run.steps, extra, run.reuse_features)
+
+    def _hires_pass(self, run: Run, batch: int, seeds: list[int], latents: torch.Tensor) -> torch.Tensor:
+        """Hires fix's second pass: enlarge the first pass (its latents, or its decoded picture with
+        Lanczos) to the final size, then img2img over it at the request's denoising strength."""
+        request, model = run.request, run.model
+        factor = model.vae_scale_factor
+        width, height = hires_size(request.width, request.height, request.hr_scale, size_multiple(factor))
+        if request.hr_upscaler == "Latent":
+            image = torch.nn.functional.interpolate(latents, size=(height // factor, width // factor), mode="bilinear")
+        else:  # "Lanczos"
+            image = [picture.resize((width, height), Image.LANCZOS) for picture in self._decode(run, latents)]
+        steps = img2img_steps(request.hr_second_pass_steps or request.steps, request.denoising_strength)
+        return self._pipeline_pass(run, batch, seeds, "img2img", steps,
+                                   dict(image=image, strength=request.denoising_strength), reuse=False)
+
+    def _pipeline_pass(self, run: Run, batch: int, seeds: list[int], mode: str, steps: int, extra: dict,
+                       reuse: bool) -> torch.Tensor:
+        """One diffusers call that returns latents: the prompts, sampler, seeds and progress are the
+        run's; `extra` holds what the pass starts from (a size, or an image and a strength)."""
+        request, model = run.request, run.model
+        pipe = model.pipeline(mode)
         pipe.scheduler = make_scheduler(request.sampler, request.schedule_type, model.scheduler_config)
         pos, neg = run.prompts()
         n = len(seeds)
@@ -149,27 +190,18 @@ class Generator:
         kwargs = dict(
             prompt_embeds=rep(pos.embeds),
             negative_prompt_embeds=rep(neg.embeds),
-            num_inference_steps=run.steps,
+            num_inference_steps=steps,
             guidance_scale=request.cfg_scale,
             generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
             output_type="latent",
             callback_on_step_end=self._callback(run, batch),
+            **extra,
         )
         if pos.pooled is not None:
             kwargs["pooled_prompt_embeds"] = rep(pos.pooled)
             kwargs["negative_pooled_prompt_embeds"] = rep(neg.pooled)
-        if model.info.inpaint_unet:
-            size = (request.width, request.height)
-            init = run.init_image or Image.new("RGB", size, (127, 127, 127))
-            # Whole-image mask: the inpainting UNet redraws everything, guided by the init image.
-            kwargs.update(image=init, mask_image=Image.new("L", size, 255), width=request.width, height=request.height,
-                          strength=request.denoising_strength if request.mode == "img2img" else 1.0)
-        elif request.mode == "img2img":
-            kwargs.update(image=run.init_image, strength=request.denoising_strength)
-        else:
-            kwargs.update(width=request.width, height=request.height)
-        reuse = FeatureReuse(pipe.unet, self.reuse_interval) if run.reuse_features else contextlib.nullcontext()
-        with torch.inference_mode(), reuse:
+        reusing = FeatureReuse(pipe.unet, self.reuse_interval) if reuse else contextlib.nullcontext()
+        with torch.inference_mode(), reusing:
             return pipe(**kwargs).images
 
     @staticmethod

@@ -12,7 +12,7 @@ import io
 import json
 import re
 import unicodedata
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,7 +47,11 @@ class InfotextField:
     field: str | None         # the request field; None: written for other tools, not read back (Model)
     kind: type = str          # what reading turns the text into
     unset: object = None      # the value A1111 leaves out of the text, and a reader assumes when absent
-    img2img_only: bool = False
+    written_when: Callable[[Mapping[str, object]], bool] = lambda values: True  # e.g. img2img or hires only
+
+
+def _hires(values: Mapping[str, object]) -> bool:
+    return bool(values.get("enable_hr"))
 
 
 # In A1111's order. Prompt and negative prompt are not pairs of the last line: build_infotext places them.
@@ -61,7 +65,11 @@ INFOTEXT_FIELDS = (
     InfotextField("Size-2", "height", int),
     InfotextField("Model hash", None),
     InfotextField("Model", None),
-    InfotextField("Denoising strength", "denoising_strength", float, img2img_only=True),
+    InfotextField("Denoising strength", "denoising_strength", float,
+                  written_when=lambda v: v.get("mode") == "img2img" or bool(v.get("enable_hr"))),
+    InfotextField("Hires upscale", "hr_scale", float, written_when=_hires),
+    InfotextField("Hires steps", "hr_second_pass_steps", int, unset=0, written_when=_hires),
+    InfotextField("Hires upscaler", "hr_upscaler", written_when=_hires),
     InfotextField("Speed", "speed", unset="exact"),
     InfotextField("Version", None),
 )
@@ -82,7 +90,7 @@ def params_from_values(values: Mapping[str, object], *, model_hash: str | None, 
             continue
         elif spec.field is None:
             params[spec.key] = extra[spec.key]
-        elif spec.img2img_only and values.get("mode") != "img2img":
+        elif not spec.written_when(values):
             continue
         else:
             value = values.get(spec.field)
@@ -104,8 +112,9 @@ def values_from_params(parsed: Mapping[str, object]) -> dict[str, object]:
             continue
     if "prompt" in values:
         values.setdefault("negative_prompt", "")
+        values["enable_hr"] = "hr_scale" in values  # A1111 writes the Hires keys only when it was on
         for spec in INFOTEXT_FIELDS:
-            if spec.field is not None and spec.unset is not None:
+            if spec.field is not None and spec.unset is not None and spec.written_when(values):
                 values.setdefault(spec.field, spec.unset)
     return values
 

@@ -39,7 +39,30 @@ RANGES = {
     "batch_count": (1, 100),
     "denoising_strength": (0.0, 1.0),
     "seed": (-1, MAX_SEED),
+    "hr_scale": (1.0, 4.0),
+    "hr_second_pass_steps": (0, 150),
 }
+# Hires fix's built-in ways to enlarge the first pass (A1111's names). "Latent" enlarges the latents
+# themselves (no decode in between); "Lanczos" decodes, resizes the picture, encodes again.
+HIRES_UPSCALERS = ("Latent", "Lanczos")
+# diffusers' StableDiffusion(XL)Pipeline.check_inputs refuse a width or height not divisible by 8,
+# whatever the VAE's scale factor (`if height % 8 != 0 or width % 8 != 0: raise ValueError`); the
+# inpainting pipelines ask for the VAE's scale factor instead.
+PIPELINE_SIZE_CHECK = 8
+
+
+def size_multiple(vae_scale_factor: int) -> int:
+    """What width and height must be a multiple of for a model, so that every size validation
+    accepts also runs: the VAE's scale factor (pixels per latent) and the pipeline's own check.
+    The UNet's downsampling adds nothing: diffusers' UNet2DConditionModel upsamples to the skip
+    connections' sizes (forward_upsample_size) when a latent does not divide evenly."""
+    return math.lcm(int(vae_scale_factor), PIPELINE_SIZE_CHECK)
+
+
+def hires_size(width: int, height: int, scale: float, multiple: int) -> tuple[int, int]:
+    """Hires fix's final size: the first pass's size times `scale`, snapped down to the size step."""
+    w, h = int(width * scale), int(height * scale)
+    return max(multiple, w - w % multiple), max(multiple, h - h % multiple)
 
 
 @dataclass(frozen=True)
@@ -54,10 +77,11 @@ class RequestLimits:
     modes: tuple[str, ...]
     resize_modes: tuple[str, ...]
     speeds: tuple[str, ...]
+    hires_upscalers: tuple[str, ...]
 
 
 LIMITS = RequestLimits(types.MappingProxyType(RANGES), 64, MAX_SIDE, MAX_PIXELS, MAX_PROMPT_CHARS, MODES,
-                       RESIZE_MODES, SPEEDS)
+                       RESIZE_MODES, SPEEDS, HIRES_UPSCALERS)
 
 
 @dataclass(frozen=True)
@@ -80,6 +104,12 @@ class GenerationRequest:
     save_images: bool = True
     save_grid: bool = False
     speed: str = "exact"
+    # Hires fix (txt2img): generate at width x height, enlarge by hr_scale with hr_upscaler, then an
+    # img2img pass at denoising_strength for hr_second_pass_steps (0: as many as `steps`).
+    enable_hr: bool = False
+    hr_scale: float = 2.0
+    hr_upscaler: str = "Latent"
+    hr_second_pass_steps: int = 0
 
     @property
     def total_images(self) -> int:
@@ -103,9 +133,9 @@ class GenerationRequest:
         values: dict[str, Any] = {"mode": mode}
         values["prompt"] = _text("prompt", raw["prompt"])
         values["negative_prompt"] = _text("negative_prompt", raw["negative_prompt"])
-        for name in ("seed", "steps", "batch_size", "batch_count"):
+        for name in ("seed", "steps", "batch_size", "batch_count", "hr_second_pass_steps"):
             values[name] = _int(name, raw[name])
-        for name in ("cfg_scale", "denoising_strength"):
+        for name in ("cfg_scale", "denoising_strength", "hr_scale"):
             values[name] = _float(name, raw[name])
         sampler, legacy_schedule = split_legacy_name(str(raw["sampler"]))
         schedule = str(raw["schedule_type"])
@@ -117,6 +147,13 @@ class GenerationRequest:
         values["speed"] = _choice("speed", raw["speed"], SPEEDS)
         values["save_images"] = _bool("save_images", raw["save_images"])
         values["save_grid"] = _bool("save_grid", raw["save_grid"])
+        values["enable_hr"] = _bool("enable_hr", raw["enable_hr"])
+        values["hr_upscaler"] = _choice("hr_upscaler", raw["hr_upscaler"], HIRES_UPSCALERS)
+        if values["enable_hr"] and mode != "txt2img":
+            raise RequestError("enable_hr", "hires fix is for txt2img; img2img sets its size directly")
+        if values["enable_hr"] and values["denoising_strength"] == 0:
+            raise RequestError("denoising_strength", "hires fix needs a denoising strength above 0 and up to 1 "
+                                                     "(at 0 the second pass would change nothing)")
 
         init = raw["init_image"]
         if mode == "img2img":
@@ -140,6 +177,11 @@ class GenerationRequest:
         if values["width"] * values["height"] > MAX_PIXELS:
             raise RequestError("width", f"{values['width']}x{values['height']} is over the pixel budget "
                                         f"of {MAX_PIXELS} pixels ({BUDGET_SIDE}x{BUDGET_SIDE})")
+        if values["enable_hr"]:
+            w, h = hires_size(values["width"], values["height"], values["hr_scale"], size_multiple)
+            if w * h > MAX_PIXELS or max(w, h) > MAX_SIDE:
+                raise RequestError("hr_scale", f"{values['hr_scale']:g} makes {w}x{h}, over the pixel budget of "
+                                               f"{MAX_PIXELS} pixels ({BUDGET_SIDE}x{BUDGET_SIDE}, sides up to {MAX_SIDE})")
         return cls(**values)
 
 

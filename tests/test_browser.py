@@ -108,6 +108,18 @@ def test_speed_fast_is_chosen_on_the_page_and_recorded(page, server):
     assert parameters.startswith("a quick sketch\nSteps: 10,") and "Speed: fast" in parameters
 
 
+def test_hires_fix_is_chosen_on_the_page_and_recorded(page, server):
+    page.locator("#txt2img-hires").get_by_text("Hires. fix", exact=True).first.click()  # open the accordion
+    page.locator("#txt2img-enable-hr input[type=checkbox]").check()
+    set_number(page, "txt2img-hr-scale", 1.5)
+    generate(page, "txt2img", "a tall lighthouse", steps=2, size=(64, 64))
+    wait_for_state(page, "txt2img", "done")
+    page.wait_for_selector("#txt2img-gallery img")
+    saved = Image.open(saved_pngs(server, "txt2img")[-1])
+    assert saved.size == (96, 96)
+    assert "Hires upscale: 1.5" in saved.info["parameters"] and "Hires upscaler: Latent" in saved.info["parameters"]
+
+
 def test_img2img_uses_the_uploaded_image(page, server, tmp_path):
     Image.new("RGB", (96, 64), (20, 120, 220)).save(tmp_path / "init.png")
     page.get_by_role("tab", name="Image to image").click()

@@ -112,7 +112,7 @@ def test_the_infotext_table_reads_back_what_it_wrote():
     read = values_from_params(parse_infotext(build_infotext(request.prompt, request.negative_prompt, params)))
     assert read == {"prompt": "a (red:1.2) fox", "negative_prompt": "fog", "steps": 12, "sampler": "DPM++ 2M",
                     "schedule_type": "Karras", "cfg_scale": 6.5, "seed": 99, "width": 192, "height": 128,
-                    "denoising_strength": 0.4, "speed": "fast"}
+                    "denoising_strength": 0.4, "speed": "fast", "enable_hr": False}
 
 
 def test_unset_values_are_left_out_as_a1111_does_and_read_back_as_unset():
@@ -122,3 +122,17 @@ def test_unset_values_are_left_out_as_a1111_does_and_read_back_as_unset():
     assert "Schedule type" not in text and "Speed" not in text and "Denoising strength" not in text
     read = values_from_params(parse_infotext(text))
     assert (read["schedule_type"], read["speed"], read["negative_prompt"]) == ("Automatic", "exact", "")
+
+
+def test_hires_fields_are_written_only_when_hires_is_on_and_read_back():
+    request = GenerationRequest(prompt="x", enable_hr=True, hr_scale=1.5, hr_upscaler="Lanczos",
+                                hr_second_pass_steps=6, denoising_strength=0.55)
+    values = {name: getattr(request, name) for name in GenerationRequest.field_names()}
+    text = build_infotext("x", "", params_from_values({**values, "seed": 3}, model_hash=None, model=None, version="v"))
+    assert "Hires upscale: 1.5, Hires steps: 6, Hires upscaler: Lanczos" in text and "Denoising strength: 0.55" in text
+    read = values_from_params(parse_infotext(text))
+    assert (read["enable_hr"], read["hr_scale"], read["hr_upscaler"], read["hr_second_pass_steps"],
+            read["denoising_strength"]) == (True, 1.5, "Lanczos", 6, 0.55)
+    off = {**values, "enable_hr": False}
+    assert "Hires" not in build_infotext("x", "", params_from_values({**off, "seed": 3}, model_hash=None, model=None,
+                                                                    version="v"))

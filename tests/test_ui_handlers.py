@@ -182,7 +182,8 @@ def test_png_info_reads_a_saved_file_and_sends_its_fields(studio):
     assert watermark == "image too small to tell"  # 64x64 is below the watermark's minimum size
     values = studio.fields_from_infotext(parsed)
     assert values == {"prompt": "a (blue:1.2) bird", "negative_prompt": "fog", "steps": 2, "sampler": "DPM++ 2M",
-                      "schedule_type": "Karras", "cfg_scale": 6.5, "seed": 7, "width": 64, "height": 64, "speed": "exact"}
+                      "schedule_type": "Karras", "cfg_scale": 6.5, "seed": 7, "width": 64, "height": 64, "speed": "exact",
+                      "enable_hr": False}
 
 
 def test_png_info_on_a_non_image_is_a_readable_error(studio, tmp_path):
@@ -194,7 +195,8 @@ def test_png_info_on_a_non_image_is_a_readable_error(studio, tmp_path):
 
 def test_unknown_sampler_from_infotext_is_left_out(studio):
     values = studio.fields_from_infotext({"Prompt": "x", "Sampler": "Made Up", "Steps": "oops"})
-    assert values == {"prompt": "x", "negative_prompt": "", "schedule_type": "Automatic", "speed": "exact"}
+    assert values == {"prompt": "x", "negative_prompt": "", "schedule_type": "Automatic", "speed": "exact",
+                      "enable_hr": False}
 
 
 def test_a_fast_image_sends_its_speed_back(studio):

@@ -124,6 +124,22 @@ class GenerationTab:
                     f["seed"] = gr.Number(value=-1, precision=0, label="Seed (-1: random)", elem_id=f"{mode}-seed", scale=4)
                     self.random_seed = gr.Button("🎲", elem_id=f"{mode}-random-seed", scale=0, min_width=48)
                     self.reuse_seed = gr.Button("♻️", elem_id=f"{mode}-reuse-seed", scale=0, min_width=48)
+                if mode == "txt2img":
+                    with gr.Accordion("Hires. fix", open=False, elem_id="txt2img-hires"):
+                        f["enable_hr"] = gr.Checkbox(False, label="Hires. fix: generate at this size, enlarge, then "
+                                                                  "refine with a second pass", elem_id="txt2img-enable-hr")
+                        with gr.Row():
+                            f["hr_upscaler"] = gr.Dropdown(list(limits.hires_upscalers), value=limits.hires_upscalers[0],
+                                                           label="Upscaler", elem_id="txt2img-hr-upscaler")
+                            f["hr_scale"] = gr.Slider(*limits.ranges["hr_scale"], value=2.0, step=0.05, label="Upscale by",
+                                                      elem_id="txt2img-hr-scale")
+                        with gr.Row():
+                            f["hr_second_pass_steps"] = gr.Slider(*limits.ranges["hr_second_pass_steps"], value=0, step=1,
+                                                                  label="Hires steps (0: same as Steps)",
+                                                                  elem_id="txt2img-hr-steps")
+                            f["denoising_strength"] = gr.Slider(*limits.ranges["denoising_strength"], value=0.7,
+                                                                step=0.01, label="Denoising strength",
+                                                                elem_id="txt2img-denoising-strength")
                 f["speed"] = gr.Radio(list(limits.speeds), value=limits.speeds[0], label="Speed", elem_id=f"{mode}-speed",
                                       info="fast: reuses the model's deep features between steps; about 2.5-3x faster "
                                            "from 10 steps up, a slightly different image")
