@@ -143,7 +143,9 @@ class DevicePlan:
         return replace(cpu, rung="cpu", notes=self.notes + (f"out of memory on {self.device}: running on the CPU",))
 
 
-def _resolve_device(hardware: Hardware, device: str) -> str:
+def resolve_device(hardware: Hardware, device: str) -> str:
+    """The device "auto" or the user's --device means on this machine; RequestError if it is absent.
+    Used by plan_for, and by the upscalers, which have no family plan of their own."""
     if device not in DEVICES:
         raise RequestError("device", f"must be one of {', '.join(DEVICES)}, got {device!r}")
     if device == "auto":
@@ -165,7 +167,7 @@ def _parse_precision(precision: str | Precision) -> Precision:
 
 def plan_for(family: FamilyInfo, hardware: Hardware, device: str = "auto",
              precision: str | Precision = Precision.AUTO) -> DevicePlan:
-    dev = _resolve_device(hardware, device)
+    dev = resolve_device(hardware, device)
     wanted = _parse_precision(precision)
     notes: list[str] = []
 

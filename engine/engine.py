@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping
 
-from engine.devices import Hardware
+from engine.devices import Hardware, resolve_device
 from engine.errors import EaselError, ModelNotFoundError, RequestError
 from engine.generator import Generator
 from engine.jobs import GenerationResult, Job, check_cancelled
@@ -23,7 +23,7 @@ from engine.outputs import OutputSettings, remove_leftovers
 from engine.publish import Publisher
 from engine.request import LIMITS, GenerationRequest, size_multiple
 from engine.samplers import SAMPLERS, SCHEDULE_TYPES
-from engine.upscalers import DEFAULT_TILE, Upscalers, pick_device
+from engine.upscalers import DEFAULT_TILE, Upscalers
 from engine.watermark import Watermarker
 
 logger = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ class Engine:
         self.watermarker = Watermarker()
         self.publisher = Publisher(OutputSettings(config.outputs_dir, config.watermark), self.watermarker)
         self.generator = Generator(self.manager, self.publisher)
-        self.upscalers = Upscalers(self.library, self.publisher, device=pick_device(config.device, self.hardware))
+        self.upscalers = Upscalers(self.library, self.publisher, device=resolve_device(self.hardware, config.device))
         # Temp files of saves that were killed mid-write (only those whose writer is gone: engine/outputs.py).
         remove_leftovers(config.outputs_dir)
 

@@ -252,15 +252,6 @@ def _seed_of(source: str | None) -> int:
     return 0
 
 
-def pick_device(device: str, hardware) -> str:
-    """The device upscaling runs on: the configured one (auto: CUDA, then MPS, then CPU)."""
-    if device in ("auto", "cuda") and getattr(hardware, "cuda", False):
-        return "cuda"
-    if device in ("auto", "mps") and getattr(hardware, "mps", False):
-        return "mps"
-    return "cpu"
-
-
 # --- running ---------------------------------------------------------------------------------------
 
 class Upscalers:
