@@ -120,6 +120,21 @@ def test_hires_fix_is_chosen_on_the_page_and_recorded(page, server):
     assert "Hires upscale: 1.5" in saved.info["parameters"] and "Hires upscaler: Latent" in saved.info["parameters"]
 
 
+def test_upscale_tab_upscales_an_uploaded_image(page, server, tmp_path):
+    Image.new("RGB", (48, 32), (200, 40, 40)).save(tmp_path / "small.png")
+    page.get_by_role("tab", name="Upscale 4x").click()
+    page.set_input_files("#upscale-image input[type=file]", str(tmp_path / "small.png"))
+    page.wait_for_selector("#upscale-image img")
+    page.locator("#upscale-upscaler input").fill("Lanczos")
+    page.locator("#upscale-upscaler input").press("Enter")
+    page.locator("#upscale-scale").get_by_label("2").check()
+    page.click("#upscale-run")
+    page.wait_for_selector("#upscale-result img")
+    assert "Postprocess upscaler: Lanczos" in page.locator("#upscale-infotext textarea").input_value()
+    saved = saved_pngs(server, "extras")[-1]
+    assert Image.open(saved).size == (96, 64)
+
+
 def test_img2img_uses_the_uploaded_image(page, server, tmp_path):
     Image.new("RGB", (96, 64), (20, 120, 220)).save(tmp_path / "init.png")
     page.get_by_role("tab", name="Image to image").click()

@@ -295,3 +295,24 @@ def test_page_comes_up_when_the_default_model_is_broken(tmp_path):
     page = create_ui(engine)
     with pytest.raises(EaselError):
         page.studio.select_model("truncated.safetensors")
+
+
+def test_upscale_publishes_the_uploaded_image_in_extras(studio, tmp_path):
+    Image.new("RGB", (40, 24), (10, 200, 30)).save(tmp_path / "in.png")
+    shown, infotext = studio.upscale(str(tmp_path / "in.png"), "Lanczos", 3, 0)
+    assert Path(shown).parent.parent.name == "extras"
+    with Image.open(shown) as saved:
+        assert saved.size == (120, 72)
+    assert "Postprocess upscale by: 3" in infotext
+
+
+@pytest.mark.parametrize("path, upscaler, scale, field", [
+    (None, "Lanczos", 2, "image"),
+    ("in.png", "no-such-model", 2, "upscaler"),
+    ("in.png", "Lanczos", 7, "scale"),
+])
+def test_upscale_refuses_bad_input_naming_the_field(studio, tmp_path, path, upscaler, scale, field):
+    Image.new("RGB", (16, 16)).save(tmp_path / "in.png")
+    with pytest.raises(EaselError) as refused:
+        studio.upscale(str(tmp_path / path) if path else None, upscaler, scale, 0)
+    assert str(refused.value).startswith(f"{field}:")

@@ -254,7 +254,20 @@ def create_ui(engine, settings: SettingsStore | None = None, *, listen: bool = F
             with gr.Tab("Image to image", id="img2img", elem_id="tab-img2img"):
                 img2img = GenerationTab(studio, "img2img", model, demo, start_fields)
             with gr.Tab("Upscale 4x", id="upscale", elem_id="tab-upscale"):
-                gr.Markdown("4x upscaling is not wired into the page yet: it comes with the upscaling feature.")
+                with gr.Row():
+                    with gr.Column():
+                        up_image = uploaded_image(label="Image to upscale", sources=["upload", "clipboard"],
+                                                  elem_id="upscale-image", height=320)
+                        upscalers = engine.upscaler_names()
+                        up_name = gr.Dropdown(upscalers, value=upscalers[-1], label="Upscaler", elem_id="upscale-upscaler",
+                                              info="Lanczos needs no model; ESRGAN-family files go in models/ESRGAN")
+                        up_scale = gr.Radio([2, 3, 4], value=4, label="Scale", elem_id="upscale-scale")
+                        up_tile = gr.Slider(0, 1024, value=256, step=32, label="Tile size (0: the whole image at once)",
+                                            elem_id="upscale-tile")
+                        up_button = gr.Button("Upscale", variant="primary", elem_id="upscale-run")
+                    with gr.Column():
+                        up_result = gr.Image(label="Result", interactive=False, format="png", elem_id="upscale-result")
+                        up_info = gr.Textbox(label="Parameters", lines=4, interactive=False, elem_id="upscale-infotext")
             with gr.Tab("PNG info", id="pnginfo", elem_id="tab-pnginfo"):
                 with gr.Row():
                     png_image = uploaded_image(label="Drop a PNG here", sources=["upload", "clipboard"],
@@ -302,6 +315,9 @@ def create_ui(engine, settings: SettingsStore | None = None, *, listen: bool = F
         models_tab.select(lambda: studio.model_rows(), None, models_table, queue=False, api_visibility="private")
         refresh.click(refresh_models, None, [models_table, model, banner], concurrency_id=GENERATION,
                       concurrency_limit=1, api_visibility="private")
+
+        up_button.click(shows_errors(studio.upscale), [up_image, up_name, up_scale, up_tile], [up_result, up_info],
+                        concurrency_id=GENERATION, concurrency_limit=1, api_visibility="private")
 
         png_image.change(shows_errors(studio.png_info), png_image, [png_text, png_mark, png_fields], api_name="png_info")
 

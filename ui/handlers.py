@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 from PIL import Image
 
-from engine.errors import CancelledError, EaselError
+from engine.errors import CancelledError, EaselError, RequestError
 from engine.infotext import values_from_params
 from engine.jobs import Job
 from engine.images import open_image
@@ -223,6 +223,15 @@ class Studio:
         return GenerationView(
             progress_html(f"Done: {n} image{'s' if n != 1 else ''}", 1.0, "done"),
             images=tuple(zip(images, captions)), infotexts=result.infotexts, seeds=result.seeds, notes=result.notes)
+
+    # --- upscaling ------------------------------------------------------------------------------
+    def upscale(self, path, upscaler: str, scale, tile) -> tuple[Any, str]:
+        """Upscale an uploaded image (opened with the safe opener) and publish it in outputs/extras:
+        (the saved file, or the image when saving failed; its parameters)."""
+        if not path:
+            raise RequestError("image", "drop an image to upscale first")
+        result = self.engine.upscale(open_image(path, "image"), upscaler, scale, tile)
+        return (str(result.paths[0]) if result.paths else result.images[0]), result.infotexts[0]
 
     # --- PNG info -------------------------------------------------------------------------------
     def png_info(self, path) -> tuple[str, str, dict]:
