@@ -79,6 +79,24 @@ def shows_errors(handler):
     return wrapped
 
 
+def hires_fields(limits) -> dict[str, Any]:
+    """The txt2img tab's Hires. fix accordion, as request fields by name."""
+    with gr.Accordion("Hires. fix", open=False, elem_id="txt2img-hires"):
+        f = {"enable_hr": gr.Checkbox(False, label="Hires. fix: generate at this size, enlarge, then refine with a "
+                                                   "second pass", elem_id="txt2img-enable-hr")}
+        with gr.Row():
+            f["hr_upscaler"] = gr.Dropdown(list(limits.hires_upscalers), value=limits.hires_upscalers[0],
+                                           label="Upscaler", elem_id="txt2img-hr-upscaler")
+            f["hr_scale"] = gr.Slider(*limits.ranges["hr_scale"], value=2.0, step=0.05, label="Upscale by",
+                                      elem_id="txt2img-hr-scale")
+        with gr.Row():
+            f["hr_second_pass_steps"] = gr.Slider(*limits.ranges["hr_second_pass_steps"], value=0, step=1,
+                                                  label="Hires steps (0: same as Steps)", elem_id="txt2img-hr-steps")
+            f["denoising_strength"] = gr.Slider(*limits.ranges["denoising_strength"], value=0.7, step=0.01,
+                                                label="Denoising strength", elem_id="txt2img-denoising-strength")
+    return f
+
+
 class GenerationTab:
     """Widgets and events of one generation tab (txt2img or img2img)."""
 
@@ -125,21 +143,7 @@ class GenerationTab:
                     self.random_seed = gr.Button("🎲", elem_id=f"{mode}-random-seed", scale=0, min_width=48)
                     self.reuse_seed = gr.Button("♻️", elem_id=f"{mode}-reuse-seed", scale=0, min_width=48)
                 if mode == "txt2img":
-                    with gr.Accordion("Hires. fix", open=False, elem_id="txt2img-hires"):
-                        f["enable_hr"] = gr.Checkbox(False, label="Hires. fix: generate at this size, enlarge, then "
-                                                                  "refine with a second pass", elem_id="txt2img-enable-hr")
-                        with gr.Row():
-                            f["hr_upscaler"] = gr.Dropdown(list(limits.hires_upscalers), value=limits.hires_upscalers[0],
-                                                           label="Upscaler", elem_id="txt2img-hr-upscaler")
-                            f["hr_scale"] = gr.Slider(*limits.ranges["hr_scale"], value=2.0, step=0.05, label="Upscale by",
-                                                      elem_id="txt2img-hr-scale")
-                        with gr.Row():
-                            f["hr_second_pass_steps"] = gr.Slider(*limits.ranges["hr_second_pass_steps"], value=0, step=1,
-                                                                  label="Hires steps (0: same as Steps)",
-                                                                  elem_id="txt2img-hr-steps")
-                            f["denoising_strength"] = gr.Slider(*limits.ranges["denoising_strength"], value=0.7,
-                                                                step=0.01, label="Denoising strength",
-                                                                elem_id="txt2img-denoising-strength")
+                    f.update(hires_fields(limits))
                 f["speed"] = gr.Radio(list(limits.speeds), value=limits.speeds[0], label="Speed", elem_id=f"{mode}-speed",
                                       info="fast: reuses the model's deep features between steps; about 2.5-3x faster "
                                            "from 10 steps up, a slightly different image")
@@ -227,6 +231,44 @@ class GenerationTab:
         return {self.fields[name]: value for name, value in values.items() if name in self.fields}
 
 
+def upscale_tab(studio: Studio) -> None:
+    """The Upscale tab's widgets and its one event (built inside its gr.Tab)."""
+    with gr.Row():
+        with gr.Column():
+            image = uploaded_image(label="Image to upscale", sources=["upload", "clipboard"], elem_id="upscale-image",
+                                   height=320)
+            upscalers = studio.engine.upscaler_names()
+            name = gr.Dropdown(upscalers, value=upscalers[-1], label="Upscaler", elem_id="upscale-upscaler",
+                               info="Lanczos needs no model; ESRGAN-family files go in models/ESRGAN")
+            scale = gr.Radio([2, 3, 4], value=4, label="Scale", elem_id="upscale-scale")
+            tile = gr.Slider(0, 1024, value=256, step=32, label="Tile size (0: the whole image at once)",
+                             elem_id="upscale-tile")
+            button = gr.Button("Upscale", variant="primary", elem_id="upscale-run")
+        with gr.Column():
+            result = gr.Image(label="Result", interactive=False, format="png", elem_id="upscale-result")
+            info = gr.Textbox(label="Parameters", lines=4, interactive=False, elem_id="upscale-infotext")
+    button.click(shows_errors(studio.upscale), [image, name, scale, tile], [result, info],
+                 concurrency_id=GENERATION, concurrency_limit=1, api_visibility="private")
+
+
+def settings_tab(studio: Studio, settings: SettingsStore, listen: bool) -> None:
+    """The Settings tab's widgets and its one event (built inside its gr.Tab)."""
+    outdir, watermark = studio.output_settings()
+    out_box = gr.Textbox(outdir, label="Output folder", interactive=not listen, elem_id="settings-outdir",
+                         info="Read-only when the page is shared with --listen." if listen else None)
+    mark_box = gr.Checkbox(watermark, label="Embed the invisible watermark", elem_id="settings-watermark")
+    save = gr.Button("Save settings", elem_id="settings-save")
+    saved_note = gr.Markdown(f"Saved in `{settings.path}`; kept across restarts "
+                             "(`--outdir` / `--no-watermark` given on the command line win for that run).")
+
+    @shows_errors
+    def save_settings(folder, mark):
+        message = studio.save_output_settings(folder, mark)
+        return message, studio.output_settings()[0]
+
+    save.click(save_settings, [out_box, mark_box], [saved_note, out_box], queue=False, api_visibility="private")
+
+
 def create_ui(engine, settings: SettingsStore | None = None, *, listen: bool = False,
               keep_command_line: frozenset[str] = frozenset()) -> gr.Blocks:
     """The whole page for `engine`. Settings live in `<data_dir>/settings.json` unless another
@@ -254,20 +296,7 @@ def create_ui(engine, settings: SettingsStore | None = None, *, listen: bool = F
             with gr.Tab("Image to image", id="img2img", elem_id="tab-img2img"):
                 img2img = GenerationTab(studio, "img2img", model, demo, start_fields)
             with gr.Tab("Upscale 4x", id="upscale", elem_id="tab-upscale"):
-                with gr.Row():
-                    with gr.Column():
-                        up_image = uploaded_image(label="Image to upscale", sources=["upload", "clipboard"],
-                                                  elem_id="upscale-image", height=320)
-                        upscalers = engine.upscaler_names()
-                        up_name = gr.Dropdown(upscalers, value=upscalers[-1], label="Upscaler", elem_id="upscale-upscaler",
-                                              info="Lanczos needs no model; ESRGAN-family files go in models/ESRGAN")
-                        up_scale = gr.Radio([2, 3, 4], value=4, label="Scale", elem_id="upscale-scale")
-                        up_tile = gr.Slider(0, 1024, value=256, step=32, label="Tile size (0: the whole image at once)",
-                                            elem_id="upscale-tile")
-                        up_button = gr.Button("Upscale", variant="primary", elem_id="upscale-run")
-                    with gr.Column():
-                        up_result = gr.Image(label="Result", interactive=False, format="png", elem_id="upscale-result")
-                        up_info = gr.Textbox(label="Parameters", lines=4, interactive=False, elem_id="upscale-infotext")
+                upscale_tab(studio)
             with gr.Tab("PNG info", id="pnginfo", elem_id="tab-pnginfo"):
                 with gr.Row():
                     png_image = uploaded_image(label="Drop a PNG here", sources=["upload", "clipboard"],
@@ -284,13 +313,7 @@ def create_ui(engine, settings: SettingsStore | None = None, *, listen: bool = F
                                             value=studio.model_rows(), interactive=False, wrap=True, elem_id="models-table")
                 refresh = gr.Button("Refresh", elem_id="models-refresh")
             with gr.Tab("Settings", id="settings", elem_id="tab-settings"):
-                outdir, watermark = studio.output_settings()
-                out_box = gr.Textbox(outdir, label="Output folder", interactive=not listen, elem_id="settings-outdir",
-                                     info="Read-only when the page is shared with --listen." if listen else None)
-                mark_box = gr.Checkbox(watermark, label="Embed the invisible watermark", elem_id="settings-watermark")
-                save = gr.Button("Save settings", elem_id="settings-save")
-                saved_note = gr.Markdown(f"Saved in `{settings.path}`; kept across restarts "
-                                         "(`--outdir` / `--no-watermark` given on the command line win for that run).")
+                settings_tab(studio, settings, listen)
 
         for tab in (txt2img, img2img):
             tab.wire()
@@ -316,9 +339,6 @@ def create_ui(engine, settings: SettingsStore | None = None, *, listen: bool = F
         refresh.click(refresh_models, None, [models_table, model, banner], concurrency_id=GENERATION,
                       concurrency_limit=1, api_visibility="private")
 
-        up_button.click(shows_errors(studio.upscale), [up_image, up_name, up_scale, up_tile], [up_result, up_info],
-                        concurrency_id=GENERATION, concurrency_limit=1, api_visibility="private")
-
         png_image.change(shows_errors(studio.png_info), png_image, [png_text, png_mark, png_fields], api_name="png_info")
 
         def send_to(tab, target: str, with_image: bool):
@@ -336,13 +356,6 @@ def create_ui(engine, settings: SettingsStore | None = None, *, listen: bool = F
                        api_visibility="private")
         send_img.click(send_to(img2img, "img2img", True), [png_fields, png_image], [tabs, *img2img.fields.values()],
                        queue=False, api_visibility="private")
-
-        @shows_errors
-        def save_settings(folder, mark):
-            message = studio.save_output_settings(folder, mark)
-            return message, studio.output_settings()[0]
-
-        save.click(save_settings, [out_box, mark_box], [saved_note, out_box], queue=False, api_visibility="private")
 
         def forget_session(request: gr.Request):
             studio.jobs.drop_session(request.session_hash)
