@@ -18,9 +18,20 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import pywt
-from imwatermark import WatermarkDecoder
-from imwatermark.maxDct import EmbedMaxDct
 from PIL import Image
+
+from engine.errors import EaselError
+
+try:
+    from imwatermark import WatermarkDecoder
+    from imwatermark.maxDct import EmbedMaxDct
+except ImportError:  # `pip install .` cannot bring it (see MISSING); the launcher's installer does
+    WatermarkDecoder = EmbedMaxDct = None
+
+# invisible-watermark's metadata asks for opencv-python, which needs the system's libGL, so Easel
+# lists opencv-python-headless instead and installs invisible-watermark without its dependencies.
+MISSING = ("invisible-watermark is not installed: run `pip install --no-deps invisible-watermark==0.2.0` "
+           "(./launch.sh does it for you; --no-deps because it would pull opencv-python, which needs libGL)")
 
 WATERMARK_TEXT = "Easel"
 METHOD = "dwtDct"
@@ -55,6 +66,8 @@ class Watermarker:
     """Embeds and detects one fixed text. Holds no state beyond the text's bits."""
 
     def __init__(self, text: str = WATERMARK_TEXT):
+        if WatermarkDecoder is None:
+            raise EaselError(MISSING)
         payload = text.encode("utf-8")
         if not payload:
             raise ValueError("watermark text must not be empty")

@@ -111,3 +111,14 @@ def test_watermark_off_leaves_the_generated_pixels_untouched(sd_engine, watermar
     marked = generated(sd_engine).images[0]
     assert np.array_equal(np.asarray(watermarker.embed(plain)), np.asarray(marked))
     assert not np.array_equal(np.asarray(plain), np.asarray(marked))
+
+
+def test_without_invisible_watermark_the_engine_says_what_to_install(monkeypatch):
+    """`pip install .` cannot bring invisible-watermark (its opencv-python needs libGL): one clear line."""
+    import engine.watermark as watermark
+    from engine.errors import EaselError
+
+    monkeypatch.setattr(watermark, "WatermarkDecoder", None)
+    with pytest.raises(EaselError) as missing:
+        watermark.Watermarker()
+    assert "pip install --no-deps invisible-watermark==0.2.0" in str(missing.value)
