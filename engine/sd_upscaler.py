@@ -11,9 +11,11 @@
   neighbour (ends at 1/(2n) and 1 - 1/(2n), never 0); the weighted sum is divided by the summed
   weights, so tiles meet without a seam.
 - Memory: only one tile is in the UNet/VAE at a time, so the model's working memory depends on the
-  tile size alone. What grows with the image: the noise (7 float32 per input pixel: 28 B) and the
-  accumulation buffers (RGB + weight float32 per output pixel: 16 B = 256 B per input pixel), so
-  512 -> 2048 takes 71 MB beside the tile's cost; see bench/x4_upscale.py for a tile's measured cost.
+  tile size alone (the tile's latent is tile x tile, CFG batch 2; its decode runs in the VAE's own
+  tiles). What grows with the image: the noise (7 float32 per input pixel: 28 B) and the
+  accumulation buffers (RGB + weight float32 per output pixel: 16 B, i.e. 256 B per input pixel),
+  plus transient float copies of the RGB buffer (12 B per output pixel) while the result is made:
+  512 -> 2048 is ~75 MB beside the tile's cost. bench/x4_upscale.py measures a tile's cost.
 - Progress per tile (step = tiles done, steps = tiles), so `ProgressUpdate.eta` is the mean tile
   time times the tiles left; cancel between tiles and between denoising steps.
 
