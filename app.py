@@ -5,6 +5,7 @@
     python app.py img2img --init-img FILE --strength 0.8 --prompt ...
     python app.py models               models found, their family and device/precision plan
     python app.py upscale --input FILE [--upscaler NAME] [--scale 2|3|4] [--tile PX]   saved in outputs/extras
+        [--prompt TEXT] [--negative-prompt TEXT] [--steps N] [--noise-level N] [--seed N]   SD x4 upscaler only
     python app.py pnginfo FILE         the parameters saved in an image, and its watermark status
     python app.py selftest             check the install with a tiny random model (no weights needed)
     python app.py download             fetch the default SD 1.5 checkpoint (needs internet)
@@ -83,10 +84,19 @@ def build_parser() -> Parser:
             p.add_argument("file", type=Path)
         if name == "upscale":
             p.add_argument("--input", required=True, type=Path, help="the image to upscale")
-            p.add_argument("--upscaler", default=None, help="Lanczos (default) or a file from models/ESRGAN, "
-                                                            "RealESRGAN, SwinIR (see `app.py models`)")
+            p.add_argument("--upscaler", default=None, help="Lanczos (default), a file from models/ESRGAN, "
+                                                            "RealESRGAN, SwinIR, or 'SD x4: MODEL' for an SD x4 "
+                                                            "upscaler checkpoint (see `app.py models`)")
             p.add_argument("--scale", default="4", help="2, 3 or 4")
-            p.add_argument("--tile", default=None, help="tile size in pixels (default 256; 0: no tiling)")
+            p.add_argument("--tile", default=None, help="tile size in input pixels (default 256, the SD x4 "
+                                                        "upscaler's 128; 0: no tiling)")
+            # The SD x4 upscaler's own options: refused (exit 2) with any other upscaler.
+            p.add_argument("--prompt", default=None, help="SD x4 upscaler only: what the image shows")
+            p.add_argument("--negative-prompt", default=None, help="SD x4 upscaler only")
+            p.add_argument("--steps", default=None, help="SD x4 upscaler only: denoising steps (default 20)")
+            p.add_argument("--noise-level", default=None, help="SD x4 upscaler only: noise added to the input, "
+                                                               "0..the model's max_noise_level (350); default 20")
+            p.add_argument("--seed", default=None, help="SD x4 upscaler only: -1 (default) for random")
         if name == "models":
             p.add_argument("--set-precision", nargs=2, metavar=("MODEL", "PRECISION"),
                            help="remember a precision (auto, fp32, fp16, bf16) for one checkpoint")
@@ -147,16 +157,26 @@ def _generate(args, mode: str) -> int:
     return 0
 
 
+SD_X4_OPTIONS = {"prompt": "--prompt", "negative_prompt": "--negative-prompt", "steps": "--steps",
+                 "noise_level": "--noise-level", "seed": "--seed"}
+
+
 def _upscale(args) -> int:
     from engine.images import open_image
-    from engine.upscalers import DEFAULT_TILE
 
     engine = _engine(args)
     image = open_image(args.input, "input")  # size, pixel and text bounds before decoding
-    tile = DEFAULT_TILE if args.tile is None else args.tile
-    result = engine.upscale(image, args.upscaler, args.scale, tile)
+    sd = {field: getattr(args, field) for field in SD_X4_OPTIONS if getattr(args, field) is not None}
+    if sd and not engine.is_sd_upscaler(args.upscaler):
+        option = SD_X4_OPTIONS[next(iter(sd))]
+        raise BadInput(f"{option}: only the SD x4 upscaler takes it (--upscaler 'SD x4: MODEL'), "
+                       f"not {args.upscaler or 'Lanczos'!r}")
+    result = engine.upscale(image, args.upscaler, args.scale, args.tile, **sd)
     for path in result.paths:
         print(path)
+    for note in result.notes:
+        if note != result.save_error:
+            print(f"note: {_one_line(note)}", file=sys.stderr)
     if result.save_error:
         print(f"error: {_one_line(result.save_error)}", file=sys.stderr)
         return EXIT_FAILURE

@@ -23,7 +23,7 @@ from engine.outputs import OutputSettings, remove_leftovers
 from engine.publish import Publisher
 from engine.request import LIMITS, GenerationRequest, size_multiple
 from engine.samplers import SAMPLERS, SCHEDULE_TYPES
-from engine.upscalers import DEFAULT_TILE, Upscalers
+from engine.upscalers import Upscalers, check_sd_options
 from engine.watermark import Watermarker
 
 logger = logging.getLogger(__name__)
@@ -75,7 +75,8 @@ class Engine:
         self.watermarker = Watermarker()
         self.publisher = Publisher(OutputSettings(config.outputs_dir, config.watermark), self.watermarker)
         self.generator = Generator(self.manager, self.publisher)
-        self.upscalers = Upscalers(self.library, self.publisher, device=resolve_device(self.hardware, config.device))
+        self.upscalers = Upscalers(self.library, self.publisher, device=resolve_device(self.hardware, config.device),
+                                   manager=self.manager)
         # Temp files of saves that were killed mid-write (only those whose writer is gone: engine/outputs.py).
         remove_leftovers(config.outputs_dir)
 
@@ -216,14 +217,26 @@ class Engine:
 
     # --- upscaling (extras) ---------------------------------------------------------------------
     def upscaler_names(self) -> list[str]:
-        """"Lanczos", then the files in models/ESRGAN, RealESRGAN and SwinIR."""
+        """"Lanczos", then the files in models/ESRGAN, RealESRGAN and SwinIR, then "SD x4: <model>"
+        for each checkpoint in models/Stable-diffusion that is the SD x4 upscaler."""
         return self.upscalers.names()
 
-    def upscale(self, image, upscaler: str | None = None, scale=4, tile=DEFAULT_TILE, job: Job | None = None,
-                *, overlap=None, save: bool = True) -> GenerationResult:
+    def is_sd_upscaler(self, upscaler: str | None) -> bool:
+        """Whether `upscaler` names an SD x4 upscaler checkpoint (the one that takes a prompt,
+        steps, noise level and seed); RequestError naming `upscaler` when it names none."""
+        return self.upscalers.resolve(upscaler).sd_x4
+
+    def upscale(self, image, upscaler: str | None = None, scale=4, tile=None, job: Job | None = None,
+                *, overlap=None, save: bool = True, prompt: str | None = None, negative_prompt: str | None = None,
+                steps=None, noise_level=None, seed=None) -> GenerationResult:
         """Upscale an opened image (engine.images.open_image) and publish it in outputs/extras:
-        watermark after upscaling, the source's infotext plus the Postprocess keys."""
-        return self.upscalers.run(image, upscaler, scale, tile, overlap, job, save=save)
+        watermark after upscaling, the source's infotext plus the Postprocess keys. `tile` None: the
+        upscaler's default (256; the SD x4 upscaler's 128). prompt, negative_prompt, steps,
+        noise_level (0..the model's max_noise_level, default 20) and seed (-1/None: random) are the
+        SD x4 upscaler's (the model is loaded through the manager, for upscaling only); the other
+        upscalers ignore them."""
+        sd = check_sd_options(prompt, negative_prompt, steps, noise_level, seed)
+        return self.upscalers.run(image, upscaler, scale, tile, overlap, job, save=save, sd=sd)
 
     # --- PNG info -----------------------------------------------------------------------------
     def png_info(self, source) -> PngInfo:

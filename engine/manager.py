@@ -26,6 +26,10 @@ from engine.prompts import PromptEncoder
 # lets the engine tell (an LCM UNet shows it in its config; a turbo file only in its name).
 DISTILLATIONS = ("auto", "turbo", "none")
 
+# What a model is loaded for: generating images (every family but the upscaler), or upscaling one
+# (the SD x4 upscaler only: `engine.upscalers`).
+PURPOSES = ("generate", "upscale")
+
 # Request defaults for few-step models, for the fields the user left out.
 FEW_STEP_DEFAULTS = {
     # LCM: the LCM sampler; guidance goes in as an embedding, so CFG 1.5 costs no extra pass.
@@ -284,16 +288,30 @@ class ModelManager:
             raise EaselError(f"model: {entry.name} is no longer on disk; refresh the model list") from None
         return str(entry.path), stat.st_size, stat.st_mtime_ns
 
-    def load(self, name: str) -> LoadedModel:
+    @staticmethod
+    def _check_purpose(entry: ModelEntry, family: Family, purpose: str) -> None:
+        """A generating checkpoint for "generate", the SD x4 upscaler for "upscale"."""
+        if purpose not in PURPOSES:
+            raise ValueError(f"purpose must be one of {PURPOSES}, got {purpose!r}")
+        info = FAMILIES[family]
+        if purpose == "generate" and not info.generates:
+            raise EaselError(f"model: {entry.name} is the {info.label}; it upscales images and "
+                             "cannot generate them")
+        if purpose == "upscale" and not info.upscaler:
+            raise EaselError(f"model: {entry.name} is a {info.label} checkpoint; it generates images and is "
+                             "not an upscaler")
+
+    def load(self, name: str, purpose: str = "generate") -> LoadedModel:
+        """The model `name`, loaded and placed; `purpose` "generate" (any generating family) or
+        "upscale" (only the SD x4 upscaler, whose family cannot generate)."""
         with self._lock:
             entry = self.library.resolve(name)
             if self.current and self.current.entry == entry:
+                self._check_purpose(entry, self.current.family, purpose)
                 return self.current
             facts = self.facts(entry)
             family = facts.family
-            if not FAMILIES[family].generates:
-                raise EaselError(f"model: {entry.name} is the {FAMILIES[family].label}; it upscales images and "
-                                 "cannot generate them")
+            self._check_purpose(entry, family, purpose)
             plan = self.plan(entry, family)
             self.unload()
             try:
@@ -316,11 +334,11 @@ class ModelManager:
             return self.current
 
     @contextmanager
-    def use(self, name: str) -> Iterator[LoadedModel]:
+    def use(self, name: str, purpose: str = "generate") -> Iterator[LoadedModel]:
         """The model `name`, loaded, for the duration of one job: nothing else loads, unloads or
-        re-plans it until the job ends (other threads wait on the manager's lock)."""
+        re-plans it until the job ends (other threads wait on the manager's lock). `purpose`: see load."""
         with self._lock:
-            yield self.load(name)
+            yield self.load(name, purpose)
 
     def unload(self) -> None:
         with self._lock:

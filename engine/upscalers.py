@@ -15,11 +15,21 @@ models folder, run in overlapping tiles, then published like any other image (mo
   the image: 16 bytes per output pixel). Progress per tile, cancel between tiles.
 - Scale: a 4x model asked for 2 or 3 runs at 4x, then Lanczos brings it down to the asked scale;
   a scale above the model's is refused (`scale`).
+- The SD x4 upscaler: every checkpoint in `models/Stable-diffusion` whose family (read by
+  `ModelManager.facts`, no load) is the SD x4 upscaler is listed as "SD x4: <model name>" and
+  resolved back through the library's entries only. It is loaded by the manager for the purpose
+  "upscale" (generation with it stays refused), used inside the manager's in-use scope, placed as
+  its DevicePlan says, and run by `engine.sd_upscaler.upscale_sd_x4` (out of memory: the manager's
+  `with_fallback`). It is a 4x model like any other here: 2 or 3 is 4x then Lanczos down. Its own
+  options (`SdOptions`: prompt, negative prompt, steps, noise level, seed) are ignored by the other
+  upscalers; a tile of 0 is the whole image in one tile, no tile given is its native 128.
 - Publishing: `Publisher` (watermark on the final, upscaled pixels), the source image's infotext
-  plus A1111's extras keys `Postprocess upscale by: N, Postprocess upscaler: NAME`.
+  plus A1111's extras keys `Postprocess upscale by: N, Postprocess upscaler: NAME` (and, for the
+  SD x4 upscaler, `Postprocess prompt / negative prompt / steps / noise level / seed`).
 """
 from __future__ import annotations
 
+import random
 import re
 import time
 from dataclasses import dataclass
@@ -43,35 +53,68 @@ MIN_TILE, MAX_TILE = 32, 2048  # tile 0: the whole image in one piece
 # The accumulation buffers take 16 bytes per output pixel (RGB + weight, float32): 50 MP is 800 MB.
 MAX_OUTPUT_PIXELS = 50_000_000
 MODE = "extras"  # A1111's name for the upscaler's output folder
-_PP_KEYS = ("Postprocess upscale by", "Postprocess upscaler")
+SD_X4_PREFIX = "SD x4: "  # an SD x4 upscaler checkpoint's name in the list: "SD x4: <model name>"
+SD_X4_TILE = 128  # its native input size (engine.sd_upscaler.DEFAULT_TILE), the tile when none is given
+SD_X4_STEPS = (1, 150)  # as the generation request's steps
+SD_X4_DEFAULT_STEPS = 20
+SD_X4_DEFAULT_NOISE_LEVEL = 20  # 0..the model's max_noise_level (350 for the released one)
+SEED_MAX = 2 ** 32 - 1
+# Postprocess keys, in the order they are written; an upscale replaces the earlier upscale's ones.
+_SD_KEYS = ("Postprocess prompt", "Postprocess negative prompt", "Postprocess steps", "Postprocess noise level",
+            "Postprocess seed")
+_PP_KEYS = ("Postprocess upscale by", "Postprocess upscaler", *_SD_KEYS)
 
 
 @dataclass(frozen=True)
 class Upscaler:
     name: str               # what users see and type; for a model, the file name without extension
     path: Path | None       # None: Lanczos
+    checkpoint: str | None = None  # the SD x4 upscaler: its model name (a library entry's name)
+
+    @property
+    def sd_x4(self) -> bool:
+        return self.checkpoint is not None
 
 
-def list_upscalers(library: ModelLibrary) -> list[Upscaler]:
+@dataclass(frozen=True)
+class SdOptions:
+    """The SD x4 upscaler's own options, validated (see check_sd_options)."""
+    prompt: str = ""
+    negative_prompt: str = ""
+    steps: int = SD_X4_DEFAULT_STEPS
+    noise_level: int = SD_X4_DEFAULT_NOISE_LEVEL
+    seed: int = 0
+
+    def infotext_fields(self) -> dict:
+        return {"Postprocess prompt": self.prompt or None, "Postprocess negative prompt": self.negative_prompt or None,
+                "Postprocess steps": self.steps, "Postprocess noise level": self.noise_level,
+                "Postprocess seed": self.seed}
+
+
+def list_upscalers(library: ModelLibrary, sd_x4_checkpoints=()) -> list[Upscaler]:
     """Lanczos, then the model files (by stem; by path relative to the models folder when two
-    files share a stem)."""
+    files share a stem), then the SD x4 upscaler checkpoints given (library entry names)."""
     entries = library.extra_entries(UPSCALER_KIND)
     stems = [PurePosixPath(e.name).stem for e in entries]
     found = [Upscaler(LANCZOS, None)]
     for entry, stem in zip(entries, stems):
         unique = stems.count(stem) == 1 and stem.lower() != LANCZOS.lower()
         found.append(Upscaler(stem if unique else entry.name, entry.path))
+    entries = {e.name: e for e in library.entries()}
+    for checkpoint in sd_x4_checkpoints:
+        if checkpoint in entries:
+            found.append(Upscaler(SD_X4_PREFIX + checkpoint, entries[checkpoint].path, checkpoint))
     return found
 
 
-def resolve_upscaler(library: ModelLibrary, name: str | None) -> Upscaler:
+def resolve_upscaler(library: ModelLibrary, name: str | None, available: list[Upscaler] | None = None) -> Upscaler:
     wanted = (name or LANCZOS).strip()
-    available = list_upscalers(library)
+    available = list_upscalers(library) if available is None else available
     for up in available:
         if up.name == wanted or up.name.lower() == wanted.lower() and up.path is None:
             return up
     for up in available:  # the full relative name also works ("ESRGAN/4x-foo.pth")
-        if up.path is not None and up.path.relative_to(library.models_dir).as_posix() == wanted:
+        if up.path is not None and not up.sd_x4 and up.path.relative_to(library.models_dir).as_posix() == wanted:
             return up
     names = ", ".join(up.name for up in available)
     raise RequestError("upscaler", f"{wanted!r} is not an upscaler; available: {names}")
@@ -197,18 +240,39 @@ def _to_image(tensor) -> Image.Image:
 
 # --- checks and infotext ---------------------------------------------------------------------------
 
-def check_options(image: Image.Image, scale, tile, overlap) -> tuple[int, int, int]:
-    def whole(value, field):
-        if isinstance(value, bool):
-            raise RequestError(field, f"must be a whole number, got {value!r}")
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            raise RequestError(field, f"must be a whole number, got {value!r}") from None
-        if number != int(number):
-            raise RequestError(field, f"must be a whole number, got {value!r}")
-        return int(number)
+def whole(value, field: str) -> int:
+    if isinstance(value, bool):
+        raise RequestError(field, f"must be a whole number, got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise RequestError(field, f"must be a whole number, got {value!r}") from None
+    if number != number or number in (float("inf"), float("-inf")) or number != int(number):
+        raise RequestError(field, f"must be a whole number, got {value!r}")
+    return int(number)
 
+
+def check_sd_options(prompt=None, negative_prompt=None, steps=None, noise_level=None, seed=None) -> SdOptions:
+    """The SD x4 upscaler's options; None takes the default (seed None or -1: a random one).
+    The noise level's upper bound is the model's own (`max_noise_level`), checked once it is loaded."""
+    for value, name in ((prompt, "prompt"), (negative_prompt, "negative_prompt")):
+        if value is not None and not isinstance(value, str):
+            raise RequestError(name, f"must be text, got {type(value).__name__}")
+    steps = SD_X4_DEFAULT_STEPS if steps is None else whole(steps, "steps")
+    if not SD_X4_STEPS[0] <= steps <= SD_X4_STEPS[1]:
+        raise RequestError("steps", f"must be from {SD_X4_STEPS[0]} to {SD_X4_STEPS[1]}, got {steps}")
+    noise_level = SD_X4_DEFAULT_NOISE_LEVEL if noise_level is None else whole(noise_level, "noise_level")
+    if noise_level < 0:
+        raise RequestError("noise_level", f"must be from 0 to the model's max_noise_level (350), got {noise_level}")
+    seed = -1 if seed is None else whole(seed, "seed")
+    if not -1 <= seed <= SEED_MAX:
+        raise RequestError("seed", f"must be -1 (random) or from 0 to {SEED_MAX}, got {seed}")
+    if seed == -1:
+        seed = random.randint(0, SEED_MAX)
+    return SdOptions(prompt or "", negative_prompt or "", steps, noise_level, seed)
+
+
+def check_options(image: Image.Image, scale, tile, overlap) -> tuple[int, int, int]:
     scale, tile = whole(scale, "scale"), whole(tile, "tile")
     # Not given: 16 px, less for small tiles (a quarter of the tile at most).
     overlap = min(DEFAULT_OVERLAP, max(tile, 0) // 4) if overlap is None else whole(overlap, "tile_overlap")
@@ -226,10 +290,14 @@ def check_options(image: Image.Image, scale, tile, overlap) -> tuple[int, int, i
     return scale, tile, overlap
 
 
-def upscale_infotext(source: str | None, upscaler: str, scale: int) -> str:
+def upscale_infotext(source: str | None, upscaler: str, scale: int, extra: dict | None = None) -> str:
     """The source's parameters with A1111's extras keys appended to its parameter line (an earlier
-    upscale's keys are replaced); the keys alone when the source had none."""
+    upscale's keys are replaced); the keys alone when the source had none. `extra`: more
+    "Postprocess ..." keys (the SD x4 upscaler's options); None values are left out."""
     added = f"Postprocess upscale by: {scale}, Postprocess upscaler: {quote(upscaler)}"
+    for key, value in (extra or {}).items():
+        if value is not None:
+            added += f", {key}: {quote(value)}"
     if not source or not source.strip():
         return added
     text = source.rstrip()
@@ -255,14 +323,39 @@ def _seed_of(source: str | None) -> int:
 # --- running ---------------------------------------------------------------------------------------
 
 class Upscalers:
-    """The upscalers of one models folder; keeps the last model used loaded."""
+    """The upscalers of one models folder; keeps the last ESRGAN-family model used loaded (the SD x4
+    upscaler is the manager's, loaded like a checkpoint)."""
 
-    def __init__(self, library: ModelLibrary, publisher: Publisher, device: str = "cpu"):
+    def __init__(self, library: ModelLibrary, publisher: Publisher, device: str = "cpu", manager=None):
         self.library, self.publisher, self.device = library, publisher, device
+        self.manager = manager  # engine.manager.ModelManager: without one, no SD x4 upscaler is listed
         self._loaded: tuple[tuple, object] | None = None
 
+    def sd_x4_checkpoints(self) -> list[str]:
+        """Names of the checkpoints whose family is the SD x4 upscaler (headers and configs only)."""
+        if self.manager is None:
+            return []
+        found = []
+        for entry in self.library.entries():
+            try:
+                if self.manager.facts(entry).info.upscaler:
+                    found.append(entry.name)
+            except Exception:  # noqa: BLE001 - a file that cannot be identified is not listed here (`app.py models` says why)
+                continue
+        return found
+
+    def available(self) -> list[Upscaler]:
+        return list_upscalers(self.library, self.sd_x4_checkpoints())
+
     def names(self) -> list[str]:
-        return [up.name for up in list_upscalers(self.library)]
+        return [up.name for up in self.available()]
+
+    def resolve(self, name: str | None) -> Upscaler:
+        """The upscaler `name` names (RequestError naming `upscaler` when none does)."""
+        wanted = (name or LANCZOS).strip()
+        if not wanted.startswith(SD_X4_PREFIX):  # no need to identify every checkpoint
+            return resolve_upscaler(self.library, wanted, list_upscalers(self.library))
+        return resolve_upscaler(self.library, wanted, self.available())
 
     def _model(self, path: Path):
         stat = path.stat()
@@ -272,14 +365,23 @@ class Upscalers:
             self._loaded = (key, load_model(path, self.device))
         return self._loaded[1]
 
-    def upscale_image(self, image: Image.Image, upscaler: str | None = None, scale=4, tile=DEFAULT_TILE,
-                      overlap=None, job: Job | None = None) -> tuple[Image.Image, str]:
-        """The upscaled image (exactly scale x the input) and the upscaler's name, not published."""
+    def upscale_image(self, image: Image.Image, upscaler: str | None = None, scale=4, tile=None,
+                      overlap=None, job: Job | None = None, sd: SdOptions | None = None) -> tuple[Image.Image, str]:
+        """The upscaled image (exactly scale x the input) and the upscaler's name, not published.
+        `tile` None: the upscaler's own default. `sd`: the SD x4 upscaler's options (others ignore them)."""
+        result, chosen, _ = self._upscale(image, upscaler, scale, tile, overlap, job, sd or SdOptions())
+        return result, chosen.name
+
+    def _upscale(self, image: Image.Image, upscaler: str | None, scale, tile, overlap, job: Job | None,
+                 sd: SdOptions) -> tuple[Image.Image, Upscaler, list[str]]:
         job = job or Job()
+        chosen = self.resolve(upscaler)
+        if tile is None:
+            tile = SD_X4_TILE if chosen.sd_x4 else DEFAULT_TILE
         scale, tile, overlap = check_options(image, scale, tile, overlap)
-        chosen = resolve_upscaler(self.library, upscaler)
         started = time.monotonic()
         target = (image.width * scale, image.height * scale)
+        notes: list[str] = []
 
         def report(done: int, total: int) -> None:
             if job.on_progress is not None:
@@ -290,33 +392,51 @@ class Upscalers:
         if chosen.path is None:
             result = image.convert("RGB").resize(target, Image.LANCZOS)
             report(1, 1)
-            return result, chosen.name
-        descriptor = self._model(chosen.path)
-        if descriptor.scale < scale:
-            raise RequestError("scale", f"{chosen.name} is a {descriptor.scale}x model: it cannot reach {scale}x "
-                                        f"(ask {descriptor.scale} or less, or use {LANCZOS})")
-        req = descriptor.size_requirements
-        pixels = _to_tensor(image).to(self.device)
-        out = run_tiled(descriptor, pixels, descriptor.scale, tile, overlap, multiple_of=req.multiple_of,
-                        minimum=req.minimum, on_tile=report, job=job)
-        result = _to_image(out)
-        del out, pixels
-        if result.size != target:
+            return result, chosen, notes
+        if chosen.sd_x4:
+            result = self._run_sd_x4(image.convert("RGB"), chosen, sd, tile, overlap, job, notes)
+        else:
+            descriptor = self._model(chosen.path)
+            if descriptor.scale < scale:
+                raise RequestError("scale", f"{chosen.name} is a {descriptor.scale}x model: it cannot reach {scale}x "
+                                            f"(ask {descriptor.scale} or less, or use {LANCZOS})")
+            req = descriptor.size_requirements
+            pixels = _to_tensor(image).to(self.device)
+            out = run_tiled(descriptor, pixels, descriptor.scale, tile, overlap, multiple_of=req.multiple_of,
+                            minimum=req.minimum, on_tile=report, job=job)
+            result = _to_image(out)
+            del out, pixels
+        if result.size != target:  # a 4x model asked for 2 or 3: Lanczos down to the asked scale
             result = result.resize(target, Image.LANCZOS)
-        return result, chosen.name
+        return result, chosen, notes
 
-    def run(self, image: Image.Image, upscaler: str | None = None, scale=4, tile=DEFAULT_TILE,
-            overlap=None, job: Job | None = None, *, save: bool = True) -> GenerationResult:
+    def _run_sd_x4(self, image: Image.Image, chosen: Upscaler, sd: SdOptions, tile: int, overlap: int,
+                   job: Job, notes: list[str]) -> Image.Image:
+        """4x by the SD x4 upscaler checkpoint, loaded by the manager for upscaling and held for the run."""
+        from engine.sd_upscaler import upscale_sd_x4
+
+        if tile == 0:  # the whole image in one tile
+            tile, overlap = max(image.width, image.height, 8), 0
+        with self.manager.use(chosen.checkpoint, purpose="upscale") as loaded:
+            # Read the pipeline and encoder afresh on each attempt: a step down re-places them.
+            return self.manager.with_fallback(loaded, lambda: upscale_sd_x4(
+                loaded.pipe, image, prompt=sd.prompt, negative_prompt=sd.negative_prompt, steps=sd.steps,
+                noise_level=sd.noise_level, seed=sd.seed, tile=tile, overlap=overlap, job=job,
+                encoder=loaded.encoder), notes)
+
+    def run(self, image: Image.Image, upscaler: str | None = None, scale=4, tile=None,
+            overlap=None, job: Job | None = None, *, save: bool = True, sd: SdOptions | None = None) -> GenerationResult:
         """Upscale and publish: watermark on the final pixels, infotext, atomic save in outputs/extras."""
         job = job or Job()
         source = read_infotext(image)
-        result, name = self.upscale_image(image, upscaler, scale, tile, overlap, job)
+        sd = sd or SdOptions()
+        result, chosen, notes = self._upscale(image, upscaler, scale, tile, overlap, job, sd)
         scale = int(float(scale))
-        infotext = upscale_infotext(source, name, scale)
+        infotext = upscale_infotext(source, chosen.name, scale, sd.infotext_fields() if chosen.sd_x4 else None)
         seed = _seed_of(source)
         publication = self.publisher.begin(MODE, save=save, job=job)
         publication.add(result, seed, infotext)
         published = publication.finish()
-        notes = (published.save_error,) if published.save_error else ()
+        notes = (*notes, published.save_error) if published.save_error else tuple(notes)
         return GenerationResult(published.images, (seed,), (infotext,), published.paths, None, notes,
                                 published.save_error)

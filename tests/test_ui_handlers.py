@@ -316,3 +316,53 @@ def test_upscale_refuses_bad_input_naming_the_field(studio, tmp_path, path, upsc
     with pytest.raises(EaselError) as refused:
         studio.upscale(str(tmp_path / path) if path else None, upscaler, scale, 0)
     assert str(refused.value).startswith(f"{field}:")
+
+
+@pytest.fixture(scope="module")
+def x4_studio(tmp_path_factory):
+    """A Studio on an engine whose only checkpoint is a tiny SD x4 upscaler (a diffusers folder)."""
+    from dataclasses import replace
+
+    from engine.devices import Hardware
+    from tests.tiny_models import save_folder, tiny_upscaler_pipeline
+    from ui.handlers import Studio
+
+    root = tmp_path_factory.mktemp("ui-x4")
+    save_folder(tiny_upscaler_pipeline(0), root / "models" / "Stable-diffusion" / "tiny-x4")
+    cpu = replace(Hardware.detect(), cuda=False, cuda_name="", cuda_vram_gb=0.0, cuda_bf16=False, mps=False,
+                  cpu_bf16=False)
+    engine = Engine(EngineConfig(root / "models", root / "outputs", root / "data"), cpu)
+    return Studio(engine, SettingsStore(root / "ui-settings.json"))
+
+
+def test_upscale_with_the_sd_x4_upscaler_takes_prompt_and_noise_level(x4_studio, tmp_path):
+    assert x4_studio.engine.upscaler_names() == ["Lanczos", "SD x4: tiny-x4"]
+    Image.new("RGB", (40, 24), (10, 200, 30)).save(tmp_path / "in.png")
+    shown, infotext = x4_studio.upscale(str(tmp_path / "in.png"), "SD x4: tiny-x4", 4, 32, prompt="a field",
+                                        noise_level=50)
+    assert Path(shown).parent.parent.name == "extras"
+    with Image.open(shown) as saved:
+        assert saved.size == (160, 96)
+    assert 'Postprocess upscaler: "SD x4: tiny-x4", Postprocess prompt: a field' in infotext
+    assert "Postprocess noise level: 50" in infotext
+
+
+def test_upscale_with_the_sd_x4_upscaler_refuses_a_noise_level_above_the_models(x4_studio, tmp_path):
+    Image.new("RGB", (40, 24)).save(tmp_path / "in.png")
+    with pytest.raises(EaselError) as refused:
+        x4_studio.upscale(str(tmp_path / "in.png"), "SD x4: tiny-x4", 4, 32, prompt="", noise_level=351)
+    assert str(refused.value).startswith("noise_level: must be from 0 to 350")
+
+
+def test_upscale_tab_has_the_sd_x4_widgets_and_defaults_to_a_plain_upscaler(x4_studio):
+    page = create_ui(x4_studio.engine)
+    widgets = {getattr(b, "elem_id", None): b for b in page.blocks.values()}
+    assert widgets["upscale-upscaler"].value == "Lanczos"  # not the slow SD x4 upscaler
+    assert "SD x4 upscaler" in widgets["upscale-prompt"].info and "SD x4 upscaler" in widgets["upscale-noise-level"].info
+    assert widgets["upscale-noise-level"].value == 20
+
+
+def test_upscale_ignores_the_sd_x4_options_for_other_upscalers(studio, tmp_path):
+    Image.new("RGB", (20, 12), (10, 200, 30)).save(tmp_path / "in.png")
+    shown, infotext = studio.upscale(str(tmp_path / "in.png"), "Lanczos", 2, 0, prompt="ignored", noise_level=99)
+    assert infotext == "Postprocess upscale by: 2, Postprocess upscaler: Lanczos"

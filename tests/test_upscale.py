@@ -289,3 +289,173 @@ def test_cli_bad_input_exits_2_with_one_line(capsys, dirs, tmp_path, args, says)
     assert code == 2 and out == ""
     assert err.count("\n") == 1 and err.startswith("error: ") and says in err
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.png"))
+
+
+# --- the SD x4 upscaler (a checkpoint in models/Stable-diffusion) -----------------------------------
+
+X4 = "SD x4: tiny-x4"
+SD_ARGS = {"steps": 2, "seed": 5}  # the tiny model: 2 steps are enough to exercise the loop
+
+
+@pytest.fixture(scope="module")
+def sd_models_dir(tmp_path_factory) -> Path:
+    """A tiny x4 upscaler and a tiny SD 1.x as diffusers folders, beside a tiny ESRGAN file."""
+    from engine.tiny import save_sd1_folder
+    from tests.tiny_models import save_folder, tiny_upscaler_pipeline
+
+    root = tmp_path_factory.mktemp("sd-upscale-models")
+    save_folder(tiny_upscaler_pipeline(0), root / "Stable-diffusion" / "tiny-x4")
+    save_sd1_folder(root / "Stable-diffusion" / "tiny-sd1")
+    (root / "ESRGAN").mkdir()
+    save_file(rrdb_state_dict(0), str(root / "ESRGAN" / "tiny4x.safetensors"))
+    return root
+
+
+@pytest.fixture(scope="module")
+def sd_engine_x4(sd_models_dir, tmp_path_factory, plain_cpu):
+    from engine.engine import Engine, EngineConfig
+
+    root = tmp_path_factory.mktemp("sd-upscale-engine")
+    return Engine(EngineConfig(sd_models_dir, root / "outputs", root / "data"), plain_cpu)
+
+
+def test_sd_x4_checkpoints_are_listed_after_the_files(sd_engine_x4):
+    assert sd_engine_x4.upscaler_names() == ["Lanczos", "tiny4x", X4]  # tiny-sd1 generates: not listed
+    assert sd_engine_x4.is_sd_upscaler(X4) and not sd_engine_x4.is_sd_upscaler("tiny4x")
+    assert not sd_engine_x4.is_sd_upscaler(None)
+    assert sd_engine_x4.manager.current is None  # listing loads nothing
+
+
+@pytest.mark.parametrize("name", ["SD x4: tiny-sd1", "SD x4: ../Stable-diffusion/tiny-x4", "SD x4: nope",
+                                  "tiny-x4", "Stable-diffusion/tiny-x4"])
+def test_only_listed_sd_x4_names_resolve(sd_engine_x4, name):
+    with pytest.raises(RequestError) as e:
+        sd_engine_x4.upscale(noise_image((16, 16)), name, 4, save=False)
+    assert e.value.field == "upscaler"
+
+
+def test_sd_x4_upscale_is_exactly_4x_and_published_with_its_parameters(sd_engine_x4):
+    source = write_png_with_infotext(gradient_image((40, 24)), SOURCE_INFO)
+    from engine.images import open_image
+
+    result = sd_engine_x4.upscale(open_image(source, "image"), X4, 4, 32, prompt="a red barn, sunset",
+                                  negative_prompt="blurry", noise_level=30, **SD_ARGS)
+    assert sd_engine_x4.manager.current.entry.name == "tiny-x4"  # loaded by the manager, for upscaling
+    (path,) = result.paths
+    assert path.parent.parent.name == "extras"
+    with Image.open(path) as saved:
+        assert saved.size == (160, 96)
+    info = sd_engine_x4.png_info(path)
+    assert info.parameters.startswith(SOURCE_INFO + ", Postprocess upscale by: 4")
+    assert info.fields["Postprocess upscaler"] == X4
+    assert info.fields["Postprocess prompt"] == "a red barn, sunset"
+    assert info.fields["Postprocess negative prompt"] == "blurry"
+    assert info.fields["Postprocess noise level"] == "30" and info.fields["Postprocess steps"] == "2"
+    assert info.fields["Postprocess seed"] == "5" and info.fields["Seed"] == "1234"
+
+
+def test_sd_x4_scale_2_is_its_4x_brought_down_by_lanczos(sd_engine_x4):
+    image = gradient_image((40, 24))
+    two = sd_engine_x4.upscale(image, X4, 2, 32, save=False, **SD_ARGS).images[0]
+    from engine.upscalers import check_sd_options
+
+    four, _ = sd_engine_x4.upscalers.upscale_image(image, X4, 4, 32, sd=check_sd_options(**SD_ARGS))
+    assert two.size == (80, 48)
+    assert np.array_equal(pixels(two), pixels(four.resize((80, 48), Image.LANCZOS)))
+
+
+def test_sd_x4_whole_image_tile_and_the_same_seed_gives_the_same_image(sd_engine_x4):
+    image = gradient_image((40, 24))
+    a = sd_engine_x4.upscale(image, X4, 4, 0, save=False, **SD_ARGS).images[0]
+    b = sd_engine_x4.upscale(image, X4, 4, 0, save=False, **SD_ARGS).images[0]
+    assert a.size == (160, 96) and np.array_equal(pixels(a), pixels(b))
+
+
+def test_sd_x4_progress_per_tile(sd_engine_x4):
+    updates = []
+    sd_engine_x4.upscale(gradient_image((40, 24)), X4, 4, 32, Job(on_progress=updates.append), save=False, **SD_ARGS)
+    assert [(u.step, u.steps) for u in updates] == [(1, 2), (2, 2)]
+
+
+def test_generation_with_the_sd_x4_upscaler_is_still_refused(sd_engine_x4):
+    from engine.errors import EaselError
+
+    sd_engine_x4.upscale(gradient_image((40, 24)), X4, 4, 32, save=False, **SD_ARGS)
+    assert sd_engine_x4.manager.current.entry.name == "tiny-x4"
+    request = sd_engine_x4.make_request({"prompt": "x", "width": 64, "height": 64, "steps": 1}, model="tiny-x4")
+    for attempt in (lambda: sd_engine_x4.generate(request, model="tiny-x4"),
+                    lambda: sd_engine_x4.load_model("tiny-x4")):
+        with pytest.raises(EaselError) as e:  # even while it is the loaded model
+            attempt()
+        assert str(e.value) == ("model: tiny-x4 is the SD x4 upscaler; it upscales images and cannot generate them")
+
+
+def test_a_generating_checkpoint_is_not_loaded_for_upscaling(sd_engine_x4):
+    from engine.errors import EaselError
+
+    with pytest.raises(EaselError, match="tiny-sd1 is a SD 1.x checkpoint; it generates images and is not an upscaler"):
+        with sd_engine_x4.manager.use("tiny-sd1", purpose="upscale"):
+            pass
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"noise_level": 351}, "noise_level"), ({"noise_level": -1}, "noise_level"), ({"noise_level": "abc"}, "noise_level"),
+    ({"steps": 0}, "steps"), ({"steps": 151}, "steps"), ({"seed": -2}, "seed"), ({"seed": 1.5}, "seed"),
+    ({"prompt": 3}, "prompt"),
+])
+def test_sd_x4_bad_options_name_the_field(sd_engine_x4, kwargs, field):
+    with pytest.raises(RequestError) as e:
+        sd_engine_x4.upscale(gradient_image((40, 24)), X4, 4, 32, save=False, **{**SD_ARGS, **kwargs})
+    assert e.value.field == field
+
+
+def test_sd_x4_out_of_memory_steps_down_through_the_manager(sd_engine_x4, monkeypatch):
+    """The run goes through manager.with_fallback: a first OOM is a step down and a note, then a rerun."""
+    import engine.sd_upscaler as sd_upscaler
+
+    real, calls, steps = sd_upscaler.upscale_sd_x4, [], []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (test)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sd_upscaler, "upscale_sd_x4", flaky)
+    monkeypatch.setattr(sd_engine_x4.manager, "step_down", lambda loaded: steps.append(1) or "stepped down (test)")
+    result = sd_engine_x4.upscale(gradient_image((40, 24)), X4, 4, 32, save=False, **SD_ARGS)
+    assert len(calls) == 2 and steps == [1] and result.notes == ("stepped down (test)",)
+    assert result.images[0].size == (160, 96)
+
+
+def test_cli_sd_x4_upscale_with_prompt_and_noise_level(capsys, sd_models_dir, tmp_path):
+    dirs = ["--models-dir", str(sd_models_dir), "--outdir", str(tmp_path / "out"), "--data-dir", str(tmp_path / "data")]
+    src = tmp_path / "in.png"
+    gradient_image((40, 24)).save(src)
+    code, out, err = cli(capsys, "upscale", *dirs, "--input", str(src), "--upscaler", X4, "--scale", "2",
+                         "--tile", "32", "--prompt", "a barn", "--noise-level", "40", "--steps", "2", "--seed", "9")
+    assert code == 0, err
+    (line,) = out.splitlines()
+    with Image.open(line) as saved:
+        assert saved.size == (80, 48)
+    code, out, err = cli(capsys, "pnginfo", *dirs, line)
+    assert code == 0, err
+    assert ('Postprocess upscale by: 2, Postprocess upscaler: "SD x4: tiny-x4", Postprocess prompt: a barn, '
+            'Postprocess steps: 2, Postprocess noise level: 40, Postprocess seed: 9') in out
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--upscaler", X4, "--noise-level", "351"], "error: noise_level: must be from 0 to 350, got 351"),
+    (["--upscaler", X4, "--noise-level", "-3"], "error: noise_level: must be from 0"),
+    (["--upscaler", X4, "--noise-level", "lots"], "error: noise_level: must be a whole number, got 'lots'"),
+    (["--upscaler", X4, "--steps", "0"], "error: steps: must be from 1 to 150"),
+    (["--upscaler", "tiny4x", "--noise-level", "10"], "error: --noise-level: only the SD x4 upscaler takes it"),
+    (["--prompt", "a barn"], "error: --prompt: only the SD x4 upscaler takes it"),
+])
+def test_cli_sd_x4_bad_options_exit_2_with_one_line(capsys, sd_models_dir, tmp_path, args, says):
+    dirs = ["--models-dir", str(sd_models_dir), "--outdir", str(tmp_path / "out"), "--data-dir", str(tmp_path / "data")]
+    gradient_image((40, 24)).save(tmp_path / "in.png")
+    code, out, err = cli(capsys, "upscale", *dirs, "--input", str(tmp_path / "in.png"), "--tile", "32", *args)
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith(says), err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.png"))

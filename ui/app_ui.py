@@ -238,16 +238,32 @@ def upscale_tab(studio: Studio) -> None:
             image = uploaded_image(label="Image to upscale", sources=["upload", "clipboard"], elem_id="upscale-image",
                                    height=320)
             upscalers = studio.engine.upscaler_names()
-            name = gr.Dropdown(upscalers, value=upscalers[-1], label="Upscaler", elem_id="upscale-upscaler",
-                               info="Lanczos needs no model; ESRGAN-family files go in models/ESRGAN")
+            # The last ESRGAN-family file (else Lanczos): the SD x4 upscaler is much slower, chosen on purpose.
+            plain = [n for n in upscalers if not studio.engine.is_sd_upscaler(n)]
+            name = gr.Dropdown(upscalers, value=plain[-1] if plain else upscalers[0], label="Upscaler",
+                               elem_id="upscale-upscaler",
+                               info="Lanczos needs no model; ESRGAN-family files go in models/ESRGAN; an SD x4 "
+                                    "upscaler checkpoint in models/Stable-diffusion is listed as 'SD x4: NAME'")
             scale = gr.Radio([2, 3, 4], value=4, label="Scale", elem_id="upscale-scale")
             tile = gr.Slider(0, 1024, value=256, step=32, label="Tile size (0: the whole image at once)",
                              elem_id="upscale-tile")
+            prompt = gr.Textbox(label="Prompt (SD x4 upscaler only)", lines=2, elem_id="upscale-prompt",
+                                info="What the image shows; used only by the SD x4 upscaler, ignored by the others")
+            noise_level = gr.Slider(0, 350, value=20, step=1, label="Noise level (SD x4 upscaler only)",
+                                    elem_id="upscale-noise-level",
+                                    info="Noise added to the input before upscaling: more lets the model invent more "
+                                         "detail; used only by the SD x4 upscaler, ignored by the others")
             button = gr.Button("Upscale", variant="primary", elem_id="upscale-run")
         with gr.Column():
             result = gr.Image(label="Result", interactive=False, format="png", elem_id="upscale-result")
             info = gr.Textbox(label="Parameters", lines=4, interactive=False, elem_id="upscale-infotext")
-    button.click(shows_errors(studio.upscale), [image, name, scale, tile], [result, info],
+    widgets = {"path": image, "upscaler": name, "scale": scale, "tile": tile, "prompt": prompt,
+               "noise_level": noise_level}
+
+    def upscale(*values):  # by name: adding a widget cannot shift the others
+        return studio.upscale(**dict(zip(widgets, values)))
+
+    button.click(shows_errors(upscale), list(widgets.values()), [result, info],
                  concurrency_id=GENERATION, concurrency_limit=1, api_visibility="private")
 
 

@@ -225,12 +225,15 @@ class Studio:
             images=tuple(zip(images, captions)), infotexts=result.infotexts, seeds=result.seeds, notes=result.notes)
 
     # --- upscaling ------------------------------------------------------------------------------
-    def upscale(self, path, upscaler: str, scale, tile) -> tuple[Any, str]:
+    def upscale(self, path, upscaler: str, scale, tile, *, prompt: str | None = None,
+                noise_level=None) -> tuple[Any, str]:
         """Upscale an uploaded image (opened with the safe opener) and publish it in outputs/extras:
-        (the saved file, or the image when saving failed; its parameters)."""
+        (the saved file, or the image when saving failed; its parameters). `prompt` and `noise_level`
+        are the SD x4 upscaler's (the other upscalers ignore them)."""
         if not path:
             raise RequestError("image", "drop an image to upscale first")
-        result = self.engine.upscale(open_image(path, "image"), upscaler, scale, tile)
+        result = self.engine.upscale(open_image(path, "image"), upscaler, scale, tile, prompt=prompt or None,
+                                     noise_level=noise_level)
         return (str(result.paths[0]) if result.paths else result.images[0]), result.infotexts[0]
 
     # --- PNG info -------------------------------------------------------------------------------
