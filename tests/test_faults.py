@@ -361,14 +361,14 @@ def test_cancel_while_queued_runs_nothing(sd_engine, reference):
 
 def test_cancel_during_the_model_load_stops_before_denoising(tiny_models_dir, tmp_path, monkeypatch):
     engine = make_engine(tiny_models_dir, tmp_path, load=None)
-    request = engine.make_request(BASE)  # loads the model; unload it so generate loads it again
+    request = engine.make_request(BASE)  # validation loads nothing: generate does the load
     engine.manager.unload()
     job = Job()
     real_load = engine.manager.load
 
-    def load_while_the_user_cancels(name):
+    def load_while_the_user_cancels(name, *args, **kwargs):
         job.cancel()
-        return real_load(name)
+        return real_load(name, *args, **kwargs)
 
     monkeypatch.setattr(engine.manager, "load", load_while_the_user_cancels)
     with pytest.raises(CancelledError):
