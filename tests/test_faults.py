@@ -304,6 +304,7 @@ def test_saves_killed_at_random_points_leave_no_truncated_png_and_the_next_start
     assert len(leftovers) == caught > 0, f"{kills} kills, none landed mid-save"
     # A live writer's temp file (this process holds its lock) must survive the clean-up.
     live = outdir / "txt2img" / "2026-01-01" / ".99999.part"
+    live.parent.mkdir(parents=True, exist_ok=True)  # absent when the first kill came before the first save
     fd = os.open(live, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
     try:
         outputs._lock(fd)

@@ -37,9 +37,8 @@ FIELDS = {"prompt": "Prompt", "negative_prompt": "Negative prompt", "steps": "St
           "batch_size": "Batch size"}
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("load-server")
+def demo_server(tmp_path_factory, name: str):
+    tmp = tmp_path_factory.mktemp(name)
     server = start_server_on(LOOPBACK, tmp, "--demo", "--queue-size", "16",
                              env={"GRADIO_TEMP_DIR": str(tmp / "gradio-tmp")})
     yield server
@@ -47,7 +46,22 @@ def server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    yield from demo_server(tmp_path_factory, "load-server")
+
+
+@pytest.fixture
+def soak_server(tmp_path_factory):
+    """A server of its own: the memory measured is one session's jobs, not other tests' leftovers."""
+    yield from demo_server(tmp_path_factory, "soak-server")
+
+
+@pytest.fixture(scope="module")
 def api(server):
+    return api_of(server)
+
+
+def api_of(server):
     """What the page's config says: txt2img's parameter names by label, and the private events' fn_index."""
     info = requests.get(server.url + "/gradio_api/info", timeout=30).json()
     names = {p["label"]: p["parameter_name"] for p in info["named_endpoints"]["/txt2img"]["parameters"]}
@@ -195,7 +209,9 @@ def rss(server) -> int:
     return psutil.Process(server.process.pid).memory_info().rss
 
 
-def test_server_memory_does_not_grow_over_sequential_jobs(server, api, tmp_path):
+def test_server_memory_does_not_grow_over_sequential_jobs(soak_server, tmp_path):
+    server = soak_server
+    api = api_of(server)
     c = client(server, tmp_path / "soak")
 
     def jobs(n: int, first_seed: int) -> None:
