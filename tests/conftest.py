@@ -36,11 +36,15 @@ def plain_cpu():
                    cpu_bf16=False)
 
 
-@pytest.fixture(scope="session")
-def sd_engine(tiny_models_dir, tmp_path_factory, plain_cpu):
+def loaded_engine(models_dir: Path, root: Path, hardware):
+    """An Engine on `hardware` with outputs and data under `root`, the tiny SD 1.x model loaded."""
     from engine.engine import Engine, EngineConfig
 
-    root = tmp_path_factory.mktemp("engine")
-    eng = Engine(EngineConfig(tiny_models_dir, root / "outputs", root / "data"), plain_cpu)
+    eng = Engine(EngineConfig(models_dir, root / "outputs", root / "data"), hardware)
     eng.load_model("tiny-sd1")
     return eng
+
+
+@pytest.fixture(scope="session")
+def sd_engine(tiny_models_dir, tmp_path_factory, plain_cpu):
+    return loaded_engine(tiny_models_dir, tmp_path_factory.mktemp("engine"), plain_cpu)

@@ -158,12 +158,9 @@ def test_weights_load_in_the_plans_dtype_when_all_parts_share_it():
 @pytest.fixture(scope="module")
 def own_engine(tiny_models_dir, tmp_path_factory, plain_cpu):
     """An engine of this module's own: the plans applied here are not undone on the shared one."""
-    from engine.engine import Engine, EngineConfig
+    from tests.conftest import loaded_engine
 
-    root = tmp_path_factory.mktemp("devices-engine")
-    engine = Engine(EngineConfig(tiny_models_dir, root / "outputs", root / "data"), plain_cpu)
-    engine.load_model("tiny-sd1")
-    return engine
+    return loaded_engine(tiny_models_dir, tmp_path_factory.mktemp("devices-engine"), plain_cpu)
 
 
 def image(engine) -> "np.ndarray":

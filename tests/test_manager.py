@@ -10,16 +10,14 @@ import pytest
 import torch
 
 from engine.devices import DevicePlan
-from engine.engine import Engine, EngineConfig
+from tests.conftest import loaded_engine
 from engine.errors import EaselError
 from engine.manager import OUT_OF_MEMORY_ON_CPU
 
 
 @pytest.fixture
 def engine(tiny_models_dir, tmp_path, plain_cpu):
-    eng = Engine(EngineConfig(tiny_models_dir, tmp_path / "outputs", tmp_path / "data"), plain_cpu)
-    eng.load_model("tiny-sd1")
-    return eng
+    return loaded_engine(tiny_models_dir, tmp_path, plain_cpu)
 
 
 @pytest.fixture
