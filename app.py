@@ -4,7 +4,7 @@
     python app.py txt2img --prompt ... generate from the command line; saved paths go to stdout
     python app.py img2img --init-img FILE --strength 0.8 --prompt ...
     python app.py models               models found, their family and device/precision plan
-    python app.py upscale --input FILE [--upscaler NAME] [--scale 2|3|4] [--tile PX]   saved in outputs/extras
+    python app.py upscale --input FILE [--upscaler NAME] [--scale 2|3|4] [--tile PX]   saved in outputs/upscale
         [--prompt TEXT] [--negative-prompt TEXT] [--steps N] [--noise-level N] [--seed N]   SD x4 upscaler only
     python app.py pnginfo FILE         the parameters saved in an image, and its watermark status
     python app.py selftest             check the install with a tiny random model (no weights needed)
@@ -62,7 +62,7 @@ def _add_generation_options(p: argparse.ArgumentParser, img2img: bool) -> None:
         p.add_argument("--hires", dest="enable_hr", action="store_true",
                        help="hires fix: generate at --width x --height, enlarge, then refine with a second pass")
         p.add_argument("--hr-scale", default=None, help="hires fix: how much to enlarge, 1-4 (default 2)")
-        p.add_argument("--hr-upscaler", default=None, help="hires fix: Latent (default) or Lanczos")
+        p.add_argument("--hr-upscaler", default=None, help="hires fix: Latent (default), Lanczos, or an upscaler model from models/ESRGAN, RealESRGAN or SwinIR")
         p.add_argument("--hr-steps", default=None, help="hires fix: second-pass steps (default: same as --steps)")
         p.add_argument("--strength", default=None, help="hires fix: denoising strength of the second pass (default 0.75)")
     if img2img:

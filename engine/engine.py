@@ -21,7 +21,7 @@ from engine.library import ModelLibrary
 from engine.manager import LoadedModel, ModelFacts, ModelManager, ModelSettings
 from engine.outputs import OutputSettings, remove_leftovers
 from engine.publish import Publisher
-from engine.request import LIMITS, GenerationRequest, size_multiple
+from engine.request import HIRES_UPSCALERS, LIMITS, GenerationRequest, size_multiple
 from engine.samplers import SAMPLERS, SCHEDULE_TYPES
 from engine.upscalers import Upscalers, check_sd_options
 from engine.watermark import Watermarker
@@ -74,9 +74,9 @@ class Engine:
                                     cache_dir=config.data_dir / "cache")
         self.watermarker = Watermarker()
         self.publisher = Publisher(OutputSettings(config.outputs_dir, config.watermark), self.watermarker)
-        self.generator = Generator(self.manager, self.publisher)
         self.upscalers = Upscalers(self.library, self.publisher, device=resolve_device(self.hardware, config.device),
                                    manager=self.manager)
+        self.generator = Generator(self.manager, self.publisher, upscalers=self.upscalers)
         # Temp files of saves that were killed mid-write (only those whose writer is gone: engine/outputs.py).
         remove_leftovers(config.outputs_dir)
 
@@ -193,7 +193,8 @@ class Engine:
         facts = self.model_facts(model)
         given = {k: v for k, v in fields.items() if v is not None}
         request = GenerationRequest.validate({**facts.default_fields(), **given},
-                                             size_multiple=size_multiple(facts.vae_scale_factor))
+                                             size_multiple=size_multiple(facts.vae_scale_factor),
+                                             hires_upscalers=self.hires_upscaler_names())
         if request.enable_hr and facts.info.inpaint_unet:
             raise RequestError("enable_hr", f"hires fix needs an ordinary checkpoint; {facts.info.label} models "
                                             "redraw through a mask")
@@ -221,6 +222,10 @@ class Engine:
         for each checkpoint in models/Stable-diffusion that is the SD x4 upscaler."""
         return self.upscalers.names()
 
+    def hires_upscaler_names(self) -> tuple[str, ...]:
+        """What hires fix may enlarge with: "Latent", "Lanczos", then the ESRGAN-family models."""
+        return (*HIRES_UPSCALERS, *self.upscalers.hires_names())
+
     def is_sd_upscaler(self, upscaler: str | None) -> bool:
         """Whether `upscaler` names an SD x4 upscaler checkpoint (the one that takes a prompt,
         steps, noise level and seed); RequestError naming `upscaler` when it names none."""
@@ -229,7 +234,7 @@ class Engine:
     def upscale(self, image, upscaler: str | None = None, scale=4, tile=None, job: Job | None = None,
                 *, overlap=None, save: bool = True, prompt: str | None = None, negative_prompt: str | None = None,
                 steps=None, noise_level=None, seed=None) -> GenerationResult:
-        """Upscale an opened image (engine.images.open_image) and publish it in outputs/extras:
+        """Upscale an opened image (engine.images.open_image) and publish it in outputs/upscale:
         watermark after upscaling, the source's infotext plus the Postprocess keys. `tile` None: the
         upscaler's default (256; the SD x4 upscaler's 128). prompt, negative_prompt, steps,
         noise_level (0..the model's max_noise_level, default 20) and seed (-1/None: random) are the

@@ -24,6 +24,7 @@ from engine.publish import Publisher
 from engine.preview import latents_to_preview
 from engine.request import MAX_SEED, GenerationRequest, hires_size, size_multiple
 from engine.samplers import make_scheduler
+from engine.upscalers import Upscalers
 
 
 def resize_init_image(image: Image.Image, width: int, height: int, mode: str) -> Image.Image:
@@ -85,9 +86,11 @@ class Generator:
     """Sampling: a request and a loaded model in, images out (`sample`); `run` hands them to the
     publishing step (watermark, infotext, save, grid: `engine.publish`)."""
 
-    def __init__(self, manager: ModelManager, publisher: Publisher, reuse_interval: int = INTERVAL):
+    def __init__(self, manager: ModelManager, publisher: Publisher, reuse_interval: int = INTERVAL,
+                 upscalers: Upscalers | None = None):
         self.manager = manager
         self.publisher = publisher
+        self.upscalers = upscalers  # engine.upscalers.Upscalers: hires fix's upscaler models
         self.reuse_interval = reuse_interval  # speed "fast": one full UNet step in this many
 
     def run(self, request: GenerationRequest, model: LoadedModel, job: Job | None = None) -> GenerationResult:
@@ -171,8 +174,13 @@ class Generator:
         width, height = hires_size(request.width, request.height, request.hr_scale, size_multiple(factor))
         if request.hr_upscaler == "Latent":
             image = torch.nn.functional.interpolate(latents, size=(height // factor, width // factor), mode="bilinear")
-        else:  # "Lanczos"
+        elif request.hr_upscaler == "Lanczos":
             image = [picture.resize((width, height), Image.LANCZOS) for picture in self._decode(run, latents)]
+        else:  # an upscaler model (ESRGAN family), validated against the models folder by the engine
+            if self.upscalers is None:
+                raise EaselError(f"hr_upscaler: {request.hr_upscaler} needs the engine's upscalers")
+            image = [self.upscalers.enlarge(picture, request.hr_upscaler, (width, height), run.job)
+                     for picture in self._decode(run, latents)]
         steps = img2img_steps(request.hr_second_pass_steps or request.steps, request.denoising_strength)
         return self._pipeline_pass(run, batch, seeds, "img2img", steps,
                                    dict(image=image, strength=request.denoising_strength), reuse=False)

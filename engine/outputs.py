@@ -45,7 +45,7 @@ try:
 except ImportError:  # Windows
     fcntl = None
 
-MODES = (*GENERATION_MODES, "extras")  # output folders: one per generation mode, and the upscaler's (A1111's name)
+MODES = (*GENERATION_MODES, "upscale")  # output folders: one per generation mode, and the upscalers'
 NUMBER_DIGITS = 5
 # A1111 compatible: every file in the folder whose name starts with digits and '-' holds a number.
 _NUMBERED = re.compile(r"^(\d+)-")

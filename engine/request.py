@@ -43,7 +43,8 @@ RANGES = {
     "hr_second_pass_steps": (0, 150),
 }
 # Hires fix's built-in ways to enlarge the first pass (A1111's names). "Latent" enlarges the latents
-# themselves (no decode in between); "Lanczos" decodes, resizes the picture, encodes again.
+# themselves (no decode in between); "Lanczos" decodes, resizes the picture, encodes again. The
+# engine adds the ESRGAN-family models of its models folder (`Engine.hires_upscaler_names`).
 HIRES_UPSCALERS = ("Latent", "Lanczos")
 # diffusers' StableDiffusion(XL)Pipeline.check_inputs refuse a width or height not divisible by 8,
 # whatever the VAE's scale factor (`if height % 8 != 0 or width % 8 != 0: raise ValueError`); the
@@ -120,8 +121,11 @@ class GenerationRequest:
         return tuple(f.name for f in dataclasses.fields(cls))
 
     @classmethod
-    def validate(cls, fields: Mapping[str, Any], *, size_multiple: int) -> "GenerationRequest":
-        """Build a request from raw values; `size_multiple` is the model's VAE scale factor."""
+    def validate(cls, fields: Mapping[str, Any], *, size_multiple: int,
+                 hires_upscalers: tuple[str, ...] = HIRES_UPSCALERS) -> "GenerationRequest":
+        """Build a request from raw values; `size_multiple` is the model's size step (see
+        `size_multiple`), `hires_upscalers` the names hr_upscaler may take (the built-ins and the
+        upscaler models on disk)."""
         unknown = sorted(set(fields) - set(cls.field_names()))
         if unknown:
             raise RequestError(unknown[0], f"unknown field; known fields: {', '.join(cls.field_names())}")
@@ -148,7 +152,7 @@ class GenerationRequest:
         values["save_images"] = _bool("save_images", raw["save_images"])
         values["save_grid"] = _bool("save_grid", raw["save_grid"])
         values["enable_hr"] = _bool("enable_hr", raw["enable_hr"])
-        values["hr_upscaler"] = _choice("hr_upscaler", raw["hr_upscaler"], HIRES_UPSCALERS)
+        values["hr_upscaler"] = _choice("hr_upscaler", raw["hr_upscaler"], tuple(hires_upscalers))
         if values["enable_hr"] and mode != "txt2img":
             raise RequestError("enable_hr", "hires fix is for txt2img; img2img sets its size directly")
         if values["enable_hr"] and values["denoising_strength"] == 0:

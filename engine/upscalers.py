@@ -1,5 +1,5 @@
 """Upscaling an image: Lanczos, or an ESRGAN-family model (ESRGAN, Real-ESRGAN, SwinIR ...) from the
-models folder, run in overlapping tiles, then published like any other image (mode "extras").
+models folder, run in overlapping tiles, then published like any other image (mode "upscale").
 
 - The list: "Lanczos" (always there, no weights) and every weight file in `models/ESRGAN`,
   `models/RealESRGAN` and `models/SwinIR` (the library's "Upscalers"). A name is looked up among
@@ -52,7 +52,7 @@ DEFAULT_OVERLAP = 16  # input pixels; when not given, at most a quarter of the t
 MIN_TILE, MAX_TILE = 32, 2048  # tile 0: the whole image in one piece
 # The accumulation buffers take 16 bytes per output pixel (RGB + weight, float32): 50 MP is 800 MB.
 MAX_OUTPUT_PIXELS = 50_000_000
-MODE = "extras"  # A1111's name for the upscaler's output folder
+MODE = "upscale"  # the output folder (A1111 calls it extras-images; its infotext keys keep the "Postprocess" names)
 SD_X4_PREFIX = "SD x4: "  # an SD x4 upscaler checkpoint's name in the list: "SD x4: <model name>"
 SD_X4_TILE = 128  # its native input size (engine.sd_upscaler.DEFAULT_TILE), the tile when none is given
 SD_X4_STEPS = (1, 150)  # as the generation request's steps
@@ -357,6 +357,27 @@ class Upscalers:
             return resolve_upscaler(self.library, wanted, list_upscalers(self.library))
         return resolve_upscaler(self.library, wanted, self.available())
 
+    def hires_names(self) -> list[str]:
+        """The upscaler models hires fix may enlarge with: the ESRGAN-family files. (Lanczos is one
+        of the request's built-ins; the SD x4 upscaler is a diffusion pass of its own, not offered.)"""
+        return [up.name for up in list_upscalers(self.library) if up.path is not None]
+
+    def enlarge(self, image: Image.Image, name: str, size: tuple[int, int], job: Job | None = None) -> Image.Image:
+        """`image` enlarged to exactly `size` by the upscaler model `name` (hires fix's first pass):
+        the model at its own scale, in tiles, then Lanczos to the size asked (as A1111 does).
+        `job` is checked for cancel between tiles."""
+        chosen = self.resolve(name)
+        if chosen.path is None or chosen.sd_x4:
+            raise RequestError("hr_upscaler", f"{chosen.name} is not an upscaler model hires fix can use")
+        descriptor = self._model(chosen.path)
+        req = descriptor.size_requirements
+        pixels = _to_tensor(image).to(self.device)
+        out = run_tiled(descriptor, pixels, descriptor.scale, DEFAULT_TILE, DEFAULT_OVERLAP,
+                        multiple_of=req.multiple_of, minimum=req.minimum, job=job)
+        result = _to_image(out)
+        del out, pixels
+        return result if result.size == tuple(size) else result.resize(tuple(size), Image.LANCZOS)
+
     def _model(self, path: Path):
         stat = path.stat()
         key = (str(path), stat.st_size, stat.st_mtime_ns, self.device)
@@ -426,7 +447,7 @@ class Upscalers:
 
     def run(self, image: Image.Image, upscaler: str | None = None, scale=4, tile=None,
             overlap=None, job: Job | None = None, *, save: bool = True, sd: SdOptions | None = None) -> GenerationResult:
-        """Upscale and publish: watermark on the final pixels, infotext, atomic save in outputs/extras."""
+        """Upscale and publish: watermark on the final pixels, infotext, atomic save in outputs/upscale."""
         job = job or Job()
         source = read_infotext(image)
         sd = sd or SdOptions()

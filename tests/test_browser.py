@@ -131,7 +131,7 @@ def test_upscale_tab_upscales_an_uploaded_image(page, server, tmp_path):
     page.click("#upscale-run")
     page.wait_for_selector("#upscale-result img")
     assert "Postprocess upscaler: Lanczos" in page.locator("#upscale-infotext textarea").input_value()
-    saved = saved_pngs(server, "extras")[-1]
+    saved = saved_pngs(server, "upscale")[-1]
     assert Image.open(saved).size == (96, 64)
 
 

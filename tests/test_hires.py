@@ -94,3 +94,66 @@ def test_cli_hires_saves_the_scaled_image_with_its_parameters(tiny_models_dir, t
     with Image.open(path) as image:
         assert image.size == (96, 96)
     assert "Hires upscale: 1.5" in read_infotext(path)
+
+
+# --- an ESRGAN-family model as hires fix's upscaler ----------------------------------------------
+
+@pytest.fixture(scope="module")
+def esrgan_engine(tmp_path_factory, plain_cpu):
+    """A tiny SD 1.x and a tiny 4x ESRGAN file in models/ESRGAN, as a user's folder would hold them."""
+    from safetensors.torch import save_file
+
+    from engine.tiny import save_sd1_folder
+    from tests.conftest import loaded_engine
+    from tests.test_upscale import rrdb_state_dict
+
+    models = tmp_path_factory.mktemp("hires-esrgan-models")
+    save_sd1_folder(models / "Stable-diffusion" / "tiny-sd1")
+    (models / "ESRGAN").mkdir()
+    save_file(rrdb_state_dict(0), str(models / "ESRGAN" / "tiny4x.safetensors"))
+    return loaded_engine(models, tmp_path_factory.mktemp("hires-esrgan"), plain_cpu)
+
+
+def test_upscaler_models_are_offered_to_hires_fix(esrgan_engine):
+    assert esrgan_engine.hires_upscaler_names() == ("Latent", "Lanczos", "tiny4x")
+
+
+def test_an_esrgan_model_enlarges_the_first_pass(esrgan_engine):
+    """The model runs on the decoded first pass (a 64x48 picture: one tile, 256x192 out), is
+    brought down to the hires size, and the second pass starts from that picture."""
+    descriptor = esrgan_engine.upscalers._model(esrgan_engine.library.models_dir / "ESRGAN" / "tiny4x.safetensors")
+    calls, handle = count_calls(descriptor.model)
+    try:
+        result = esrgan_engine.generate(esrgan_engine.make_request(
+            {**BASE, "enable_hr": True, "hr_scale": 2, "hr_upscaler": "tiny4x"}))
+    finally:
+        handle.remove()
+    assert calls == [(48, 64)]
+    assert result.images[0].size == (128, 96)
+    assert parse_infotext(result.infotexts[0])["Hires upscaler"] == "tiny4x"
+
+
+def test_the_esrgan_first_pass_differs_from_lanczos(esrgan_engine):
+    fields = {**BASE, "enable_hr": True, "hr_scale": 2, "denoising_strength": 0.3}
+    by_model = esrgan_engine.generate(esrgan_engine.make_request({**fields, "hr_upscaler": "tiny4x"})).images[0]
+    by_lanczos = esrgan_engine.generate(esrgan_engine.make_request({**fields, "hr_upscaler": "Lanczos"})).images[0]
+    assert list(by_model.getdata()) != list(by_lanczos.getdata())
+
+
+@pytest.mark.parametrize("name", ["tiny5x", "ESRGAN/../tiny4x", "SD x4: tiny-sd1"])
+def test_an_unknown_hires_upscaler_is_refused_with_the_choices(esrgan_engine, name):
+    with pytest.raises(RequestError) as refused:
+        esrgan_engine.make_request({**BASE, "enable_hr": True, "hr_upscaler": name})
+    assert refused.value.field == "hr_upscaler" and "tiny4x" in str(refused.value)
+
+
+def test_cli_hires_takes_an_esrgan_model(esrgan_engine, tmp_path, capsys):
+    code = app.main(["txt2img", "--models-dir", str(esrgan_engine.library.models_dir), "--outdir", str(tmp_path / "out"),
+                     "--data-dir", str(tmp_path / "data"), "--prompt", "a cat", "--width", "64", "--height", "64",
+                     "--steps", "2", "--hires", "--hr-scale", "2", "--hr-upscaler", "tiny4x", "--strength", "0.5"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    path = out.strip().splitlines()[0]
+    with Image.open(path) as image:
+        assert image.size == (128, 128)
+    assert "Hires upscaler: tiny4x" in read_infotext(path)

@@ -54,7 +54,7 @@ def test_same_seed_twice_never_overwrites(tmp_path):
 
 
 def test_default_date_is_today(tmp_path):
-    path = save_png(small(), tmp_path, "extras", 0, None)
+    path = save_png(small(), tmp_path, "upscale", 0, None)
     assert path.parent.name == datetime.date.today().isoformat()
 
 

@@ -300,7 +300,7 @@ def test_page_comes_up_when_the_default_model_is_broken(tmp_path):
 def test_upscale_publishes_the_uploaded_image_in_extras(studio, tmp_path):
     Image.new("RGB", (40, 24), (10, 200, 30)).save(tmp_path / "in.png")
     shown, infotext = studio.upscale(str(tmp_path / "in.png"), "Lanczos", 3, 0)
-    assert Path(shown).parent.parent.name == "extras"
+    assert Path(shown).parent.parent.name == "upscale"
     with Image.open(shown) as saved:
         assert saved.size == (120, 72)
     assert "Postprocess upscale by: 3" in infotext
@@ -340,7 +340,7 @@ def test_upscale_with_the_sd_x4_upscaler_takes_prompt_and_noise_level(x4_studio,
     Image.new("RGB", (40, 24), (10, 200, 30)).save(tmp_path / "in.png")
     shown, infotext = x4_studio.upscale(str(tmp_path / "in.png"), "SD x4: tiny-x4", 4, 32, prompt="a field",
                                         noise_level=50)
-    assert Path(shown).parent.parent.name == "extras"
+    assert Path(shown).parent.parent.name == "upscale"
     with Image.open(shown) as saved:
         assert saved.size == (160, 96)
     assert 'Postprocess upscaler: "SD x4: tiny-x4", Postprocess prompt: a field' in infotext

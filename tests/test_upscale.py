@@ -228,7 +228,7 @@ def test_published_with_watermark_after_upscaling_and_the_source_infotext(engine
     source.load()
     result = engine.upscale(source, "tiny4x", 2, tile=64)
     (path,) = result.paths
-    assert path.parent.parent.name == "extras" and path.name.endswith("-1234.png")
+    assert path.parent.parent.name == "upscale" and path.name.endswith("-1234.png")
     expected = SOURCE_INFO + ", Postprocess upscale by: 2, Postprocess upscaler: tiny4x"
     assert result.infotexts == (expected,)
     with Image.open(path) as saved:
@@ -265,7 +265,7 @@ def test_cli_upscale_prints_the_path_and_pnginfo_reads_it(capsys, dirs, tmp_path
     code, out, err = cli(capsys, "upscale", *dirs, "--input", str(src), "--upscaler", "Lanczos", "--scale", "4")
     assert code == 0, err
     (line,) = out.splitlines()
-    assert Path(line).is_file() and Path(line).is_relative_to(tmp_path / "out" / "extras")
+    assert Path(line).is_file() and Path(line).is_relative_to(tmp_path / "out" / "upscale")
     code, out, err = cli(capsys, "pnginfo", *dirs, line)
     assert code == 0, err
     assert "Postprocess upscale by: 4, Postprocess upscaler: Lanczos" in out
@@ -342,7 +342,7 @@ def test_sd_x4_upscale_is_exactly_4x_and_published_with_its_parameters(sd_engine
                                   negative_prompt="blurry", noise_level=30, **SD_ARGS)
     assert sd_engine_x4.manager.current.entry.name == "tiny-x4"  # loaded by the manager, for upscaling
     (path,) = result.paths
-    assert path.parent.parent.name == "extras"
+    assert path.parent.parent.name == "upscale"
     with Image.open(path) as saved:
         assert saved.size == (160, 96)
     info = sd_engine_x4.png_info(path)

@@ -227,7 +227,7 @@ class Studio:
     # --- upscaling ------------------------------------------------------------------------------
     def upscale(self, path, upscaler: str, scale, tile, *, prompt: str | None = None,
                 noise_level=None) -> tuple[Any, str]:
-        """Upscale an uploaded image (opened with the safe opener) and publish it in outputs/extras:
+        """Upscale an uploaded image (opened with the safe opener) and publish it in outputs/upscale:
         (the saved file, or the image when saving failed; its parameters). `prompt` and `noise_level`
         are the SD x4 upscaler's (the other upscalers ignore them)."""
         if not path:
