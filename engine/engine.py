@@ -23,6 +23,7 @@ from engine.outputs import OutputSettings, remove_leftovers
 from engine.publish import Publisher
 from engine.request import HIRES_UPSCALERS, LIMITS, GenerationRequest, size_multiple
 from engine.samplers import SAMPLERS, SCHEDULE_TYPES
+from engine.turns import TurnQueue
 from engine.upscalers import Upscalers, check_sd_options
 from engine.watermark import Watermarker
 
@@ -77,6 +78,8 @@ class Engine:
         self.upscalers = Upscalers(self.library, self.publisher, device=resolve_device(self.hardware, config.device),
                                    manager=self.manager)
         self.generator = Generator(self.manager, self.publisher, upscalers=self.upscalers)
+        # The page's and the API's jobs take turns on the device in arrival order (engine/turns.py).
+        self.turns = TurnQueue()
         # Temp files of saves that were killed mid-write (only those whose writer is gone: engine/outputs.py).
         remove_leftovers(config.outputs_dir)
 
@@ -152,8 +155,8 @@ class Engine:
         return self.manager.facts(self.library.resolve(self._model_name(name)))
 
     def load_model(self, name: str | None = None) -> LoadedModel:
-        """Load a model now (the model picker): waits for a running job, like a job of its own."""
-        with self.manager.use(self._model_name(name)) as loaded:
+        """Load a model now (the model picker): waits for its turn, like a job of its own."""
+        with self.turns.turn(Job()), self.manager.use(self._model_name(name)) as loaded:
             return loaded
 
     def set_model_precision(self, name: str, precision: str) -> None:
@@ -213,7 +216,7 @@ class Engine:
         in-use scope, so nothing re-plans or unloads it while the job runs."""
         job = job or Job()
         check_cancelled(job)  # cancelled while it waited in the page's queue: not even a load
-        with self.manager.use(self._model_name(model)) as loaded:
+        with self.turns.turn(job), self.manager.use(self._model_name(model)) as loaded:
             return self.generator.run(request, loaded, job)  # checks first: cancelled while it waited
 
     # --- upscaling (extras) ---------------------------------------------------------------------
@@ -241,7 +244,9 @@ class Engine:
         SD x4 upscaler's (the model is loaded through the manager, for upscaling only); the other
         upscalers ignore them."""
         sd = check_sd_options(prompt, negative_prompt, steps, noise_level, seed)
-        return self.upscalers.run(image, upscaler, scale, tile, overlap, job, save=save, sd=sd)
+        job = job or Job()
+        with self.turns.turn(job):
+            return self.upscalers.run(image, upscaler, scale, tile, overlap, job, save=save, sd=sd)
 
     # --- PNG info -----------------------------------------------------------------------------
     def png_info(self, source) -> PngInfo:
