@@ -129,10 +129,32 @@ def test_upscale_tab_upscales_an_uploaded_image(page, server, tmp_path):
     page.locator("#upscale-upscaler input").press("Enter")
     page.locator("#upscale-scale").get_by_label("2").check()
     page.click("#upscale-run")
+    assert wait_for_state(page, "upscale", "done") == "Done: 96x64"
     page.wait_for_selector("#upscale-result img")
     assert "Postprocess upscaler: Lanczos" in page.locator("#upscale-infotext textarea").input_value()
     saved = saved_pngs(server, "upscale")[-1]
     assert Image.open(saved).size == (96, 64)
+
+
+def test_a_txt2img_result_is_sent_to_upscale_and_shown_before_and_after(page, server):
+    generate(page, "txt2img", "a small boat", steps=2, size=(96, 64))
+    wait_for_state(page, "txt2img", "done")
+    page.wait_for_selector("#txt2img-gallery img")
+    made = saved_pngs(server, "txt2img")[-1]
+    page.click("#txt2img-send-upscale")
+    page.wait_for_selector("#upscale-image img")  # the Upscale tab is shown, holding the result
+    page.locator("#upscale-upscaler input").fill("Lanczos")
+    page.locator("#upscale-upscaler input").press("Enter")
+    page.locator("#upscale-scale").get_by_label("2").check()
+    page.click("#upscale-run")
+    assert wait_for_state(page, "upscale", "done") == "Done: 192x128"
+    page.wait_for_function("document.querySelectorAll('#upscale-result img').length == 2")  # before and after
+    saved = Image.open(saved_pngs(server, "upscale")[-1])
+    assert saved.size == (192, 128)
+    # The source's own parameters travelled with it: its prompt and seed, then the upscaler's keys.
+    source = Image.open(made).info["parameters"]
+    assert saved.info["parameters"].startswith(source.splitlines()[0] + "\n")
+    assert "Postprocess upscale by: 2, Postprocess upscaler: Lanczos" in saved.info["parameters"]
 
 
 def test_img2img_uses_the_uploaded_image(page, server, tmp_path):
@@ -226,3 +248,19 @@ def test_two_pages_at_once_each_get_their_own_result(browser, server, page):
         assert other.input_value("#txt2img-infotext textarea").startswith("second page prompt\n")
     finally:
         other.close()
+
+
+def test_png_info_sends_its_image_to_upscale(page, server, tmp_path):
+    Image.new("RGB", (40, 30), (30, 160, 90)).save(tmp_path / "dropped.png")
+    page.get_by_role("tab", name="PNG info").click()
+    page.set_input_files("#pnginfo-image input[type=file]", str(tmp_path / "dropped.png"))
+    page.wait_for_selector("#pnginfo-image img")
+    page.click("#pnginfo-send-upscale")
+    page.wait_for_selector("#upscale-image img")
+    page.locator("#upscale-upscaler input").fill("Lanczos")
+    page.locator("#upscale-upscaler input").press("Enter")
+    page.locator("#upscale-scale").get_by_label("3").check()
+    page.click("#upscale-run")
+    assert wait_for_state(page, "upscale", "done") == "Done: 120x90"
+    saved = Image.open(saved_pngs(server, "upscale")[-1])
+    assert saved.getpixel((60, 45)) != (0, 0, 0) and saved.size == (120, 90)

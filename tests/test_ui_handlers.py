@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ast
+import threading
 from pathlib import Path
 
 import gradio as gr
@@ -297,9 +298,20 @@ def test_page_comes_up_when_the_default_model_is_broken(tmp_path):
         page.studio.select_model("truncated.safetensors")
 
 
-def test_upscale_publishes_the_uploaded_image_in_extras(studio, tmp_path):
+UPSCALE_KEY = ("session", "upscale")
+
+
+def upscaled(studio, *args, **kwargs):
+    """Run the Upscale tab's handler to its end: (the saved file, its infotext, every view shown)."""
+    views = list(studio.upscale(UPSCALE_KEY, *args, **kwargs))
+    before, after = views[-1].images
+    assert before == str(args[0])  # the slider's left side is the uploaded file itself
+    return after, views[-1].infotext, views
+
+
+def test_upscale_publishes_the_uploaded_image_in_upscale(studio, tmp_path):
     Image.new("RGB", (40, 24), (10, 200, 30)).save(tmp_path / "in.png")
-    shown, infotext = studio.upscale(str(tmp_path / "in.png"), "Lanczos", 3, 0)
+    shown, infotext, _ = upscaled(studio, str(tmp_path / "in.png"), "Lanczos", 3, 0)
     assert Path(shown).parent.parent.name == "upscale"
     with Image.open(shown) as saved:
         assert saved.size == (120, 72)
@@ -314,7 +326,7 @@ def test_upscale_publishes_the_uploaded_image_in_extras(studio, tmp_path):
 def test_upscale_refuses_bad_input_naming_the_field(studio, tmp_path, path, upscaler, scale, field):
     Image.new("RGB", (16, 16)).save(tmp_path / "in.png")
     with pytest.raises(EaselError) as refused:
-        studio.upscale(str(tmp_path / path) if path else None, upscaler, scale, 0)
+        upscaled(studio, str(tmp_path / path) if path else None, upscaler, scale, 0)
     assert str(refused.value).startswith(f"{field}:")
 
 
@@ -338,8 +350,10 @@ def x4_studio(tmp_path_factory):
 def test_upscale_with_the_sd_x4_upscaler_takes_prompt_and_noise_level(x4_studio, tmp_path):
     assert x4_studio.engine.upscaler_names() == ["Lanczos", "SD x4: tiny-x4"]
     Image.new("RGB", (40, 24), (10, 200, 30)).save(tmp_path / "in.png")
-    shown, infotext = x4_studio.upscale(str(tmp_path / "in.png"), "SD x4: tiny-x4", 4, 32, prompt="a field",
-                                        noise_level=50)
+    shown, infotext, views = upscaled(x4_studio, str(tmp_path / "in.png"), "SD x4: tiny-x4", 4, 32, prompt="a field",
+                                      noise_level=50)
+    # 40x24 in 32-pixel tiles overlapping by 16: 2 tiles, each reported with the ETA of the rest
+    assert "Tile 1/2" in views[1].progress and "ETA" in views[1].progress
     assert Path(shown).parent.parent.name == "upscale"
     with Image.open(shown) as saved:
         assert saved.size == (160, 96)
@@ -350,7 +364,7 @@ def test_upscale_with_the_sd_x4_upscaler_takes_prompt_and_noise_level(x4_studio,
 def test_upscale_with_the_sd_x4_upscaler_refuses_a_noise_level_above_the_models(x4_studio, tmp_path):
     Image.new("RGB", (40, 24)).save(tmp_path / "in.png")
     with pytest.raises(EaselError) as refused:
-        x4_studio.upscale(str(tmp_path / "in.png"), "SD x4: tiny-x4", 4, 32, prompt="", noise_level=351)
+        upscaled(x4_studio, str(tmp_path / "in.png"), "SD x4: tiny-x4", 4, 32, prompt="", noise_level=351)
     assert str(refused.value).startswith("noise_level: must be from 0 to 350")
 
 
@@ -364,5 +378,36 @@ def test_upscale_tab_has_the_sd_x4_widgets_and_defaults_to_a_plain_upscaler(x4_s
 
 def test_upscale_ignores_the_sd_x4_options_for_other_upscalers(studio, tmp_path):
     Image.new("RGB", (20, 12), (10, 200, 30)).save(tmp_path / "in.png")
-    shown, infotext = studio.upscale(str(tmp_path / "in.png"), "Lanczos", 2, 0, prompt="ignored", noise_level=99)
+    shown, infotext, _ = upscaled(studio, str(tmp_path / "in.png"), "Lanczos", 2, 0, prompt="ignored", noise_level=99)
     assert infotext == "Postprocess upscale by: 2, Postprocess upscaler: Lanczos"
+
+
+def test_upscale_is_cancelled_between_tiles(x4_studio, tmp_path, monkeypatch):
+    """Cancel (the tab's button: Studio.cancel on the session's key) once the first tile's progress
+    is shown: the second tile never runs and nothing is saved. The worker waits in its progress
+    report until the test has cancelled, so the order does not depend on thread timing."""
+    import queue as queue_module
+
+    import ui.handlers
+
+    cancelled_now = threading.Event()
+
+    class WaitingQueue(queue_module.Queue):
+        def put(self, item, *args, **kwargs):
+            super().put(item, *args, **kwargs)
+            if getattr(item, "step", None) == 1:
+                cancelled_now.wait(30)
+
+    monkeypatch.setattr(ui.handlers.queue, "Queue", WaitingQueue)
+    Image.new("RGB", (40, 24), (10, 200, 30)).save(tmp_path / "in.png")
+    outputs = Path(x4_studio.engine.outputs.outdir) / "upscale"
+    before = sorted(outputs.rglob("*.png")) if outputs.exists() else []
+    token = x4_studio.prepare(UPSCALE_KEY)
+    views = x4_studio.upscale(UPSCALE_KEY, str(tmp_path / "in.png"), "SD x4: tiny-x4", 4, 32, token=token)
+    with pytest.raises(CancelledError) as cancelled:
+        for view in views:
+            if "Tile 1/2" in view.progress:
+                assert x4_studio.cancel(UPSCALE_KEY)
+                cancelled_now.set()
+    assert str(cancelled.value) == "cancelled after tile 1/2"
+    assert (sorted(outputs.rglob("*.png")) if outputs.exists() else []) == before

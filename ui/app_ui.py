@@ -79,13 +79,14 @@ def shows_errors(handler):
     return wrapped
 
 
-def hires_fields(limits) -> dict[str, Any]:
-    """The txt2img tab's Hires. fix accordion, as request fields by name."""
+def hires_fields(limits, upscalers: tuple[str, ...]) -> dict[str, Any]:
+    """The txt2img tab's Hires. fix accordion, as request fields by name; `upscalers`: Latent,
+    Lanczos and the upscaler models (`Engine.hires_upscaler_names`)."""
     with gr.Accordion("Hires. fix", open=False, elem_id="txt2img-hires"):
         f = {"enable_hr": gr.Checkbox(False, label="Hires. fix: generate at this size, enlarge, then refine with a "
                                                    "second pass", elem_id="txt2img-enable-hr")}
         with gr.Row():
-            f["hr_upscaler"] = gr.Dropdown(list(limits.hires_upscalers), value=limits.hires_upscalers[0],
+            f["hr_upscaler"] = gr.Dropdown(list(upscalers), value=upscalers[0],
                                            label="Upscaler", elem_id="txt2img-hr-upscaler")
             f["hr_scale"] = gr.Slider(*limits.ranges["hr_scale"], value=2.0, step=0.05, label="Upscale by",
                                       elem_id="txt2img-hr-scale")
@@ -143,7 +144,7 @@ class GenerationTab:
                     self.random_seed = gr.Button("🎲", elem_id=f"{mode}-random-seed", scale=0, min_width=48)
                     self.reuse_seed = gr.Button("♻️", elem_id=f"{mode}-reuse-seed", scale=0, min_width=48)
                 if mode == "txt2img":
-                    f.update(hires_fields(limits))
+                    f.update(hires_fields(limits, engine.hires_upscaler_names()))
                 f["speed"] = gr.Radio(list(limits.speeds), value=limits.speeds[0], label="Speed", elem_id=f"{mode}-speed",
                                       info="fast: reuses the model's deep features between steps; about 2.5-3x faster "
                                            "from 10 steps up, a slightly different image")
@@ -155,7 +156,9 @@ class GenerationTab:
                 self.preview = gr.Image(label="Live preview", interactive=False, height=160, elem_id=f"{mode}-preview")
                 self.gallery = gr.Gallery(label="Results", format="png", columns=2, height=360, elem_id=f"{mode}-gallery")
                 self.infotext = gr.Textbox(label="Parameters", lines=4, interactive=False, elem_id=f"{mode}-infotext")
+                self.send_upscale = gr.Button("Send to upscale", size="sm", elem_id=f"{mode}-send-upscale")
         self.fields = f
+        self.selected = gr.State(0)  # the gallery image last clicked: what "Send to upscale" sends
         self.last_seed = gr.State(None)
         self.infotexts = gr.State(())
         self.job_token = gr.State(None)  # this click's job, set when Generate is clicked
@@ -222,49 +225,89 @@ class GenerationTab:
                               queue=False, api_visibility="private")
 
         def show_infotext(infotexts, evt: gr.SelectData):
-            return infotexts[evt.index] if evt.index is not None and evt.index < len(infotexts) else gr.update()
+            if evt.index is not None and evt.index < len(infotexts):
+                return infotexts[evt.index], evt.index
+            return gr.update(), gr.update()
 
-        self.gallery.select(show_infotext, self.infotexts, self.infotext, queue=False, api_visibility="private")
+        self.gallery.select(show_infotext, self.infotexts, [self.infotext, self.selected], queue=False,
+                            api_visibility="private")
 
     def fill(self, values: dict[str, Any]) -> dict:
         """Gradio updates that put the named values into this tab's widgets."""
         return {self.fields[name]: value for name, value in values.items() if name in self.fields}
 
 
-def upscale_tab(studio: Studio) -> None:
-    """The Upscale tab's widgets and its one event (built inside its gr.Tab)."""
-    with gr.Row():
-        with gr.Column():
-            image = uploaded_image(label="Image to upscale", sources=["upload", "clipboard"], elem_id="upscale-image",
-                                   height=320)
-            upscalers = studio.engine.upscaler_names()
-            # The last ESRGAN-family file (else Lanczos): the SD x4 upscaler is much slower, chosen on purpose.
-            plain = [n for n in upscalers if not studio.engine.is_sd_upscaler(n)]
-            name = gr.Dropdown(upscalers, value=plain[-1] if plain else upscalers[0], label="Upscaler",
-                               elem_id="upscale-upscaler",
-                               info="Lanczos needs no model; ESRGAN-family files go in models/ESRGAN; an SD x4 "
-                                    "upscaler checkpoint in models/Stable-diffusion is listed as 'SD x4: NAME'")
-            scale = gr.Radio([2, 3, 4], value=4, label="Scale", elem_id="upscale-scale")
-            tile = gr.Slider(0, 1024, value=256, step=32, label="Tile size (0: the whole image at once)",
-                             elem_id="upscale-tile")
-            prompt = gr.Textbox(label="Prompt (SD x4 upscaler only)", lines=2, elem_id="upscale-prompt",
-                                info="What the image shows; used only by the SD x4 upscaler, ignored by the others")
-            noise_level = gr.Slider(0, 350, value=20, step=1, label="Noise level (SD x4 upscaler only)",
-                                    elem_id="upscale-noise-level",
-                                    info="Noise added to the input before upscaling: more lets the model invent more "
-                                         "detail; used only by the SD x4 upscaler, ignored by the others")
-            button = gr.Button("Upscale", variant="primary", elem_id="upscale-run")
-        with gr.Column():
-            result = gr.Image(label="Result", interactive=False, format="png", elem_id="upscale-result")
-            info = gr.Textbox(label="Parameters", lines=4, interactive=False, elem_id="upscale-infotext")
-    widgets = {"path": image, "upscaler": name, "scale": scale, "tile": tile, "prompt": prompt,
-               "noise_level": noise_level}
+class UpscaleTab:
+    """The Upscale tab's widgets and events (built inside its gr.Tab); `image` takes what the
+    other tabs send to it."""
 
-    def upscale(*values):  # by name: adding a widget cannot shift the others
-        return studio.upscale(**dict(zip(widgets, values)))
+    def __init__(self, studio: Studio):
+        self.studio = studio
+        with gr.Row():
+            with gr.Column():
+                self.image = uploaded_image(label="Image to upscale", sources=["upload", "clipboard"],
+                                            elem_id="upscale-image", height=320)
+                upscalers = studio.engine.upscaler_names()
+                # The last ESRGAN-family file (else Lanczos): the SD x4 upscaler is much slower, chosen on purpose.
+                plain = [n for n in upscalers if not studio.engine.is_sd_upscaler(n)]
+                name = gr.Dropdown(upscalers, value=plain[-1] if plain else upscalers[0], label="Upscaler",
+                                   elem_id="upscale-upscaler",
+                                   info="Lanczos needs no model; ESRGAN-family files go in models/ESRGAN; an SD x4 "
+                                        "upscaler checkpoint in models/Stable-diffusion is listed as 'SD x4: NAME'")
+                scale = gr.Radio([2, 3, 4], value=4, label="Scale", elem_id="upscale-scale")
+                tile = gr.Slider(0, 1024, value=256, step=32, label="Tile size (0: the whole image at once)",
+                                 elem_id="upscale-tile")
+                prompt = gr.Textbox(label="Prompt (SD x4 upscaler only)", lines=2, elem_id="upscale-prompt",
+                                    info="What the image shows; used only by the SD x4 upscaler, ignored by the others")
+                noise_level = gr.Slider(0, 350, value=20, step=1, label="Noise level (SD x4 upscaler only)",
+                                        elem_id="upscale-noise-level",
+                                        info="Noise added to the input before upscaling: more lets the model invent "
+                                             "more detail; used only by the SD x4 upscaler, ignored by the others")
+                with gr.Row():
+                    self.button = gr.Button("Upscale", variant="primary", elem_id="upscale-run")
+                    self.cancel_button = gr.Button("Cancel", variant="stop", elem_id="upscale-cancel")
+            with gr.Column():
+                self.progress = gr.HTML(progress_html("Ready", 0.0, "idle"), elem_id="upscale-progress")
+                self.result = gr.ImageSlider(label="Before / after (drag the line)", interactive=False,
+                                             type="filepath", format="png", elem_id="upscale-result")
+                self.infotext = gr.Textbox(label="Parameters", lines=4, interactive=False, elem_id="upscale-infotext")
+        self.fields = {"path": self.image, "upscaler": name, "scale": scale, "tile": tile, "prompt": prompt,
+                       "noise_level": noise_level}
+        self.job_token = gr.State(None)
 
-    button.click(shows_errors(upscale), list(widgets.values()), [result, info],
-                 concurrency_id=GENERATION, concurrency_limit=1, api_visibility="private")
+    def wire(self) -> None:
+        studio, names = self.studio, {component: name for name, component in self.fields.items()}
+
+        def prepare(request: gr.Request):
+            return progress_html("Waiting for its turn…", 0.0, "waiting"), studio.prepare((request.session_hash, "upscale"))
+
+        def upscale(values: dict, request: gr.Request):  # by name: adding a widget cannot shift the others
+            fields = {names[c]: v for c, v in values.items() if c in names}
+            shown = {self.result: None, self.infotext: ""}  # every output, every time (see GenerationTab.wire)
+            try:
+                for view in studio.upscale((request.session_hash, "upscale"), token=values.get(self.job_token),
+                                           **fields):
+                    if view.images is not None:
+                        shown = {self.result: view.images, self.infotext: view.infotext}
+                        for note in view.notes:
+                            gr.Info(note)
+                    yield {self.progress: view.progress, **shown}
+            except CancelledError as e:
+                message = str(e)[:1].upper() + str(e)[1:]
+                gr.Warning(message)
+                yield {self.progress: progress_html(message, 0.0, "cancelled"), **shown}
+            except EaselError as e:
+                yield {self.progress: progress_html(f"Failed: {e}", 0.0, "failed"), **shown}
+                raise _readable(e) from None
+
+        def cancel(request: gr.Request):
+            if studio.cancel((request.session_hash, "upscale")):
+                gr.Info("Cancelling…")
+
+        self.button.click(prepare, None, [self.progress, self.job_token], queue=False, api_visibility="private").then(
+            upscale, {*self.fields.values(), self.job_token}, [self.progress, self.result, self.infotext],
+            concurrency_id=GENERATION, concurrency_limit=1, api_visibility="private")
+        self.cancel_button.click(cancel, None, None, queue=False, api_visibility="private")
 
 
 def settings_tab(studio: Studio, settings: SettingsStore, listen: bool) -> None:
@@ -312,7 +355,7 @@ def create_ui(engine, settings: SettingsStore | None = None, *, listen: bool = F
             with gr.Tab("Image to image", id="img2img", elem_id="tab-img2img"):
                 img2img = GenerationTab(studio, "img2img", model, demo, start_fields)
             with gr.Tab("Upscale 4x", id="upscale", elem_id="tab-upscale"):
-                upscale_tab(studio)
+                upscale = UpscaleTab(studio)
             with gr.Tab("PNG info", id="pnginfo", elem_id="tab-pnginfo"):
                 with gr.Row():
                     png_image = uploaded_image(label="Drop a PNG here", sources=["upload", "clipboard"],
@@ -323,6 +366,7 @@ def create_ui(engine, settings: SettingsStore | None = None, *, listen: bool = F
                         with gr.Row():
                             send_txt = gr.Button("Send to txt2img", elem_id="pnginfo-send-txt2img")
                             send_img = gr.Button("Send to img2img", elem_id="pnginfo-send-img2img")
+                            send_upscale = gr.Button("Send to upscale", elem_id="pnginfo-send-upscale")
                 png_fields = gr.State({})
             with gr.Tab("Models", id="models", elem_id="tab-models") as models_tab:
                 models_table = gr.Dataframe(headers=["Name", "Family", "Device / precision", "Error", "Loaded"],
@@ -331,7 +375,7 @@ def create_ui(engine, settings: SettingsStore | None = None, *, listen: bool = F
             with gr.Tab("Settings", id="settings", elem_id="tab-settings"):
                 settings_tab(studio, settings, listen)
 
-        for tab in (txt2img, img2img):
+        for tab in (txt2img, img2img, upscale):
             tab.wire()
 
         tab_fields = [(tab, name) for tab in (txt2img, img2img) for name in ("width", "height", "sampler", "steps", "cfg_scale")]
@@ -349,10 +393,13 @@ def create_ui(engine, settings: SettingsStore | None = None, *, listen: bool = F
             rows = studio.model_rows(refresh=True)
             names = engine.model_names()
             value = studio.default_model()
-            return rows, gr.update(choices=names, value=value), studio.banner()
+            return (rows, gr.update(choices=names, value=value), studio.banner(),
+                    gr.update(choices=list(engine.hires_upscaler_names())),
+                    gr.update(choices=engine.upscaler_names()))
 
         models_tab.select(lambda: studio.model_rows(), None, models_table, queue=False, api_visibility="private")
-        refresh.click(refresh_models, None, [models_table, model, banner], concurrency_id=GENERATION,
+        refresh.click(refresh_models, None, [models_table, model, banner, txt2img.fields["hr_upscaler"],
+                                             upscale.fields["upscaler"]], concurrency_id=GENERATION,
                       concurrency_limit=1, api_visibility="private")
 
         png_image.change(shows_errors(studio.png_info), png_image, [png_text, png_mark, png_fields], api_name="png_info")
@@ -372,6 +419,21 @@ def create_ui(engine, settings: SettingsStore | None = None, *, listen: bool = F
                        api_visibility="private")
         send_img.click(send_to(img2img, "img2img", True), [png_fields, png_image], [tabs, *img2img.fields.values()],
                        queue=False, api_visibility="private")
+
+        def send_to_upscale(images, index):
+            """The clicked (else the first) result of a generation tab, or the PNG info image."""
+            if isinstance(images, list):  # a gallery: [(path, caption), ...]
+                images = images[index if isinstance(index, int) and 0 <= index < len(images) else 0][0] if images else None
+            if not images:
+                gr.Warning("Nothing to send: generate an image, or drop one, first.")
+                return gr.update(), gr.update()
+            return images, gr.Tabs(selected="upscale")
+
+        for tab in (txt2img, img2img):
+            tab.send_upscale.click(send_to_upscale, [tab.gallery, tab.selected], [upscale.image, tabs], queue=False,
+                                   api_visibility="private")
+        send_upscale.click(send_to_upscale, [png_image, gr.State(0)], [upscale.image, tabs], queue=False,
+                           api_visibility="private")
 
         def forget_session(request: gr.Request):
             studio.jobs.drop_session(request.session_hash)

@@ -6,6 +6,7 @@ into a readable message in the page.
 """
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import uuid
@@ -17,7 +18,7 @@ from PIL import Image
 
 from engine.errors import CancelledError, EaselError, RequestError
 from engine.infotext import values_from_params
-from engine.jobs import Job
+from engine.jobs import Job, ProgressUpdate
 from engine.images import open_image
 from ui.progress import describe, preview_every, progress_html
 from ui.settings import SettingsStore
@@ -33,6 +34,16 @@ class GenerationView:
     images: tuple | None = None        # (image, caption) pairs, set once done
     infotexts: tuple[str, ...] = ()
     seeds: tuple[int, ...] = ()
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class UpscaleView:
+    """One refresh of the Upscale tab: progress while it runs; at the end (before, after) and the
+    saved image's parameters."""
+    progress: str
+    images: tuple | None = None  # (the uploaded file, the saved file or image), once done
+    infotext: str = ""
     notes: tuple[str, ...] = ()
 
 
@@ -152,54 +163,70 @@ class Studio:
         job = self.jobs.get(key, token)
         if job is None:  # called without prepare (e.g. through the API)
             token, job = self.jobs.open(key)
-        updates: queue.Queue = queue.Queue()
-        job.on_progress = updates.put
         job.preview_every = preview_every(fields.get("steps"))
-        outcome: dict[str, Any] = {}
         model = model or None
 
         def work():
-            try:
-                if job.cancelled.is_set():
-                    raise CancelledError("cancelled before it started")
-                request = self.engine.make_request(self._with_init_image(fields), model=model)
-                outcome["result"] = self.engine.generate(request, job, model=model)
-            except BaseException as e:  # handed to the page's thread, which reports it
-                outcome["error"] = e
-            finally:
-                updates.put(_DONE)
+            request = self.engine.make_request(self._with_init_image(fields), model=model)
+            return self.engine.generate(request, job, model=model)
 
-        worker = threading.Thread(target=work, name="easel-generate", daemon=True)
-        worker.start()
+        outcome: dict[str, Any] = {}
         last = None
         try:
             yield GenerationView(progress_html("Loading the model…" if self.engine.current_model != model
                                                else "Starting…"))
             preview = None
+            with contextlib.closing(self._watch(job, work, outcome)) as watched:
+                for updates in watched:
+                    for last in updates:
+                        preview = last.preview or preview
+                    yield GenerationView(progress_html(describe(last), last.fraction), preview)
+        except CancelledError:
+            if last is not None:
+                raise CancelledError(f"cancelled at step {last.step}/{last.steps}") from None
+            raise
+        finally:
+            self.jobs.finish(key, token)
+        yield self._done_view(outcome["result"])
+
+    @staticmethod
+    def _watch(job: Job, work, outcome: dict[str, Any]) -> Iterator[list[ProgressUpdate]]:
+        """Run `work()` in a worker thread (so progress can be shown while it works), yielding the
+        ProgressUpdates that arrived since the last yield (the page only shows the newest, and the
+        newest preview among them); its result ends up in outcome["result"], its
+        error is raised here. If the caller stops listening (the page went away: this generator
+        is closed), the job is cancelled."""
+        updates: queue.Queue = queue.Queue()
+        job.on_progress = updates.put
+
+        def run():
+            try:
+                if job.cancelled.is_set():
+                    raise CancelledError("cancelled before it started")
+                outcome["result"] = work()
+            except BaseException as e:  # handed to the page's thread, which reports it
+                outcome["error"] = e
+            finally:
+                updates.put(_DONE)
+
+        worker = threading.Thread(target=run, name="easel-job", daemon=True)
+        worker.start()
+        try:
             while True:
-                item = updates.get()
-                batch = [item]
-                while not updates.empty():  # the page only needs the newest step
+                batch = [updates.get()]
+                while not updates.empty():
                     batch.append(updates.get())
                 steps = [u for u in batch if u is not _DONE]
-                for update in steps:
-                    preview = update.preview or preview
                 if steps:
-                    last = steps[-1]
-                    yield GenerationView(progress_html(describe(last), last.fraction), preview)
+                    yield steps
                 if _DONE in batch:
                     break
             worker.join()
             if "error" in outcome:
-                error = outcome["error"]
-                if isinstance(error, CancelledError) and last is not None:
-                    raise CancelledError(f"cancelled at step {last.step}/{last.steps}") from None
-                raise error
-            yield self._done_view(outcome["result"])
+                raise outcome["error"]
         finally:
             if worker.is_alive():
                 job.cancel()
-            self.jobs.finish(key, token)
 
     @staticmethod
     def _with_init_image(fields: dict[str, Any]) -> dict[str, Any]:
@@ -225,16 +252,42 @@ class Studio:
             images=tuple(zip(images, captions)), infotexts=result.infotexts, seeds=result.seeds, notes=result.notes)
 
     # --- upscaling ------------------------------------------------------------------------------
-    def upscale(self, path, upscaler: str, scale, tile, *, prompt: str | None = None,
-                noise_level=None) -> tuple[Any, str]:
-        """Upscale an uploaded image (opened with the safe opener) and publish it in outputs/upscale:
-        (the saved file, or the image when saving failed; its parameters). `prompt` and `noise_level`
-        are the SD x4 upscaler's (the other upscalers ignore them)."""
+    def upscale(self, key: tuple[str, str], path, upscaler: str, scale, tile, *, prompt: str | None = None,
+                noise_level=None, token: str | None = None) -> Iterator[UpscaleView]:
+        """Upscale an uploaded image (opened with the safe opener) and publish it in outputs/upscale,
+        yielding progress views (tiles done, ETA), then a last one with (before, after) for the
+        page's slider (the saved file, or the image when saving failed) and its parameters.
+        `prompt` and `noise_level` are the SD x4 upscaler's (the other upscalers ignore them).
+        Raises the engine's EaselError (CancelledError when cancelled between tiles)."""
         if not path:
             raise RequestError("image", "drop an image to upscale first")
-        result = self.engine.upscale(open_image(path, "image"), upscaler, scale, tile, prompt=prompt or None,
-                                     noise_level=noise_level)
-        return (str(result.paths[0]) if result.paths else result.images[0]), result.infotexts[0]
+        job = self.jobs.get(key, token)
+        if job is None:
+            token, job = self.jobs.open(key)
+        image = open_image(path, "image")
+        outcome: dict[str, Any] = {}
+        last = None
+
+        def work():
+            return self.engine.upscale(image, upscaler, scale, tile, job, prompt=prompt or None,
+                                       noise_level=noise_level)
+
+        try:
+            yield UpscaleView(progress_html("Starting…"))
+            with contextlib.closing(self._watch(job, work, outcome)) as watched:
+                for updates in watched:
+                    last = updates[-1]
+                    yield UpscaleView(progress_html(describe(last, unit="Tile"), last.fraction))
+        except CancelledError:
+            if last is not None:
+                raise CancelledError(f"cancelled after tile {last.step}/{last.steps}") from None
+            raise
+        finally:
+            self.jobs.finish(key, token)
+        result = outcome["result"]
+        after = str(result.paths[0]) if result.paths else result.images[0]
+        yield UpscaleView(progress_html(f"Done: {result.images[0].width}x{result.images[0].height}", 1.0, "done"),
+                          (str(path), after), result.infotexts[0], result.notes)
 
     # --- PNG info -------------------------------------------------------------------------------
     def png_info(self, path) -> tuple[str, str, dict]:

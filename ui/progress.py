@@ -10,9 +10,10 @@ def format_seconds(seconds: float) -> str:
     return f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"
 
 
-def describe(update) -> str:
-    """'Step 3/20 · 15% · ETA 12s' (with the batch when there are several) for a ProgressUpdate."""
-    parts = [f"Step {update.step}/{update.steps}"]
+def describe(update, unit: str = "Step") -> str:
+    """'Step 3/20 · 15% · ETA 12s' (with the batch when there are several) for a ProgressUpdate;
+    `unit` names what is counted ("Tile" for the upscalers)."""
+    parts = [f"{unit} {update.step}/{update.steps}"]
     if update.batches > 1:
         parts.append(f"batch {update.batch + 1}/{update.batches}")
     parts.append(f"{round(update.fraction * 100)}%")
