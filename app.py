@@ -8,7 +8,9 @@
         [--prompt TEXT] [--negative-prompt TEXT] [--steps N] [--noise-level N] [--seed N]   SD x4 upscaler only
     python app.py pnginfo FILE         the parameters saved in an image, and its watermark status
     python app.py selftest             check the install with a tiny random model (no weights needed)
-    python app.py download             fetch the default SD 1.5 checkpoint (needs internet)
+    python app.py download [NAME|URL]  fetch a model from the catalogue (none named: the one recommended for
+                                       this machine) or an https link to a .safetensors file; resumable
+    python app.py download --list      the catalogue, and what suits this machine
 
 Exit codes: 0 done, 2 bad input (one `error: ...` line on stderr), 1 runtime failure.
 """
@@ -103,6 +105,16 @@ def build_parser() -> Parser:
             p.add_argument("--set-distilled", nargs=2, metavar=("MODEL", "KIND"),
                            help="say a checkpoint is distilled: turbo (4 steps, Euler a, CFG 1 by default), "
                                 "none, or auto (a file name with 'turbo' in it)")
+        if name == "download":
+            p.add_argument("what", nargs="?", default=None, metavar="NAME|URL",
+                           help="a name from --list, or an https link to a .safetensors file; none: the "
+                                "checkpoint recommended for this machine")
+            p.add_argument("--list", action="store_true", help="list the catalogue with what suits this machine")
+            p.add_argument("--folder", default=None, help="models subfolder for a link (default Stable-diffusion)")
+            p.add_argument("--sha256", default=None, help="for a link: the file's sha256, checked before it is kept")
+        if name in ("serve", "download"):
+            p.add_argument("--catalog", type=Path, default=None, help="a catalogue file of your own "
+                                                                      "(default: engine/configs/catalog.json)")
         if name == "serve":
             _add_serve_options(p)
     return parser
@@ -119,8 +131,15 @@ def _add_serve_options(p: argparse.ArgumentParser) -> None:
 def _engine(args):
     from engine.engine import Engine, EngineConfig
 
-    return Engine(EngineConfig(models_dir=args.models_dir, outputs_dir=args.outdir, data_dir=args.data_dir,
-                               device=args.device, precision=args.precision, watermark=not args.no_watermark))
+    return Engine(_config(args))
+
+
+def _config(args):
+    from engine.engine import EngineConfig
+
+    return EngineConfig(models_dir=args.models_dir, outputs_dir=args.outdir, data_dir=args.data_dir,
+                        device=args.device, precision=args.precision, watermark=not args.no_watermark,
+                        catalog_path=getattr(args, "catalog", None))
 
 
 def _generate(args, mode: str) -> int:
@@ -210,6 +229,41 @@ def _models(args) -> int:
     return 0
 
 
+def _download(args) -> int:
+    from engine.devices import Hardware
+    from engine.downloads import DownloadJob, Downloads
+
+    downloads = Downloads.for_config(_config(args), Hardware.detect())  # no engine: nothing else loads
+    if args.list:
+        offline = downloads.offline()
+        print(f"This machine: {downloads.machine.describe()}")
+        for row in downloads.rows():
+            e = row.entry
+            print(f"\n{e.name}: {e.title} ({e.size_text}, {e.licence})\n    {row.advice.label}: {row.advice.why}\n"
+                  f"    good for: {e.good_for}\n    licence: {e.licence_url}\n    {row.status(offline)}")
+        return 0
+    from tqdm import tqdm
+
+    bar = None
+
+    def show(progress):
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=progress.total, unit="B", unit_scale=True, file=sys.stderr, desc=progress.name[:30])
+        bar.set_postfix_str(progress.phase, refresh=False)
+        bar.total = progress.total
+        bar.n = progress.done
+        bar.refresh()
+
+    try:
+        path = downloads.fetch(args.what, DownloadJob(on_progress=show), folder=args.folder, sha256=args.sha256)
+    finally:
+        if bar is not None:
+            bar.close()
+    print(path)
+    return 0
+
+
 def _pnginfo(args) -> int:
     from engine.engine import read_png_info
 
@@ -255,10 +309,7 @@ def main(argv: list[str] | None = None) -> int:
                 run_selftest()
                 return 0
             if args.command == "download":
-                from engine.download import download_default_model
-
-                print(download_default_model(args.models_dir))
-                return 0
+                return _download(args)
             from ui.server import serve
 
             return serve(_engine(args), args)

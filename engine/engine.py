@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from engine.devices import Hardware, resolve_device
+from engine.downloads import Downloads
 from engine.errors import EaselError, ModelNotFoundError, RequestError
 from engine.generator import Generator
 from engine.jobs import GenerationResult, Job, check_cancelled
@@ -38,6 +39,7 @@ class EngineConfig:
     device: str = "auto"
     precision: str = "auto"
     watermark: bool = True
+    catalog_path: Path | None = None  # the models offered for download; None: engine/configs/catalog.json
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,8 @@ class Engine:
         self.generator = Generator(self.manager, self.publisher, upscalers=self.upscalers)
         # The page's and the API's jobs take turns on the device in arrival order (engine/turns.py).
         self.turns = TurnQueue()
+        # The download catalogue and its advice for this machine; partial downloads wait in data/downloads.
+        self.downloads = Downloads.for_config(config, self.hardware)
         # Temp files of saves that were killed mid-write (only those whose writer is gone: engine/outputs.py).
         remove_leftovers(config.outputs_dir)
 

@@ -1,128 +1,130 @@
-"""`app.py download` end to end, against a fake Hugging Face hub on 127.0.0.1 (never the internet):
-the file lands in models/Stable-diffusion; offline or unreachable, one error line and no partial file."""
+"""`app.py download` end to end, against a fake model host on 127.0.0.1 (never the internet): a
+catalogue entry lands in its models folder with a progress bar; killed halfway, the next run resumes
+with a Range request; a link is refused in one line; offline, one error line and nothing in models/."""
 from __future__ import annotations
 
 import hashlib
-import http.server
+import json
 import os
+import signal
 import subprocess
 import sys
-import threading
+import time
 from pathlib import Path
 
 import pytest
 
-from engine.download import DEFAULT_MODEL
 from tests.browser_helpers import LOOPBACK, REPO, free_port
+from tests.fake_model_host import FakeModelHost
 
-PAYLOAD = os.urandom(3 * 1024 * 1024 + 17)  # not a real checkpoint: download does not read it
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
-
-
-class FakeHub(http.server.ThreadingHTTPServer):
-    """Answers the hub's `resolve` URL for the default model, as huggingface.co does (HEAD with the
-    commit, ETag and size headers; GET with the bytes, honouring a Range); 404 for anything else."""
-
-    def __init__(self):
-        self.requests: list[tuple[str, str]] = []
-        super().__init__((LOOPBACK, 0), Handler)
-
-    @property
-    def url(self) -> str:
-        return f"http://{LOOPBACK}:{self.server_address[1]}"
-
-
-class Handler(http.server.BaseHTTPRequestHandler):
-    wanted = f"/{DEFAULT_MODEL.repo_id}/resolve/main/{DEFAULT_MODEL.filename}"
-
-    def log_message(self, *args):
-        pass
-
-    def _answer(self, body: bool) -> None:
-        self.server.requests.append((self.command, self.path))
-        if self.path.split("?")[0] != self.wanted:
-            self.send_response(404)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-            return
-        data, status = PAYLOAD, 200
-        ranged = self.headers.get("Range", "")
-        if ranged.startswith("bytes="):
-            start = int(ranged[6:].split("-")[0])
-            data, status = PAYLOAD[start:], 206
-        self.send_response(status)
-        self.send_header("X-Repo-Commit", COMMIT)
-        self.send_header("ETag", f'"{hashlib.sha256(PAYLOAD).hexdigest()}"')
-        self.send_header("Content-Length", str(len(data)))
-        if status == 206:
-            self.send_header("Content-Range", f"bytes {len(PAYLOAD) - len(data)}-{len(PAYLOAD) - 1}/{len(PAYLOAD)}")
-        self.end_headers()
-        if body:
-            self.wfile.write(data)
-
-    def do_HEAD(self):
-        self._answer(body=False)
-
-    def do_GET(self):
-        self._answer(body=True)
+PAYLOAD = os.urandom(3 * (1 << 20) + 17)  # not a real checkpoint: download does not load it
+SHA = hashlib.sha256(PAYLOAD).hexdigest()
 
 
 @pytest.fixture()
 def hub():
-    server = FakeHub()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    server = FakeModelHost().start()
+    server.add_hub_file("test/tiny", "tiny-turbo.safetensors", PAYLOAD)
     yield server
-    server.shutdown()
-    server.server_close()
+    server.stop()
 
 
-def download(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
-    environment = {**os.environ, "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_DISABLE_TELEMETRY": "1", **env}
-    return subprocess.run([sys.executable, str(REPO / "app.py"), "download", "--models-dir", str(tmp_path / "models")],
-                          capture_output=True, text=True, timeout=300, cwd=REPO, env=environment)
+def catalog(tmp_path: Path) -> Path:
+    path = tmp_path / "catalog.json"
+    path.write_text(json.dumps({"models": [{
+        "name": "tiny-turbo", "title": "Tiny turbo", "kind": "checkpoint", "family": "sd2", "repo_id": "test/tiny",
+        "file": "tiny-turbo.safetensors", "folder": "Stable-diffusion", "size": len(PAYLOAD), "sha256": SHA,
+        "licence": {"name": "test", "url": "https://example.invalid/licence"}, "good_for": "tests",
+        "gpu_gb": 1, "ram_gb": 1, "gpu": "ok", "why_gpu": "small", "cpu": "recommended", "why_cpu": "few steps"}]}))
+    return path
 
 
-def checkpoint_files(models: Path) -> list[Path]:
-    """The checkpoint, or a partial download of it (huggingface_hub's `.incomplete` files); its
-    `.lock`/`.metadata` bookkeeping under `.cache/` is neither."""
-    return [p for p in models.rglob("*") if p.is_file() and (p.name == DEFAULT_MODEL.filename or p.name.endswith(".incomplete"))]
+def command(tmp_path: Path, *args: str) -> list[str]:
+    return [sys.executable, str(REPO / "app.py"), "download", *args, "--models-dir", str(tmp_path / "models"),
+            "--data-dir", str(tmp_path / "data"), "--device", "cpu", "--catalog", str(catalog(tmp_path))]
 
 
-def test_download_fetches_the_default_model_into_the_checkpoint_folder(tmp_path, hub):
+def environment(tmp_path: Path, **env: str) -> dict:
+    return {**os.environ, "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_DISABLE_TELEMETRY": "1", **env}
+
+
+def download(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(command(tmp_path, *args), capture_output=True, text=True, timeout=300, cwd=REPO,
+                          env=environment(tmp_path, **env))
+
+
+def model_files(tmp_path: Path) -> list[Path]:
+    models = tmp_path / "models"
+    return [p for p in models.rglob("*") if p.is_file()] if models.exists() else []
+
+
+def test_download_without_a_name_fetches_the_recommended_checkpoint_with_a_progress_bar(tmp_path, hub):
     done = download(tmp_path, HF_ENDPOINT=hub.url, HF_HUB_OFFLINE="0")
     assert done.returncode == 0, done.stderr[-2000:]
-    dest = tmp_path / "models" / "Stable-diffusion" / DEFAULT_MODEL.filename
-    assert done.stdout.strip().splitlines()[-1] == str(dest)
-    assert dest.read_bytes() == PAYLOAD
-    assert checkpoint_files(tmp_path / "models") == [dest]  # no .incomplete part left behind
-    assert ("GET", Handler.wanted) in hub.requests
+    dest = tmp_path / "models" / "Stable-diffusion" / "tiny-turbo.safetensors"
+    assert done.stdout.strip().splitlines() == [str(dest)]
+    assert dest.read_bytes() == PAYLOAD and model_files(tmp_path) == [dest]
+    assert "3.15M/3.15M" in done.stderr  # tqdm's bar reached the whole size
 
 
 def test_download_of_a_model_already_on_disk_does_not_touch_the_network(tmp_path, hub):
-    dest = tmp_path / "models" / "Stable-diffusion" / DEFAULT_MODEL.filename
+    dest = tmp_path / "models" / "Stable-diffusion" / "tiny-turbo.safetensors"
     dest.parent.mkdir(parents=True)
     dest.write_bytes(b"mine")
-    done = download(tmp_path, HF_ENDPOINT=hub.url, HF_HUB_OFFLINE="0")
+    done = download(tmp_path, "tiny-turbo", HF_ENDPOINT=hub.url, HF_HUB_OFFLINE="0")
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == str(dest)
     assert dest.read_bytes() == b"mine" and hub.requests == []
 
 
-def assert_one_line_failure(done: subprocess.CompletedProcess, models: Path) -> None:
-    assert done.returncode == 1
+def test_a_download_killed_halfway_resumes_with_a_range_request(tmp_path, hub):
+    hub.pause_after = 1 << 20  # the first download gets 1 MiB, then the server waits
+    process = subprocess.Popen(command(tmp_path, "tiny-turbo"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               cwd=REPO, env=environment(tmp_path, HF_ENDPOINT=hub.url, HF_HUB_OFFLINE="0"))
+    part = tmp_path / "data" / "downloads" / f"sha256-{SHA}.part"
+    deadline = time.monotonic() + 120
+    while not (part.is_file() and part.stat().st_size == 1 << 20):
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.1)
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    hub.release.set()
+    assert model_files(tmp_path) == []
+
+    done = download(tmp_path, "tiny-turbo", HF_ENDPOINT=hub.url, HF_HUB_OFFLINE="0")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "models" / "Stable-diffusion" / "tiny-turbo.safetensors").read_bytes() == PAYLOAD
+    assert hub.ranges_seen() == [f"bytes={1 << 20}-"]
+    assert not part.exists()
+
+
+def test_list_prints_the_catalogue_with_advice_and_says_it_needs_the_internet_offline(tmp_path):
+    done = download(tmp_path, "--list", HF_HUB_OFFLINE="1")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "tiny-turbo: Tiny turbo (3.1 MB, test)" in done.stdout
+    assert "recommended: few steps" in done.stdout
+    assert "needs the internet (offline now)" in done.stdout
+
+
+def assert_one_line_failure(done: subprocess.CompletedProcess, tmp_path: Path, code: int, text: str) -> None:
+    assert done.returncode == code
     assert done.stdout == ""
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
-    assert lines[0].startswith("error: download:") and "Traceback" not in done.stderr
-    assert checkpoint_files(models) == []
+    assert lines[0].startswith("error: ") and text in lines[0] and "Traceback" not in done.stderr
+    assert model_files(tmp_path) == []
 
 
-def test_download_offline_fails_with_one_line_and_no_partial_file(tmp_path):
+def test_download_offline_fails_with_one_line_and_nothing_in_models(tmp_path):
     done = download(tmp_path, HF_HUB_OFFLINE="1")
-    assert_one_line_failure(done, tmp_path / "models")
+    assert_one_line_failure(done, tmp_path, 1, "needs the internet, and HF_HUB_OFFLINE is set")
 
 
-def test_download_with_the_hub_unreachable_fails_with_one_line_and_no_partial_file(tmp_path):
+def test_download_with_the_hub_unreachable_fails_with_one_line_and_nothing_in_models(tmp_path):
     done = download(tmp_path, HF_ENDPOINT=f"http://{LOOPBACK}:{free_port()}", HF_HUB_OFFLINE="0")
-    assert_one_line_failure(done, tmp_path / "models")
+    assert_one_line_failure(done, tmp_path, 1, "are you online?")
+
+
+def test_download_of_an_http_link_is_bad_input_in_one_line(tmp_path):
+    done = download(tmp_path, f"http://{LOOPBACK}:{free_port()}/model.safetensors")
+    assert_one_line_failure(done, tmp_path, 2, "url: must be an https:// link")
