@@ -42,6 +42,11 @@ def add_serve_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allowed-hosts", default="", metavar="HOST[,HOST...]",
                    help="other host names the server may be reached by (e.g. a name on your network or a "
                         "reverse proxy's); loopback, and with --listen this machine's addresses, always work")
+    # A1111's API flags: the API (/sdapi/v1, ui/api.py) is always on, so --api only keeps their
+    # command lines working; --api-auth adds logins for the API alone (HTTP Basic).
+    p.add_argument("--api", action="store_true", help="accepted for A1111 compatibility: the HTTP API is always on")
+    p.add_argument("--api-auth", default=None, metavar="USER:PASSWORD",
+                   help="logins for the HTTP API only (besides --auth's), several as user1:pass1,user2:pass2")
     p.add_argument("--cors-allow-origins", default="", metavar="ORIGIN[,ORIGIN...]",
                    help="web sites (e.g. https://example.com) allowed to call Easel from the browser; none by default")
     # Remember the parser's --outdir default, to tell an --outdir typed on the command line
@@ -127,9 +132,17 @@ def _command_line_outputs(args) -> frozenset[str]:
     return frozenset(given)
 
 
+def parse_api_logins(api_auth: str | None) -> list[tuple[str, str]]:
+    try:
+        return parse_logins(api_auth, None)
+    except ServeError:
+        raise ServeError("--api-auth: expected user:password") from None
+
+
 def check_serve_options(args) -> tuple[list[tuple[str, str]], frozenset[str]]:
     """(logins, allowed CORS origins) from the serve options; ServeError (one line) when one is bad."""
     logins = parse_logins(args.auth, args.auth_file)
+    parse_api_logins(getattr(args, "api_auth", None))
     if args.listen and not logins and not args.insecure_no_auth:
         raise ServeError("--listen shares the page on the network: add --auth user:password or --auth-file FILE "
                          "(or --insecure-no-auth to let anyone on the network use it)")
@@ -162,7 +175,8 @@ def serve(engine, args) -> int:
     outdir = Path(engine.outputs.outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     app = build_app(page, logins=logins, outdir=outdir, max_upload_mb=args.max_upload_mb,
-                    listen=args.listen, allowed_hosts=_comma_list(args.allowed_hosts), cors_origins=cors_origins)
+                    listen=args.listen, allowed_hosts=_comma_list(args.allowed_hosts), cors_origins=cors_origins,
+                    engine=engine, api_logins=parse_api_logins(args.api_auth))
 
     try:
         sock = _bind(host, args.port)
@@ -199,20 +213,30 @@ def _announce(server, args, host: str, has_logins: bool) -> None:
 
 
 def build_app(page, *, logins, outdir: Path, max_upload_mb: int, listen: str | None = None,
-              allowed_hosts=(), cors_origins: frozenset[str] = frozenset(), limiter=None):
-    """The ASGI app: the page mounted at / inside our FastAPI app, all of it behind RequestGuard."""
+              allowed_hosts=(), cors_origins: frozenset[str] = frozenset(), limiter=None, engine=None,
+              api_logins=()):
+    """The ASGI app: the HTTP API (ui/api.py, when an engine is given) and the page mounted at /
+    inside our FastAPI app, all of it behind RequestGuard. The API takes the page's logins and
+    `api_logins`, as HTTP Basic credentials."""
     import gradio as gr
     from fastapi import FastAPI
     from fastapi.middleware.cors import CORSMiddleware
 
-    from ui.security import BODY_OVERHEAD, GuardPolicy, RequestGuard, allowed_hosts_for
+    from ui.security import BODY_OVERHEAD, GuardPolicy, LoginLimiter, RequestGuard, allowed_hosts_for
 
-    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+    # FastAPI's own /docs and /openapi.json are off: the API serves them behind its credentials.
+    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None, title="Easel",
+                  description="AUTOMATIC1111-compatible HTTP API (/sdapi/v1)")
+    limiter = limiter or LoginLimiter()  # wrong passwords count alike on the page's login and the API
     # Gradio adds its own CORS handling unless the parent app has a CORSMiddleware: this one
     # allows exactly the origins the user listed (none by default).
     app.add_middleware(CORSMiddleware, allow_origins=sorted(cors_origins), allow_credentials=True,
                        allow_methods=["*"], allow_headers=["*"])
     max_bytes = max_upload_mb * 1024 * 1024
+    if engine is not None:  # before the page: its mount at / would take every path
+        from ui.api import create_api
+
+        app.include_router(create_api(engine, logins=[*logins, *api_logins], limiter=limiter))
     gr.mount_gradio_app(
         app, page, path="/",
         auth=logins or None,

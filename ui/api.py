@@ -1,0 +1,628 @@
+"""The HTTP API under /sdapi/v1, shaped like AUTOMATIC1111's so its clients work unchanged.
+
+Same paths, field names, defaults and response shapes as A1111 (../shared/reference/a1111-compat.md);
+`create_api(engine, ...)` builds a FastAPI router that `ui/server.py` mounts beside the page, behind
+the same request guard. No torch: everything goes through the Engine object handed in.
+
+- The body models document A1111's fields (the OpenAPI page lists them), but their values are not
+  checked by pydantic: they are mapped to request fields by name and validated once, by
+  `Engine.make_request`, like the page's and the CLI's. A refusal is HTTP 422 in FastAPI's shape,
+  `{"detail": [{"loc": ["body", FIELD], "msg": "FIELD: ...", "type": "value_error"}]}`, naming the
+  A1111 field (n_iter, not batch_count).
+- Fields Easel has no use for (scripts, alwayson_scripts, restore_faces, ...) are accepted; those
+  set to something other than their default are listed in the response's info as "ignored".
+- Jobs take their turn on the device with the page's (Engine.turns: first come, first served).
+- Credentials: HTTP Basic, any --auth/--auth-file login or an --api-auth one, when there is any;
+  wrong passwords count toward the guard's per-address login limit.
+"""
+from __future__ import annotations
+
+import base64
+import functools
+import json
+import logging
+import math
+import secrets
+import threading
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPBasic, HTTPBasicCredentials
+from pydantic import BaseModel, ConfigDict, SkipValidation
+
+from engine.errors import CancelledError, EaselError, ModelNotFoundError, RequestError
+from engine.images import decode_base64_image
+from engine.infotext import parse_infotext, printable, write_png_with_infotext
+from engine.jobs import Job
+from engine.samplers import A1111_SCHEDULE_NAMES
+from ui.progress import preview_every
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "/sdapi/v1"
+NO_UPSCALER = "None"  # A1111's "None" upscaler: a plain resize, which is Lanczos
+RESIZE_MODES = {0: "just resize", 1: "crop and resize", 2: "resize and fill"}  # A1111's numbers
+
+
+def scheduler_label(value: Any) -> Any:
+    """A1111 takes a scheduler by name ("karras") or label ("Karras"); the engine by label."""
+    if value is None or value == "":
+        return "Automatic"
+    if not isinstance(value, str):
+        return value  # the request's validation names it
+    labels = {label.lower().replace(" ", "_"): label for label in ("Automatic", *A1111_SCHEDULE_NAMES)}
+    return labels.get(value.strip().lower().replace(" ", "_"), value)
+
+
+# --- request bodies --------------------------------------------------------------------------------
+# SkipValidation: the type is for the OpenAPI document; the engine checks the value (see above).
+Raw = SkipValidation
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class Txt2ImgRequest(_Body):
+    prompt: Annotated[str, Raw] = ""
+    negative_prompt: Annotated[str, Raw] = ""
+    styles: Annotated[list[str] | None, Raw] = None
+    seed: Annotated[int, Raw] = -1
+    subseed: Annotated[int, Raw] = -1
+    subseed_strength: Annotated[float, Raw] = 0
+    seed_resize_from_h: Annotated[int, Raw] = -1
+    seed_resize_from_w: Annotated[int, Raw] = -1
+    sampler_name: Annotated[str | None, Raw] = None
+    sampler_index: Annotated[str, Raw] = "Euler"  # used when sampler_name is not given, as A1111 does
+    scheduler: Annotated[str | None, Raw] = None
+    batch_size: Annotated[int, Raw] = 1
+    n_iter: Annotated[int, Raw] = 1
+    steps: Annotated[int, Raw] = 50
+    cfg_scale: Annotated[float, Raw] = 7.0
+    width: Annotated[int, Raw] = 512
+    height: Annotated[int, Raw] = 512
+    restore_faces: Annotated[bool | None, Raw] = None
+    tiling: Annotated[bool | None, Raw] = None
+    do_not_save_samples: Annotated[bool, Raw] = False
+    do_not_save_grid: Annotated[bool, Raw] = False
+    eta: Annotated[float | None, Raw] = None
+    s_min_uncond: Annotated[float | None, Raw] = None
+    s_churn: Annotated[float | None, Raw] = None
+    s_tmax: Annotated[float | None, Raw] = None
+    s_tmin: Annotated[float | None, Raw] = None
+    s_noise: Annotated[float | None, Raw] = None
+    override_settings: Annotated[dict[str, Any] | None, Raw] = None
+    override_settings_restore_afterwards: Annotated[bool, Raw] = True
+    refiner_checkpoint: Annotated[str | None, Raw] = None
+    refiner_switch_at: Annotated[float | None, Raw] = None
+    disable_extra_networks: Annotated[bool, Raw] = False
+    comments: Annotated[dict[str, Any] | None, Raw] = None
+    denoising_strength: Annotated[float | None, Raw] = 0.75
+    script_name: Annotated[str | None, Raw] = None
+    script_args: Annotated[list, Raw] = []
+    send_images: Annotated[bool, Raw] = True
+    save_images: Annotated[bool, Raw] = False
+    alwayson_scripts: Annotated[dict[str, Any], Raw] = {}
+    infotext: Annotated[str | None, Raw] = None
+    force_task_id: Annotated[str | None, Raw] = None
+    firstpass_image: Annotated[str | None, Raw] = None
+    speed: Annotated[str, Raw] = "exact"  # Easel's own: "fast" reuses UNet features between steps
+    # Hires fix
+    enable_hr: Annotated[bool, Raw] = False
+    firstphase_width: Annotated[int, Raw] = 0
+    firstphase_height: Annotated[int, Raw] = 0
+    hr_scale: Annotated[float, Raw] = 2.0
+    hr_upscaler: Annotated[str | None, Raw] = None
+    hr_second_pass_steps: Annotated[int, Raw] = 0
+    hr_resize_x: Annotated[int, Raw] = 0
+    hr_resize_y: Annotated[int, Raw] = 0
+    hr_checkpoint_name: Annotated[str | None, Raw] = None
+    hr_sampler_name: Annotated[str | None, Raw] = None
+    hr_scheduler: Annotated[str | None, Raw] = None
+    hr_prompt: Annotated[str, Raw] = ""
+    hr_negative_prompt: Annotated[str, Raw] = ""
+
+
+class Img2ImgRequest(_Body):
+    init_images: Annotated[list[str] | None, Raw] = None  # base64, a data: URL prefix allowed
+    resize_mode: Annotated[int, Raw] = 0
+    denoising_strength: Annotated[float, Raw] = 0.75
+    image_cfg_scale: Annotated[float | None, Raw] = None
+    mask: Annotated[str | None, Raw] = None
+    mask_blur: Annotated[int | None, Raw] = None
+    mask_blur_x: Annotated[int, Raw] = 4
+    mask_blur_y: Annotated[int, Raw] = 4
+    inpainting_fill: Annotated[int, Raw] = 0
+    inpaint_full_res: Annotated[bool, Raw] = True
+    inpaint_full_res_padding: Annotated[int, Raw] = 0
+    inpainting_mask_invert: Annotated[int, Raw] = 0
+    initial_noise_multiplier: Annotated[float | None, Raw] = None
+    latent_mask: Annotated[str | None, Raw] = None
+    include_init_images: Annotated[bool, Raw] = False
+    # the fields shared with txt2img
+    prompt: Annotated[str, Raw] = ""
+    negative_prompt: Annotated[str, Raw] = ""
+    styles: Annotated[list[str] | None, Raw] = None
+    seed: Annotated[int, Raw] = -1
+    subseed: Annotated[int, Raw] = -1
+    subseed_strength: Annotated[float, Raw] = 0
+    seed_resize_from_h: Annotated[int, Raw] = -1
+    seed_resize_from_w: Annotated[int, Raw] = -1
+    sampler_name: Annotated[str | None, Raw] = None
+    sampler_index: Annotated[str, Raw] = "Euler"
+    scheduler: Annotated[str | None, Raw] = None
+    batch_size: Annotated[int, Raw] = 1
+    n_iter: Annotated[int, Raw] = 1
+    steps: Annotated[int, Raw] = 50
+    cfg_scale: Annotated[float, Raw] = 7.0
+    width: Annotated[int, Raw] = 512
+    height: Annotated[int, Raw] = 512
+    restore_faces: Annotated[bool | None, Raw] = None
+    tiling: Annotated[bool | None, Raw] = None
+    do_not_save_samples: Annotated[bool, Raw] = False
+    do_not_save_grid: Annotated[bool, Raw] = False
+    eta: Annotated[float | None, Raw] = None
+    s_min_uncond: Annotated[float | None, Raw] = None
+    s_churn: Annotated[float | None, Raw] = None
+    s_tmax: Annotated[float | None, Raw] = None
+    s_tmin: Annotated[float | None, Raw] = None
+    s_noise: Annotated[float | None, Raw] = None
+    override_settings: Annotated[dict[str, Any] | None, Raw] = None
+    override_settings_restore_afterwards: Annotated[bool, Raw] = True
+    refiner_checkpoint: Annotated[str | None, Raw] = None
+    refiner_switch_at: Annotated[float | None, Raw] = None
+    disable_extra_networks: Annotated[bool, Raw] = False
+    comments: Annotated[dict[str, Any] | None, Raw] = None
+    script_name: Annotated[str | None, Raw] = None
+    script_args: Annotated[list, Raw] = []
+    send_images: Annotated[bool, Raw] = True
+    save_images: Annotated[bool, Raw] = False
+    alwayson_scripts: Annotated[dict[str, Any], Raw] = {}
+    infotext: Annotated[str | None, Raw] = None
+    force_task_id: Annotated[str | None, Raw] = None
+    speed: Annotated[str, Raw] = "exact"
+
+
+class ExtrasSingleRequest(_Body):
+    image: Annotated[str, Raw] = ""
+    resize_mode: Annotated[int, Raw] = 0  # 0: by upscaling_resize (the only one Easel does)
+    show_extras_results: Annotated[bool, Raw] = True
+    gfpgan_visibility: Annotated[float, Raw] = 0
+    codeformer_visibility: Annotated[float, Raw] = 0
+    codeformer_weight: Annotated[float, Raw] = 0
+    upscaling_resize: Annotated[float, Raw] = 2
+    upscaling_resize_w: Annotated[int, Raw] = 512
+    upscaling_resize_h: Annotated[int, Raw] = 512
+    upscaling_crop: Annotated[bool, Raw] = True
+    upscaler_1: Annotated[str, Raw] = NO_UPSCALER
+    upscaler_2: Annotated[str, Raw] = NO_UPSCALER
+    extras_upscaler_2_visibility: Annotated[float, Raw] = 0
+    upscale_first: Annotated[bool, Raw] = False
+
+
+class ExtrasBatchRequest(ExtrasSingleRequest):
+    image: Annotated[str, Raw] = ""  # not used here: imageList
+    imageList: Annotated[list[dict[str, Any]], Raw] = []
+
+
+class PngInfoRequest(_Body):
+    image: Annotated[str, Raw] = ""
+
+
+# --- responses -------------------------------------------------------------------------------------
+class ImagesResponse(BaseModel):
+    images: list[str]
+    parameters: dict[str, Any]
+    info: str  # a JSON document, as a string (A1111's shape)
+
+
+class ExtrasSingleResponse(BaseModel):
+    html_info: str
+    image: str
+
+
+class ExtrasBatchResponse(BaseModel):
+    html_info: str
+    images: list[str]
+
+
+class PngInfoResponse(BaseModel):
+    info: str
+    items: dict[str, Any]
+    parameters: dict[str, Any]
+
+
+# Engine field -> the A1111 field a client sent, for messages; the rest are spelled alike.
+GENERATION_NAMES = {"sampler": "sampler_name", "schedule_type": "scheduler", "batch_count": "n_iter",
+                    "init_image": "init_images", "model": "override_settings.sd_model_checkpoint"}
+EXTRAS_NAMES = {"scale": "upscaling_resize", "upscaler": "upscaler_1", "model": "sd_model_checkpoint"}
+
+USED_TXT2IMG = frozenset({
+    "prompt", "negative_prompt", "seed", "sampler_name", "sampler_index", "scheduler", "batch_size", "n_iter",
+    "steps", "cfg_scale", "width", "height", "override_settings", "override_settings_restore_afterwards",
+    "send_images", "save_images", "speed", "denoising_strength", "enable_hr", "hr_scale", "hr_upscaler",
+    "hr_second_pass_steps"})
+USED_IMG2IMG = (USED_TXT2IMG - {"enable_hr", "hr_scale", "hr_upscaler", "hr_second_pass_steps"}) | {
+    "init_images", "resize_mode", "include_init_images"}
+USED_EXTRAS = frozenset({"image", "imageList", "resize_mode", "upscaling_resize", "upscaler_1"})
+
+
+def ignored_fields(body: BaseModel, used: frozenset[str]) -> list[str]:
+    """The fields a client set that Easel does not use (left at their default or empty: not listed)."""
+    ignored = []
+    declared = type(body).model_fields
+    for name in sorted((body.model_fields_set | set(body.model_extra or {})) - used):
+        value = getattr(body, name, None)
+        if (name in declared and value == declared[name].default) or value in (None, False, 0, "", [], {}):
+            continue
+        ignored.append(name)
+    overrides = getattr(body, "override_settings", None)
+    if isinstance(overrides, dict):
+        ignored += [f"override_settings.{k}" for k in sorted(overrides) if k != "sd_model_checkpoint"]
+    return ignored
+
+
+# --- errors ----------------------------------------------------------------------------------------
+class Refusal(Exception):
+    """A ready HTTP answer, raised from deep inside a handler."""
+
+    def __init__(self, response: JSONResponse):
+        self.response = response
+
+
+def unprocessable(field: str, message: str, value: Any = None) -> JSONResponse:
+    """HTTP 422 in FastAPI's validation shape, naming the field (dots: a field inside an object)."""
+    return JSONResponse({"detail": [{"type": "value_error", "loc": ["body", *field.split(".")],
+                                     "msg": f"{field}: {message}", "input": value}]}, status_code=422)
+
+
+def failure(status: int, error: str, message: str) -> JSONResponse:
+    """A1111's error body (its api_middleware's shape): error type, detail, body, errors."""
+    return JSONResponse({"error": error, "detail": message, "body": "", "errors": message}, status_code=status)
+
+
+def answering(names: dict[str, str]):
+    """Turn what the engine raises into A1111-shaped answers; nothing escapes as a crash."""
+    def decorate(handler):
+        @functools.wraps(handler)
+        def wrapped(*args, **kwargs):
+            try:
+                return handler(*args, **kwargs)
+            except Refusal as refusal:
+                return refusal.response
+            except RequestError as e:
+                message = str(e)[len(e.field) + 2:] if str(e).startswith(f"{e.field}: ") else str(e)
+                return unprocessable(names.get(e.field, e.field), message)
+            except ModelNotFoundError as e:
+                return unprocessable(names["model"], str(e).removeprefix("model: "))
+            except EaselError as e:
+                return failure(400, type(e).__name__, str(e))
+            except Exception as e:  # noqa: BLE001 - a bug answers 500 and is logged; the server goes on
+                logger.exception("API %s", handler.__name__)
+                return failure(500, type(e).__name__, f"internal error ({type(e).__name__}); see the server's log")
+        return wrapped
+    return decorate
+
+
+# --- helpers ---------------------------------------------------------------------------------------
+def png_base64(image, infotext: str | None = None) -> str:
+    return base64.b64encode(write_png_with_infotext(image, infotext)).decode("ascii")
+
+
+class ApiJobs:
+    """The API's own running jobs (interrupt stops only those, never a page user's) and the
+    latest live preview of each (previews come every few steps; progress shows the last one)."""
+
+    def __init__(self):
+        self._previews: dict[int, Any] = {}
+        self._jobs: dict[int, Job] = {}
+        self._lock = threading.Lock()
+
+    def open(self, steps) -> Job:
+        job = Job(preview_every=preview_every(steps))
+        key = id(job)
+        job.on_progress = lambda update: update.preview is not None and self._previews.__setitem__(key, update.preview)
+        with self._lock:
+            self._jobs[key] = job
+        return job
+
+    def close(self, job: Job) -> None:
+        with self._lock:
+            self._jobs.pop(id(job), None)
+            self._previews.pop(id(job), None)
+
+    def owns(self, job: Job | None) -> bool:
+        with self._lock:
+            return job is not None and self._jobs.get(id(job)) is job
+
+    def preview(self, job: Job):
+        with self._lock:
+            return self._previews.get(id(job))
+
+
+class ModelChoice:
+    """The API's sd_model_checkpoint: set by POST options (or an override not restored
+    afterwards); until then, whatever model the engine has loaded."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.name: str | None = None
+
+    def current(self) -> str | None:
+        return self.name or self.engine.current_model
+
+    def keep(self) -> None:
+        """Hold on to the current model (before an override loads another): later requests
+        still use it, as A1111 restores it after an override."""
+        if self.name is None:
+            names = self.engine.model_names()
+            self.name = self.engine.current_model or (names[0] if names else None)
+
+    def title(self, name: str | None) -> str | None:
+        """A1111's checkpoint title, "name [hash]"; the hash only once the model was loaded (hashing
+        a file takes seconds: not done for a listing)."""
+        if name is None:
+            return None
+        loaded = self.engine.manager.current
+        if loaded is not None and loaded.entry.name == name:
+            return f"{name} [{loaded.hash}]"
+        return name
+
+
+# --- the router ------------------------------------------------------------------------------------
+def create_api(engine, *, logins=(), limiter=None) -> APIRouter:
+    """The /sdapi/v1 routes (and /docs, /openapi.json) on `engine`. `logins`: (user, password) pairs
+    accepted as HTTP Basic credentials (none: open, as the page is); `limiter`: the request
+    guard's LoginLimiter, so wrong API passwords count with wrong page logins."""
+    logins = tuple(logins)
+    basic = HTTPBasic(auto_error=False)
+
+    def credentials(request: Request, given: HTTPBasicCredentials | None = Depends(basic)) -> None:
+        if not logins:
+            return
+        address = request.client.host if request.client else "unknown"
+        wait = limiter.wait_left(address) if limiter else 0
+        if wait > 0:
+            raise HTTPException(429, f"login: too many wrong passwords from {address}; try again in "
+                                     f"{math.ceil(wait)} s", headers={"Retry-After": str(math.ceil(wait))})
+        if given is None:
+            raise HTTPException(401, "Not authenticated", headers={"WWW-Authenticate": "Basic"})
+        user, password = given.username.encode(), given.password.encode()
+        if not any(secrets.compare_digest(user, u.encode()) & secrets.compare_digest(password, p.encode())
+                   for u, p in logins):
+            if limiter:
+                limiter.failed(address)
+            raise HTTPException(401, "Incorrect username or password", headers={"WWW-Authenticate": "Basic"})
+
+    router = APIRouter(dependencies=[Depends(credentials)])
+    jobs = ApiJobs()
+    choice = ModelChoice(engine)
+
+    # --- generation ---
+    def generate(body, mode: str, used: frozenset[str]) -> dict:
+        overrides = body.override_settings if isinstance(body.override_settings, dict) else {}
+        override = overrides.get("sd_model_checkpoint")
+        if override is not None and not isinstance(override, str):
+            raise RequestError("model", f"must be a model name, got {type(override).__name__}")
+        if override:
+            choice.keep()
+        model = override or choice.current()
+        fields = {
+            "mode": mode, "prompt": body.prompt, "negative_prompt": body.negative_prompt, "seed": body.seed,
+            "sampler": body.sampler_name or body.sampler_index, "schedule_type": scheduler_label(body.scheduler),
+            "steps": body.steps, "cfg_scale": body.cfg_scale, "width": body.width, "height": body.height,
+            "batch_size": body.batch_size, "batch_count": body.n_iter, "save_images": body.save_images,
+            "speed": body.speed, "denoising_strength": body.denoising_strength,
+        }
+        ignored = ignored_fields(body, used)
+        if mode == "txt2img":
+            fields.update(enable_hr=body.enable_hr, hr_scale=body.hr_scale, hr_upscaler=body.hr_upscaler,
+                          hr_second_pass_steps=body.hr_second_pass_steps)
+        else:
+            images = body.init_images
+            if not isinstance(images, list) or not images:
+                raise RequestError("init_image", "img2img needs one base64 image in init_images")
+            fields["init_image"] = decode_base64_image(images[0], "init_images")
+            if len(images) > 1:
+                ignored.append("init_images[1:]")
+            if body.resize_mode not in RESIZE_MODES or isinstance(body.resize_mode, bool):
+                raise RequestError("resize_mode", f"must be 0 (just resize), 1 (crop and resize) or 2 (resize and "
+                                                  f"fill), got {body.resize_mode!r}")
+            fields["resize_mode"] = RESIZE_MODES[body.resize_mode]
+        if not isinstance(fields["sampler"], str):
+            raise RequestError("sampler", f"must be a sampler name, got {type(fields['sampler']).__name__}")
+        request = engine.make_request(fields, model=model)  # the one validation, naming the field
+
+        job = jobs.open(request.steps)
+        interrupted = False
+        try:
+            result = engine.generate(request, job, model=model)
+        except CancelledError:
+            result, interrupted = None, True
+        finally:
+            jobs.close(job)
+        if override and body.override_settings_restore_afterwards is False:
+            choice.name = engine.library.resolve(override).name
+
+        parameters = body.model_dump(exclude=set(body.model_extra or {}))
+        if mode == "img2img" and not body.include_init_images:
+            parameters.update(init_images=None, mask=None)
+        images = [png_base64(i, t) for i, t in zip(result.images, result.infotexts)] if result else []
+        info = generation_info(request, result, ignored, interrupted)
+        return {"images": images if body.send_images else [], "parameters": parameters, "info": json.dumps(info)}
+
+    @router.post(f"{PREFIX}/txt2img", response_model=ImagesResponse, tags=["sdapi"])
+    @answering(GENERATION_NAMES)
+    def txt2img(body: Txt2ImgRequest):
+        return generate(body, "txt2img", USED_TXT2IMG)
+
+    @router.post(f"{PREFIX}/img2img", response_model=ImagesResponse, tags=["sdapi"])
+    @answering(GENERATION_NAMES)
+    def img2img(body: Img2ImgRequest):
+        return generate(body, "img2img", USED_IMG2IMG)
+
+    # --- extras (the upscalers) ---
+    def upscale(body: ExtrasSingleRequest, image_b64, field: str):
+        if body.resize_mode != 0:
+            raise RequestError("resize_mode", f"only 0 (scale by upscaling_resize) is supported, got {body.resize_mode!r}")
+        upscaler = body.upscaler_1
+        if upscaler is None or upscaler == NO_UPSCALER:
+            upscaler = "Lanczos"
+        image = decode_base64_image(image_b64, field)
+        result = engine.upscale(image, upscaler, body.upscaling_resize, save=False)
+        return png_base64(result.images[0], result.infotexts[0]), result.infotexts[0]
+
+    def extras_info(infotext: str, body) -> str:
+        ignored = ignored_fields(body, USED_EXTRAS | {"show_extras_results"})
+        return printable(infotext) + (f"\nIgnored by Easel: {', '.join(ignored)}" if ignored else "")
+
+    @router.post(f"{PREFIX}/extra-single-image", response_model=ExtrasSingleResponse, tags=["sdapi"])
+    @answering(EXTRAS_NAMES)
+    def extra_single_image(body: ExtrasSingleRequest):
+        image, infotext = upscale(body, body.image, "image")
+        return {"html_info": extras_info(infotext, body), "image": image}
+
+    @router.post(f"{PREFIX}/extra-batch-images", response_model=ExtrasBatchResponse, tags=["sdapi"])
+    @answering(EXTRAS_NAMES)
+    def extra_batch_images(body: ExtrasBatchRequest):
+        entries = body.imageList
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            raise RequestError("imageList", "must be a list of {\"data\": base64 image, \"name\": text}")
+        done = [upscale(body, entry.get("data"), f"imageList.{i}.data") for i, entry in enumerate(entries)]
+        return {"html_info": extras_info(done[0][1] if done else "", body), "images": [d[0] for d in done]}
+
+    # --- PNG info ---
+    @router.post(f"{PREFIX}/png-info", response_model=PngInfoResponse, tags=["sdapi"])
+    @answering({})
+    def png_info(body: PngInfoRequest):
+        image = decode_base64_image(body.image, "image")
+        info = engine.png_info(image)
+        items = {k: printable(v) for k, v in image.info.items() if isinstance(v, str) and k != "parameters"}
+        return {"info": info.parameters or "", "items": items, "parameters": dict(info.fields)}
+
+    # --- progress and interrupt (async: answered at once, even while every worker thread waits) ---
+    @router.get(f"{PREFIX}/progress", tags=["sdapi"])
+    async def progress(skip_current_image: bool = False):
+        job, update = engine.turns.running()
+        preview = jobs.preview(job) if jobs.owns(job) and not skip_current_image else None
+        state = {"skipped": False, "interrupted": bool(job and job.cancelled.is_set()), "stopping_generation": False,
+                 "job": "" if job is None else ("api" if jobs.owns(job) else "page"),
+                 "job_count": (update.batches if update else 1) if job else 0,
+                 "job_timestamp": "0", "job_no": update.batch if update else 0,
+                 "sampling_step": update.step if update else 0, "sampling_steps": update.steps if update else 0,
+                 "queued": engine.turns.waiting()}
+        return {"progress": update.fraction if update else 0.0,
+                "eta_relative": (update.eta or 0.0) if update else 0.0,
+                "state": state, "current_image": png_base64(preview) if preview is not None else None,
+                "textinfo": None, "current_task": None}
+
+    @router.post(f"{PREFIX}/interrupt", tags=["sdapi"])
+    async def interrupt():
+        """Stops the running job if the API started it (a page user's job is theirs to cancel)."""
+        job, _ = engine.turns.running()
+        if jobs.owns(job):
+            job.cancel()
+        return {}
+
+    # --- models and settings ---
+    @router.get(f"{PREFIX}/sd-models", tags=["sdapi"])
+    @answering({})
+    def sd_models():
+        rows = []
+        for entry in engine.library.entries():
+            title = choice.title(entry.name)
+            config = entry.path.with_suffix(".yaml")
+            rows.append({"title": title, "model_name": entry.stem,
+                         "hash": title.rsplit(" [", 1)[1][:-1] if title.endswith("]") else None, "sha256": None,
+                         # relative to the models folder: no server paths to whoever calls the API
+                         "filename": f"Stable-diffusion/{entry.name}",
+                         "config": f"Stable-diffusion/{config.name}" if config.is_file() else None})
+        return rows
+
+    @router.post(f"{PREFIX}/refresh-checkpoints", tags=["sdapi"])
+    @answering({})
+    def refresh_checkpoints():
+        engine.library.refresh()
+        return None
+
+    @router.get(f"{PREFIX}/options", tags=["sdapi"])
+    @answering({})
+    def get_options():
+        title = choice.title(choice.current())
+        return {"sd_model_checkpoint": title, "sd_checkpoint_hash": None,
+                "samples_format": "png", "samples_save": engine.outputs.outdir is not None}
+
+    @router.post(f"{PREFIX}/options", tags=["sdapi"])
+    @answering(EXTRAS_NAMES)
+    def set_options(body: dict[str, Any]):
+        """Only sd_model_checkpoint means something to Easel: it loads that model (other keys are
+        accepted and ignored)."""
+        name = body.get("sd_model_checkpoint")
+        if name is not None:
+            if not isinstance(name, str):
+                raise RequestError("model", f"must be a model name, got {type(name).__name__}")
+            entry = engine.library.resolve(name)
+            engine.load_model(entry.name)
+            choice.name = entry.name
+        return None
+
+    @router.get(f"{PREFIX}/samplers", tags=["sdapi"])
+    def samplers():
+        return [{"name": name, "aliases": [], "options": {}} for name in engine.samplers]
+
+    @router.get(f"{PREFIX}/schedulers", tags=["sdapi"])
+    def schedulers():
+        return [{"name": label.lower().replace(" ", "_"), "label": label, "aliases": None, "default_rho": -1,
+                 "need_inner_model": False} for label in engine.schedule_types]
+
+    @router.get(f"{PREFIX}/upscalers", tags=["sdapi"])
+    @answering({})
+    def upscalers():
+        rows = [{"name": NO_UPSCALER, "model_name": None, "model_path": None, "model_url": None, "scale": 4}]
+        for name in engine.upscaler_names():
+            rows.append({"name": name, "model_name": None if name == "Lanczos" else name, "model_path": None,
+                         "model_url": None, "scale": 4})
+        return rows
+
+    @router.get(f"{PREFIX}/scripts", tags=["sdapi"])
+    def scripts():
+        """Easel runs no A1111 scripts; clients (webuiapi) ask to see which extensions exist."""
+        return {"txt2img": [], "img2img": []}
+
+    # --- the OpenAPI document and its page, behind the same credentials ---
+    @router.get("/openapi.json", include_in_schema=False)
+    def openapi(request: Request):
+        return request.app.openapi()
+
+    @router.get("/docs", include_in_schema=False)
+    def docs():
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="Easel API (A1111-compatible)")
+
+    return router
+
+
+def generation_info(request, result, ignored: list[str], interrupted: bool) -> dict:
+    """A1111's `info` object (Processed.js()), from the validated request and the result."""
+    seeds = list(result.seeds) if result else []
+    infotexts = list(result.infotexts) if result else []
+    parsed = parse_infotext(infotexts[0]) if infotexts else {}
+    n = len(seeds)
+    return {
+        "prompt": request.prompt, "all_prompts": [request.prompt] * n,
+        "negative_prompt": request.negative_prompt, "all_negative_prompts": [request.negative_prompt] * n,
+        "seed": seeds[0] if seeds else request.seed, "all_seeds": seeds,
+        "subseed": -1, "all_subseeds": [-1] * n, "subseed_strength": 0,
+        "width": request.width, "height": request.height, "sampler_name": request.sampler,
+        "scheduler": request.schedule_type, "cfg_scale": request.cfg_scale, "steps": request.steps,
+        "batch_size": request.batch_size, "restore_faces": False, "face_restoration_model": None,
+        "sd_model_name": parsed.get("Model"), "sd_model_hash": parsed.get("Model hash"),
+        "sd_vae_name": None, "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
+        "denoising_strength": request.denoising_strength if request.mode == "img2img" or request.enable_hr else None,
+        "extra_generation_params": {}, "index_of_first_image": 0, "infotexts": infotexts, "styles": [],
+        "job_timestamp": datetime.now().strftime("%Y%m%d%H%M%S"), "clip_skip": 1,
+        "is_using_inpainting_conditioning": False, "version": parsed.get("Version"),
+        "interrupted": interrupted, "ignored": ignored, "notes": list(result.notes) if result else [],
+    }
