@@ -13,13 +13,15 @@ from typing import Any, Mapping
 
 from engine.devices import Hardware, resolve_device
 from engine.downloads import Downloads
+from engine.embeddings import Embeddings
 from engine.errors import EaselError, ModelNotFoundError, RequestError
 from engine.generator import Generator
 from engine.jobs import GenerationResult, Job, check_cancelled
 from engine.images import open_image
 from engine.infotext import parse_infotext, printable, read_infotext
 from engine.library import ModelLibrary
-from engine.manager import LoadedModel, ModelFacts, ModelManager, ModelSettings
+from engine.lora import Loras
+from engine.manager import FEW_STEP_DEFAULTS, LoadedModel, ModelFacts, ModelManager, ModelSettings
 from engine.outputs import OutputSettings, remove_leftovers
 from engine.publish import Publisher
 from engine.request import HIRES_UPSCALERS, LIMITS, GenerationRequest, size_multiple
@@ -79,7 +81,10 @@ class Engine:
         self.publisher = Publisher(OutputSettings(config.outputs_dir, config.watermark), self.watermarker)
         self.upscalers = Upscalers(self.library, self.publisher, device=resolve_device(self.hardware, config.device),
                                    manager=self.manager)
-        self.generator = Generator(self.manager, self.publisher, upscalers=self.upscalers)
+        self.loras = Loras(self.library)
+        self.embeddings = Embeddings(self.library)
+        self.generator = Generator(self.manager, self.publisher, upscalers=self.upscalers, loras=self.loras,
+                                   embeddings=self.embeddings)
         # The page's and the API's jobs take turns on the device in arrival order (engine/turns.py).
         self.turns = TurnQueue()
         # The download catalogue and its advice for this machine; partial downloads wait in data/downloads.
@@ -199,7 +204,10 @@ class Engine:
         config files only: no weights are loaded here."""
         facts = self.model_facts(model)
         given = {k: v for k, v in fields.items() if v is not None}
-        request = GenerationRequest.validate({**facts.default_fields(), **given},
+        defaults = facts.default_fields()
+        if isinstance(given.get("prompt"), str):
+            defaults = {**defaults, **self.lora_defaults(given["prompt"], facts)}  # also checks its <lora:...> tags
+        request = GenerationRequest.validate({**defaults, **given},
                                              size_multiple=size_multiple(facts.vae_scale_factor),
                                              hires_upscalers=self.hires_upscaler_names())
         if request.enable_hr and facts.info.inpaint_unet:
@@ -210,6 +218,19 @@ class Engine:
     def size_step(self, model: str | None = None) -> int:
         """The step width and height must take for this model (see `size_multiple`)."""
         return size_multiple(self.model_facts(model).vae_scale_factor)
+
+    def lora_names(self) -> list[str]:
+        """The LoRAs in models/Lora and models/LyCORIS, by the name <lora:NAME:1> takes."""
+        return self.loras.names()
+
+    def lora_defaults(self, prompt: str, facts: ModelFacts | None = None) -> dict[str, Any]:
+        """Request fields an LCM-LoRA in the prompt wants (LCM sampler, few steps, CFG 1) unless the
+        model is itself few-step; {} otherwise. RequestError naming `prompt` for a tag that does not
+        read or names no file in the LoRA folders."""
+        facts = facts or self.model_facts()
+        if facts.distillation == "none" and self.loras.few_step(prompt):
+            return dict(FEW_STEP_DEFAULTS["lcm-lora"])
+        return {}
 
     def model_defaults(self, model: str | None = None) -> dict[str, Any]:
         """Request fields this model wants other than A1111's defaults (e.g. LCM: sampler, steps, CFG)."""

@@ -15,10 +15,12 @@ import torch
 from PIL import Image, ImageOps
 
 from engine import __version__
+from engine.embeddings import Embeddings, model_embeddings, ti_hashes
 from engine.errors import EaselError
 from engine.feature_cache import INTERVAL, MIN_STEPS, FeatureReuse
 from engine.infotext import build_infotext, params_from_values
 from engine.jobs import GenerationResult, Job, ProgressUpdate, check_cancelled
+from engine.lora import Loras, strip_loras
 from engine.manager import LoadedModel, ModelManager
 from engine.publish import Publisher
 from engine.preview import latents_to_preview
@@ -71,15 +73,23 @@ class Run:
     steps: int                      # num_inference_steps handed to diffusers
     reuse_features: bool            # speed "fast" and enough steps to reuse the UNet's deep features
     notes: list[str] = field(default_factory=list)
+    networks: dict = field(default_factory=dict)  # infotext pairs of the job's LoRAs ("Lora hashes")
+    embeddings: dict = field(default_factory=dict)  # the textual inversions the model's prompts may use
     _encoded: tuple = ()
 
     def prompts(self) -> tuple:
         """(positive, negative) embeddings; encoded once, and again only if an out-of-memory step
         down moved the text encoder (the manager rebuilds the encoder for the new plan)."""
         if not self._encoded or self._encoded[0] is not self.model.encoder:
-            pair = self.model.encoder.encode_pair(self.request.prompt, self.request.negative_prompt)
+            # The <lora:...> tags are the job's LoRAs (applied before sampling), not words to encode.
+            pair = self.model.encoder.encode_pair(strip_loras(self.request.prompt), self.request.negative_prompt)
             self._encoded = (self.model.encoder, pair)
         return self._encoded[1]
+
+    def infotext_networks(self) -> dict:
+        """`Lora hashes` and `TI hashes` for the infotext (TI: the embeddings the prompts used)."""
+        used = tuple(dict.fromkeys(n for e in (self._encoded[1] if self._encoded else ()) for n in e.embeddings))
+        return {**self.networks, **ti_hashes(used, self.embeddings)}
 
 
 class Generator:
@@ -87,9 +97,12 @@ class Generator:
     publishing step (watermark, infotext, save, grid: `engine.publish`)."""
 
     def __init__(self, manager: ModelManager, publisher: Publisher, reuse_interval: int = INTERVAL,
-                 upscalers: Upscalers | None = None):
+                 upscalers: Upscalers | None = None, loras: Loras | None = None,
+                 embeddings: Embeddings | None = None):
         self.manager = manager
         self.publisher = publisher
+        self.loras = loras            # the models folder's LoRAs; None: <lora:...> tags are refused
+        self.embeddings = embeddings  # the embeddings folders' textual inversions; None: none
         self.upscalers = upscalers  # engine.upscalers.Upscalers: hires fix's upscaler models
         self.reuse_interval = reuse_interval  # speed "fast": one full UNet step in this many
 
@@ -97,11 +110,12 @@ class Generator:
         job = job or Job()
         check_cancelled(job)  # cancelled while it waited in the queue: nothing runs
         run = self._plan(request, model, job)
+        self._networks(run)
         publication = self.publisher.begin(request.mode, save=request.save_images, job=job)
         seeds, infotexts = [], []
         for batch, batch_seeds in enumerate(self._batch_seeds(request)):
             for image, seed in zip(self.sample(run, batch, batch_seeds), batch_seeds):
-                info = self.infotext(request, model, seed)
+                info = self.infotext(request, model, seed, run.infotext_networks())
                 publication.add(image, seed, info)
                 seeds.append(seed)
                 infotexts.append(info)
@@ -110,6 +124,16 @@ class Generator:
             run.notes.append(published.save_error)
         return GenerationResult(published.images, tuple(seeds), tuple(infotexts), published.paths,
                                 published.grid_path, tuple(run.notes), published.save_error)
+
+    def _networks(self, run: Run) -> None:
+        """Put the prompt's LoRAs on the model (and take others off) and give its prompt encoder
+        the embeddings that fit it, before anything is encoded or sampled."""
+        if self.loras is not None:
+            run.networks = self.loras.apply(run.model, run.request.prompt)
+        elif strip_loras(run.request.prompt) != run.request.prompt:
+            raise EaselError("lora: this engine has no LoRA folder; <lora:...> tags cannot be used")
+        if self.embeddings is not None:
+            run.embeddings = model_embeddings(self.embeddings, run.model)
 
     def _plan(self, request: GenerationRequest, model: LoadedModel, job: Job) -> Run:
         init = None
@@ -145,10 +169,10 @@ class Generator:
         check_cancelled(run.job)
         return images
 
-    def infotext(self, request: GenerationRequest, model: LoadedModel, seed: int) -> str:
+    def infotext(self, request: GenerationRequest, model: LoadedModel, seed: int, networks: dict | None = None) -> str:
         values = {name: getattr(request, name) for name in request.field_names()}
         params = params_from_values({**values, "seed": seed}, model_hash=model.hash, model=model.name,
-                                    version=f"easel-{__version__}")
+                                    version=f"easel-{__version__}", networks=networks)
         return build_infotext(request.prompt, request.negative_prompt, params)
 
     def _denoise(self, run: Run, batch: int, seeds: list[int]) -> torch.Tensor:

@@ -70,6 +70,10 @@ INFOTEXT_FIELDS = (
     InfotextField("Hires upscale", "hr_scale", float, written_when=_hires),
     InfotextField("Hires steps", "hr_second_pass_steps", int, unset=0, written_when=_hires),
     InfotextField("Hires upscaler", "hr_upscaler", written_when=_hires),
+    # "name: hash, ..." of the LoRAs and textual-inversion embeddings a job used (A1111's); the
+    # prompt's own <lora:...> tags and words carry them back, so these are not read into a field.
+    InfotextField("Lora hashes", None),
+    InfotextField("TI hashes", None),
     InfotextField("Speed", "speed", unset="exact"),
     InfotextField("Version", None),
 )
@@ -78,10 +82,12 @@ _SIZE_KEYS = ("Size-1", "Size-2")
 
 
 def params_from_values(values: Mapping[str, object], *, model_hash: str | None, model: str | None,
-                       version: str) -> dict[str, object]:
+                       version: str, networks: Mapping[str, str] | None = None) -> dict[str, object]:
     """The parameters line's pairs for a request's values (its fields, with `seed` the image's own
-    seed), in A1111's order; values equal to a field's `unset` are left out, as A1111 does."""
-    extra = {"Model hash": model_hash, "Model": model, "Version": version}
+    seed), in A1111's order; values equal to a field's `unset` are left out, as A1111 does.
+    `networks`: the "Lora hashes" / "TI hashes" pairs of the job, when it used any."""
+    extra = {"Model hash": model_hash, "Model": model, "Version": version, "Lora hashes": None, "TI hashes": None,
+             **(networks or {})}
     params: dict[str, object] = {}
     for spec in INFOTEXT_FIELDS:
         if spec.key == _SIZE_KEYS[0]:

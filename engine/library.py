@@ -26,6 +26,8 @@ EXTRA_KINDS = {
     "LoRA": ("Lora", "LyCORIS"),
     "Embeddings": ("embeddings",),
 }
+# Folders A1111 keeps beside the models folder rather than in it (webui/embeddings), by kind.
+SIBLING_KINDS = {"Embeddings": ("embeddings",)}
 
 
 @dataclass(frozen=True)
@@ -66,15 +68,19 @@ class ModelLibrary:
 
     def extra_entries(self, kind: str) -> list[ModelEntry]:
         """The weight files of one other kind (a key of EXTRA_KINDS), scanned now. Names are
-        relative to the models folder ("Lora/style.safetensors"). A folder named like a weight
-        file is listed too, so that it is reported rather than silently skipped."""
+        relative to the models folder ("Lora/style.safetensors"; "../embeddings/x.pt" for A1111's
+        folder beside it, listed first). A folder named like a weight file is listed too, so that
+        it is reported rather than silently skipped."""
         if kind not in EXTRA_KINDS:
             raise KeyError(f"{kind!r} is not one of {', '.join(EXTRA_KINDS)}")
-        found = []
+        beside, found = [], []
+        for sub in SIBLING_KINDS.get(kind, ()):
+            for path, _ in _scan(self.models_dir.parent / sub, diffusers_folders=False):
+                beside.append(ModelEntry("../" + path.relative_to(self.models_dir.parent).as_posix(), path, False))
         for sub in EXTRA_KINDS[kind]:
             for path, _ in _scan(self.models_dir / sub, diffusers_folders=False):
                 found.append(ModelEntry(path.relative_to(self.models_dir).as_posix(), path, False))
-        return sorted(found, key=lambda e: e.name.lower())
+        return sorted(beside, key=lambda e: e.name.lower()) + sorted(found, key=lambda e: e.name.lower())
 
     def entries(self) -> list[ModelEntry]:
         return list(self._entries.values())

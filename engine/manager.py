@@ -36,6 +36,9 @@ FEW_STEP_DEFAULTS = {
     "lcm": {"sampler": "LCM", "schedule_type": "Automatic", "steps": 4, "cfg_scale": 1.5},
     # Adversarially distilled (SD-Turbo, SDXL-Turbo): Euler a in 1-4 steps, no CFG (CFG 1 = one UNet pass).
     "turbo": {"sampler": "Euler a", "schedule_type": "Automatic", "steps": 4, "cfg_scale": 1.0},
+    # An LCM-LoRA on an ordinary UNet (engine.lora): the LCM sampler and 4 steps, but its UNet takes
+    # no guidance embedding, so CFG above 1 would cost a second pass; LCM-LoRA's authors use 1-2.
+    "lcm-lora": {"sampler": "LCM", "schedule_type": "Automatic", "steps": 4, "cfg_scale": 1.0},
 }
 
 
@@ -121,6 +124,8 @@ class LoadedModel:
     distillation: str = "none"  # "lcm", "turbo" or "none": see distillation_of
     _img2img: Any = None
     notes: list[str] = field(default_factory=list)
+    loras: dict = field(default_factory=dict)  # peft adapter name -> its file's key (engine.lora)
+    lora_weights: tuple = ()                   # ((adapter, te weight, unet weight), ...) now set
 
     @property
     def info(self) -> FamilyInfo:
@@ -359,7 +364,9 @@ class ModelManager:
                 loaded.pipe.vae.disable_tiling()
             loaded.plan = plan
             place(loaded.pipe, plan)
+            embeddings = loaded.encoder.embeddings
             loaded.encoder = _prompt_encoder(loaded.pipe, plan)
+            loaded.encoder.set_embeddings(embeddings)  # the job's textual inversions stay known
             if self.hardware.cuda:
                 torch.cuda.empty_cache()
 

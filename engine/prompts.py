@@ -2,7 +2,9 @@
 
 - each 75-token chunk is encoded on its own and the chunks are joined along the sequence axis;
 - token embeddings are multiplied by their weights and then rescaled so each chunk keeps the mean
-  it had before weighting (A1111's "Original" emphasis; without it strong weights wash images out).
+  it had before weighting (A1111's "Original" emphasis; without it strong weights wash images out);
+- a textual-inversion embedding's name in the prompt puts its vectors in place of the name's
+  tokens, at the encoder's input (`engine.embeddings`), as A1111 does.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.embeddings import Embedding, embeddings_in_place
 from engine.prompt_syntax import (  # noqa: F401 - BREAK, parse_prompt_attention: re-exported for callers
     BREAK,
     CHUNK_LENGTH,
@@ -26,6 +29,7 @@ class EncodedPrompt:
 
     embeds: torch.Tensor  # [1, 77 * chunks, D]
     pooled: torch.Tensor | None  # SDXL: [1, projection_dim] from encoder 2's first chunk; else None
+    embeddings: tuple[str, ...] = ()  # the textual-inversion embeddings the prompt used, by name
 
     @property
     def chunks(self) -> int:
@@ -64,6 +68,17 @@ class PromptEncoder:
         if self.sdxl and not hasattr(text_encoders[1], "text_projection"):
             raise ValueError("SDXL's second text encoder must be a CLIPTextModelWithProjection")
         self._cache: OrderedDict[str, EncodedPrompt] = OrderedDict()
+        self.embeddings: dict[str, Embedding] = {}  # name -> textual inversion, for these encoders
+
+    def set_embeddings(self, embeddings: dict[str, Embedding]) -> None:
+        """The textual-inversion embeddings prompts may name; encodings made without them are dropped."""
+        if embeddings != self.embeddings:
+            self.embeddings = dict(embeddings)
+            self.clear_cache()
+
+    def clear_cache(self) -> None:
+        """Forget cached encodings: the text encoders' weights changed (a LoRA came or went)."""
+        self._cache.clear()
 
     def encode(self, prompt: str) -> EncodedPrompt:
         cached = self._cache.get(prompt)
@@ -93,28 +108,32 @@ class PromptEncoder:
         if missing <= 0:
             return encoded
         empty = self.encode("").embeds
-        return EncodedPrompt(torch.cat([encoded.embeds, empty.repeat(1, missing, 1)], dim=1), encoded.pooled)
+        return EncodedPrompt(torch.cat([encoded.embeds, empty.repeat(1, missing, 1)], dim=1), encoded.pooled,
+                             encoded.embeddings)
 
     @torch.no_grad()
     def _encode_uncached(self, prompt: str) -> EncodedPrompt:
         # Every SD tokenizer shares CLIP's BPE vocabulary, so the chunks are the same for both
         # SDXL encoders; only BOS/EOS/padding ids are taken from each tokenizer.
-        chunks = chunk_prompt(prompt, self.tokenizers[0])
+        chunks = chunk_prompt(prompt, self.tokenizers[0],
+                              embeddings={name: e.count for name, e in self.embeddings.items()})
         weights = torch.tensor(
             [[1.0, *c.weights] + [1.0] * (CHUNK_LENGTH + 1 - len(c.weights)) for c in chunks],
             dtype=torch.float32, device=self.device,
         )
         parts, pooled = [], None
-        for tokenizer, encoder in zip(self.tokenizers, self.text_encoders):
+        for index, (tokenizer, encoder) in enumerate(zip(self.tokenizers, self.text_encoders)):
             ids = torch.tensor([_chunk_ids(c, tokenizer) for c in chunks], dtype=torch.long, device=self.device)
-            out = encoder(ids, output_hidden_states=self.sdxl)
+            with embeddings_in_place(encoder, chunks, self.embeddings, index):
+                out = encoder(ids, output_hidden_states=self.sdxl)
             hidden = out.hidden_states[-2] if self.sdxl else out.last_hidden_state
             parts.append(_apply_weights(hidden, weights))
             if self.sdxl and hasattr(out, "text_embeds"):
                 pooled = out.text_embeds[:1].to(device=self.device, dtype=self.dtype)
         embeds = torch.cat(parts, dim=-1)  # [chunks, 77, D]
         embeds = embeds.reshape(1, -1, embeds.shape[-1]).to(device=self.device, dtype=self.dtype)
-        return EncodedPrompt(embeds, pooled)
+        used = tuple(dict.fromkeys(fix.name for chunk in chunks for fix in chunk.fixes))
+        return EncodedPrompt(embeds, pooled, used)
 
 
 def _chunk_ids(chunk: PromptChunk, tokenizer) -> list[int]:

@@ -394,6 +394,31 @@ def read_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     return _safetensors_shapes(path)
 
 
+def read_nested_tensors(path: Path) -> dict:
+    """Every tensor in a weight file, nested dicts' ones under dotted keys (an A1111 embedding's
+    "string_to_param.*"): pickles through the same scan and restricted unpickler as read_tensors."""
+    path = Path(path)
+    if weight_format(path) == "pickle":
+        return dict(_nested_tensors(_pickle_object(path)))
+    return _safetensors_tensors(path)
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """A safetensors file's `__metadata__` strings (kohya's ss_* training notes), after the same
+    header checks as reading it; {} for pickles, which have none."""
+    path = Path(path)
+    if weight_format(path) == "pickle":
+        return {}
+    _check_tensor_extents(path, check_safetensors_header(path))
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as e:
+        raise _safetensors_error(path, e) from None
+
+
 @dataclass(frozen=True)
 class WeightsInfo:
     """What a weight file holds, or why it cannot be used; plain data for listings."""

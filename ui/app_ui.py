@@ -21,6 +21,7 @@ from typing import Any
 import gradio as gr
 
 from engine.errors import CancelledError, EaselError
+from engine.prompt_syntax import add_lora_tag
 from ui.handlers import Studio
 from ui.progress import progress_html
 from ui.settings import SettingsStore
@@ -113,6 +114,11 @@ class GenerationTab:
                                          placeholder="what to draw; (word:1.2) to weigh a word")
                 f["negative_prompt"] = gr.Textbox(label="Negative prompt", lines=2, elem_id=f"{mode}-negative-prompt",
                                                   placeholder="what to avoid")
+                with gr.Row(equal_height=True):
+                    # Not a request field: the button writes <lora:NAME:1> into the prompt, as A1111's cards do.
+                    self.lora = gr.Dropdown(engine.lora_names(), value=None, label="LoRA (models/Lora, models/LyCORIS)",
+                                            elem_id=f"{mode}-lora", scale=4)
+                    self.add_lora = gr.Button("Add to prompt", elem_id=f"{mode}-add-lora", scale=1, min_width=120)
             with gr.Column(scale=1, min_width=160):
                 self.generate_button = gr.Button("Generate", variant="primary", elem_id=f"{mode}-generate")
                 self.cancel_button = gr.Button("Cancel", variant="stop", elem_id=f"{mode}-cancel")
@@ -221,6 +227,10 @@ class GenerationTab:
             show_progress_on=[self.gallery], api_name=mode)
         self.cancel_button.click(cancel, None, None, queue=False, api_visibility="private")
         self.random_seed.click(lambda: -1, None, self.fields["seed"], queue=False, api_visibility="private")
+        lcm_fields = [self.fields[name] for name in LORA_DEFAULT_FIELDS]
+        self.add_lora.click(shows_errors(functools.partial(add_lora, studio.engine)), [self.fields["prompt"], self.lora, model],
+                            [self.fields["prompt"], *lcm_fields], queue=False, api_name=f"{mode}_add_lora",
+                            api_visibility="private")
         self.reuse_seed.click(lambda seed: -1 if seed is None else seed, self.last_seed, self.fields["seed"],
                               queue=False, api_visibility="private")
 
@@ -235,6 +245,27 @@ class GenerationTab:
     def fill(self, values: dict[str, Any]) -> dict:
         """Gradio updates that put the named values into this tab's widgets."""
         return {self.fields[name]: value for name, value in values.items() if name in self.fields}
+
+
+# What an LCM-LoRA changes on the page when the picker adds it (engine.lora_defaults).
+LORA_DEFAULT_FIELDS = ("sampler", "schedule_type", "steps", "cfg_scale")
+
+
+def add_lora(engine, prompt: str | None, name: str | None, model: str | None) -> list:
+    """The LoRA picker's button: the prompt with `<lora:NAME:1>` added; an LCM-LoRA also sets the
+    sampler, steps and CFG it needs (unless the model is itself few-step)."""
+    if not name:
+        gr.Warning("Choose a LoRA first.")
+        return [gr.update()] * (1 + len(LORA_DEFAULT_FIELDS))
+    prompt = add_lora_tag(prompt or "", name)
+    defaults = engine.lora_defaults(prompt, engine.model_facts(model)) if (model or engine.model_names()) else {}
+    return [prompt, *(gr.update(value=defaults[f]) if f in defaults else gr.update() for f in LORA_DEFAULT_FIELDS)]
+
+
+def extra_rows(engine) -> list[list]:
+    """The Models tab's other files (VAE, upscalers, LoRA, embeddings): kind, name, tensors, why unusable."""
+    return [[kind, s.name, "" if s.tensors is None else s.tensors, s.error or ""]
+            for kind, statuses in engine.extra_models().items() for s in statuses]
 
 
 class UpscaleTab:
@@ -372,6 +403,9 @@ def create_ui(engine, settings: SettingsStore | None = None, *, listen: bool = F
                 models_table = gr.Dataframe(headers=["Name", "Family", "Device / precision", "Error", "Loaded"],
                                             value=studio.model_rows(), interactive=False, wrap=True, elem_id="models-table")
                 refresh = gr.Button("Refresh", elem_id="models-refresh")
+                extra_table = gr.Dataframe(headers=["Kind", "File", "Tensors", "Error"], value=extra_rows(engine),
+                                           interactive=False, wrap=True, label="LoRA, embeddings, VAE and upscaler files",
+                                           elem_id="models-extra-table")
             with gr.Tab("Settings", id="settings", elem_id="tab-settings"):
                 settings_tab(studio, settings, listen)
 
@@ -401,6 +435,13 @@ def create_ui(engine, settings: SettingsStore | None = None, *, listen: bool = F
         refresh.click(refresh_models, None, [models_table, model, banner, txt2img.fields["hr_upscaler"],
                                              upscale.fields["upscaler"]], concurrency_id=GENERATION,
                       concurrency_limit=1, api_visibility="private")
+
+        def refresh_files():
+            names = engine.lora_names()
+            return extra_rows(engine), gr.update(choices=names), gr.update(choices=names)
+
+        refresh.click(refresh_files, None, [extra_table, txt2img.lora, img2img.lora], queue=False,
+                      api_visibility="private")
 
         png_image.change(shows_errors(studio.png_info), png_image, [png_text, png_mark, png_fields], api_name="png_info")
 
