@@ -5,7 +5,7 @@
     python app.py img2img --init-img FILE --strength 0.8 --prompt ...
     python app.py models               models found, their family and device/precision plan
     python app.py upscale --input FILE [--upscaler NAME] [--scale 2|3|4] [--tile PX]   saved in outputs/upscale
-        [--prompt TEXT] [--negative-prompt TEXT] [--steps N] [--noise-level N] [--seed N]   SD x4 upscaler only
+        [--prompt TEXT] [--negative-prompt TEXT] [--steps N] [--cfg-scale X] [--noise-level N] [--seed N]   SD x4 only
     python app.py pnginfo FILE         the parameters saved in an image, and its watermark status
     python app.py selftest             check the install with a tiny random model (no weights needed)
     python app.py download [NAME|URL]  fetch a model from the catalogue (none named: the one recommended for
@@ -99,6 +99,8 @@ def build_parser() -> Parser:
             p.add_argument("--noise-level", default=None, help="SD x4 upscaler only: noise added to the input, "
                                                                "0..the model's max_noise_level (350); default 20")
             p.add_argument("--seed", default=None, help="SD x4 upscaler only: -1 (default) for random")
+            p.add_argument("--cfg-scale", default=None, help="SD x4 upscaler only: how closely to follow the prompt, "
+                                                             "0-30 (default 9)")
         if name == "models":
             p.add_argument("--set-precision", nargs=2, metavar=("MODEL", "PRECISION"),
                            help="remember a precision (auto, fp32, fp16, bf16) for one checkpoint")
@@ -177,7 +179,7 @@ def _generate(args, mode: str) -> int:
 
 
 SD_X4_OPTIONS = {"prompt": "--prompt", "negative_prompt": "--negative-prompt", "steps": "--steps",
-                 "noise_level": "--noise-level", "seed": "--seed"}
+                 "cfg_scale": "--cfg-scale", "noise_level": "--noise-level", "seed": "--seed"}
 
 
 def _upscale(args) -> int:

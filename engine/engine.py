@@ -261,14 +261,15 @@ class Engine:
 
     def upscale(self, image, upscaler: str | None = None, scale=4, tile=None, job: Job | None = None,
                 *, overlap=None, save: bool = True, prompt: str | None = None, negative_prompt: str | None = None,
-                steps=None, noise_level=None, seed=None) -> GenerationResult:
+                steps=None, noise_level=None, seed=None, cfg_scale=None) -> GenerationResult:
         """Upscale an opened image (engine.images.open_image) and publish it in outputs/upscale:
         watermark after upscaling, the source's infotext plus the Postprocess keys. `tile` None: the
         upscaler's default (256; the SD x4 upscaler's 128). prompt, negative_prompt, steps,
-        noise_level (0..the model's max_noise_level, default 20) and seed (-1/None: random) are the
+        cfg_scale (0-30, default 9), noise_level (0..the model's max_noise_level, default 20) and seed
+        (-1/None: random) are the
         SD x4 upscaler's (the model is loaded through the manager, for upscaling only); the other
         upscalers ignore them."""
-        sd = check_sd_options(prompt, negative_prompt, steps, noise_level, seed)
+        sd = check_sd_options(prompt, negative_prompt, steps, noise_level, seed, cfg_scale)
         job = job or Job()
         with self.turns.turn(job):
             return self.upscalers.run(image, upscaler, scale, tile, overlap, job, save=save, sd=sd)

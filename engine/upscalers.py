@@ -58,10 +58,12 @@ SD_X4_TILE = 128  # its native input size (engine.sd_upscaler.DEFAULT_TILE), the
 SD_X4_STEPS = (1, 150)  # as the generation request's steps
 SD_X4_DEFAULT_STEPS = 20
 SD_X4_DEFAULT_NOISE_LEVEL = 20  # 0..the model's max_noise_level (350 for the released one)
+SD_X4_DEFAULT_GUIDANCE = 9.0  # diffusers' StableDiffusionUpscalePipeline default
+SD_X4_GUIDANCE = (0.0, 30.0)  # as the generation request's cfg_scale
 SEED_MAX = 2 ** 32 - 1
 # Postprocess keys, in the order they are written; an upscale replaces the earlier upscale's ones.
-_SD_KEYS = ("Postprocess prompt", "Postprocess negative prompt", "Postprocess steps", "Postprocess noise level",
-            "Postprocess seed")
+_SD_KEYS = ("Postprocess prompt", "Postprocess negative prompt", "Postprocess steps", "Postprocess CFG scale",
+            "Postprocess noise level", "Postprocess seed")
 _PP_KEYS = ("Postprocess upscale by", "Postprocess upscaler", *_SD_KEYS)
 
 
@@ -84,10 +86,12 @@ class SdOptions:
     steps: int = SD_X4_DEFAULT_STEPS
     noise_level: int = SD_X4_DEFAULT_NOISE_LEVEL
     seed: int = 0
+    guidance: float = SD_X4_DEFAULT_GUIDANCE
 
     def infotext_fields(self) -> dict:
         return {"Postprocess prompt": self.prompt or None, "Postprocess negative prompt": self.negative_prompt or None,
-                "Postprocess steps": self.steps, "Postprocess noise level": self.noise_level,
+                "Postprocess steps": self.steps, "Postprocess CFG scale": f"{self.guidance:g}",
+                "Postprocess noise level": self.noise_level,
                 "Postprocess seed": self.seed}
 
 
@@ -252,7 +256,8 @@ def whole(value, field: str) -> int:
     return int(number)
 
 
-def check_sd_options(prompt=None, negative_prompt=None, steps=None, noise_level=None, seed=None) -> SdOptions:
+def check_sd_options(prompt=None, negative_prompt=None, steps=None, noise_level=None, seed=None,
+                     guidance=None) -> SdOptions:
     """The SD x4 upscaler's options; None takes the default (seed None or -1: a random one).
     The noise level's upper bound is the model's own (`max_noise_level`), checked once it is loaded."""
     for value, name in ((prompt, "prompt"), (negative_prompt, "negative_prompt")):
@@ -269,7 +274,22 @@ def check_sd_options(prompt=None, negative_prompt=None, steps=None, noise_level=
         raise RequestError("seed", f"must be -1 (random) or from 0 to {SEED_MAX}, got {seed}")
     if seed == -1:
         seed = random.randint(0, SEED_MAX)
-    return SdOptions(prompt or "", negative_prompt or "", steps, noise_level, seed)
+    guidance = SD_X4_DEFAULT_GUIDANCE if guidance is None else _number(guidance, "cfg_scale")
+    if not SD_X4_GUIDANCE[0] <= guidance <= SD_X4_GUIDANCE[1]:
+        raise RequestError("cfg_scale", f"must be from {SD_X4_GUIDANCE[0]:g} to {SD_X4_GUIDANCE[1]:g}, got {guidance:g}")
+    return SdOptions(prompt or "", negative_prompt or "", steps, noise_level, seed, guidance)
+
+
+def _number(value, field: str) -> float:
+    if isinstance(value, bool):
+        raise RequestError(field, f"must be a number, got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise RequestError(field, f"must be a number, got {value!r}") from None
+    if number != number or number in (float("inf"), float("-inf")):
+        raise RequestError(field, f"must be a finite number, got {value!r}")
+    return number
 
 
 def check_options(image: Image.Image, scale, tile, overlap) -> tuple[int, int, int]:
@@ -442,7 +462,7 @@ class Upscalers:
             # Read the pipeline and encoder afresh on each attempt: a step down re-places them.
             return self.manager.with_fallback(loaded, lambda: upscale_sd_x4(
                 loaded.pipe, image, prompt=sd.prompt, negative_prompt=sd.negative_prompt, steps=sd.steps,
-                noise_level=sd.noise_level, seed=sd.seed, tile=tile, overlap=overlap, job=job,
+                noise_level=sd.noise_level, seed=sd.seed, guidance=sd.guidance, tile=tile, overlap=overlap, job=job,
                 encoder=loaded.encoder), notes)
 
     def run(self, image: Image.Image, upscaler: str | None = None, scale=4, tile=None,

@@ -433,7 +433,8 @@ def test_cli_sd_x4_upscale_with_prompt_and_noise_level(capsys, sd_models_dir, tm
     src = tmp_path / "in.png"
     gradient_image((40, 24)).save(src)
     code, out, err = cli(capsys, "upscale", *dirs, "--input", str(src), "--upscaler", X4, "--scale", "2",
-                         "--tile", "32", "--prompt", "a barn", "--noise-level", "40", "--steps", "2", "--seed", "9")
+                         "--tile", "32", "--prompt", "a barn", "--noise-level", "40", "--steps", "2", "--seed", "9",
+                         "--cfg-scale", "5.5")
     assert code == 0, err
     (line,) = out.splitlines()
     with Image.open(line) as saved:
@@ -441,7 +442,7 @@ def test_cli_sd_x4_upscale_with_prompt_and_noise_level(capsys, sd_models_dir, tm
     code, out, err = cli(capsys, "pnginfo", *dirs, line)
     assert code == 0, err
     assert ('Postprocess upscale by: 2, Postprocess upscaler: "SD x4: tiny-x4", Postprocess prompt: a barn, '
-            'Postprocess steps: 2, Postprocess noise level: 40, Postprocess seed: 9') in out
+            'Postprocess steps: 2, Postprocess CFG scale: 5.5, Postprocess noise level: 40, Postprocess seed: 9') in out
 
 
 @pytest.mark.parametrize("args, says", [
@@ -449,6 +450,9 @@ def test_cli_sd_x4_upscale_with_prompt_and_noise_level(capsys, sd_models_dir, tm
     (["--upscaler", X4, "--noise-level", "-3"], "error: noise_level: must be from 0"),
     (["--upscaler", X4, "--noise-level", "lots"], "error: noise_level: must be a whole number, got 'lots'"),
     (["--upscaler", X4, "--steps", "0"], "error: steps: must be from 1 to 150"),
+    (["--upscaler", X4, "--cfg-scale", "31"], "error: cfg_scale: must be from 0 to 30, got 31"),
+    (["--upscaler", X4, "--cfg-scale", "nan"], "error: cfg_scale: must be a finite number, got 'nan'"),
+    (["--upscaler", "tiny4x", "--cfg-scale", "3"], "error: --cfg-scale: only the SD x4 upscaler takes it"),
     (["--upscaler", "tiny4x", "--noise-level", "10"], "error: --noise-level: only the SD x4 upscaler takes it"),
     (["--prompt", "a barn"], "error: --prompt: only the SD x4 upscaler takes it"),
 ])
@@ -459,3 +463,11 @@ def test_cli_sd_x4_bad_options_exit_2_with_one_line(capsys, sd_models_dir, tmp_p
     assert code == 2 and out == ""
     assert err.count("\n") == 1 and err.startswith(says), err
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.png"))
+
+
+def test_sd_x4_guidance_changes_the_result(sd_engine_x4):
+    """cfg_scale reaches the pipeline: 1 (no guidance: one UNet pass a step) differs from 9."""
+    image = gradient_image((40, 24))
+    plain = sd_engine_x4.upscale(image, X4, 4, 0, save=False, prompt="a barn", cfg_scale=1, **SD_ARGS).images[0]
+    guided = sd_engine_x4.upscale(image, X4, 4, 0, save=False, prompt="a barn", cfg_scale=9, **SD_ARGS).images[0]
+    assert list(plain.getdata()) != list(guided.getdata())

@@ -294,6 +294,9 @@ class UpscaleTab:
                                         elem_id="upscale-noise-level",
                                         info="Noise added to the input before upscaling: more lets the model invent "
                                              "more detail; used only by the SD x4 upscaler, ignored by the others")
+                cfg_scale = gr.Slider(0, 30, value=9, step=0.5, label="CFG scale (SD x4 upscaler only)",
+                                      elem_id="upscale-cfg-scale",
+                                      info="How closely to follow the prompt; ignored by the other upscalers")
                 with gr.Row():
                     self.button = gr.Button("Upscale", variant="primary", elem_id="upscale-run")
                     self.cancel_button = gr.Button("Cancel", variant="stop", elem_id="upscale-cancel")
@@ -303,7 +306,7 @@ class UpscaleTab:
                                              type="filepath", format="png", elem_id="upscale-result")
                 self.infotext = gr.Textbox(label="Parameters", lines=4, interactive=False, elem_id="upscale-infotext")
         self.fields = {"path": self.image, "upscaler": name, "scale": scale, "tile": tile, "prompt": prompt,
-                       "noise_level": noise_level}
+                       "noise_level": noise_level, "cfg_scale": cfg_scale}
         self.job_token = gr.State(None)
 
     def wire(self) -> None:

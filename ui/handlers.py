@@ -253,11 +253,11 @@ class Studio:
 
     # --- upscaling ------------------------------------------------------------------------------
     def upscale(self, key: tuple[str, str], path, upscaler: str, scale, tile, *, prompt: str | None = None,
-                noise_level=None, token: str | None = None) -> Iterator[UpscaleView]:
+                noise_level=None, cfg_scale=None, token: str | None = None) -> Iterator[UpscaleView]:
         """Upscale an uploaded image (opened with the safe opener) and publish it in outputs/upscale,
         yielding progress views (tiles done, ETA), then a last one with (before, after) for the
         page's slider (the saved file, or the image when saving failed) and its parameters.
-        `prompt` and `noise_level` are the SD x4 upscaler's (the other upscalers ignore them).
+        `prompt`, `noise_level` and `cfg_scale` are the SD x4 upscaler's (the others ignore them).
         Raises the engine's EaselError (CancelledError when cancelled between tiles)."""
         if not path:
             raise RequestError("image", "drop an image to upscale first")
@@ -270,7 +270,7 @@ class Studio:
 
         def work():
             return self.engine.upscale(image, upscaler, scale, tile, job, prompt=prompt or None,
-                                       noise_level=noise_level)
+                                       noise_level=noise_level, cfg_scale=cfg_scale)
 
         try:
             yield UpscaleView(progress_html("Starting…"))
