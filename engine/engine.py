@@ -254,6 +254,10 @@ class Engine:
         """What hires fix may enlarge with: "Latent", "Lanczos", then the ESRGAN-family models."""
         return (*HIRES_UPSCALERS, *self.upscalers.hires_names())
 
+    def default_upscale_tile(self, upscaler: str | None) -> int:
+        """The tile size `upscaler` uses when none is given (the tab's slider follows it)."""
+        return self.upscalers.default_tile(upscaler)
+
     def is_sd_upscaler(self, upscaler: str | None) -> bool:
         """Whether `upscaler` names an SD x4 upscaler checkpoint (the one that takes a prompt,
         steps, noise level and seed); RequestError naming `upscaler` when it names none."""

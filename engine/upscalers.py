@@ -377,6 +377,11 @@ class Upscalers:
             return resolve_upscaler(self.library, wanted, list_upscalers(self.library))
         return resolve_upscaler(self.library, wanted, self.available())
 
+    def default_tile(self, name: str | None) -> int:
+        """The tile an upscaler uses when none is given: the SD x4 upscaler's native 128 input
+        pixels (its memory grows fast with the tile), 256 for the others."""
+        return SD_X4_TILE if self.resolve(name).sd_x4 else DEFAULT_TILE
+
     def hires_names(self) -> list[str]:
         """The upscaler models hires fix may enlarge with: the ESRGAN-family files. (Lanczos is one
         of the request's built-ins; the SD x4 upscaler is a diffusion pass of its own, not offered.)"""

@@ -374,6 +374,13 @@ def test_upscale_tab_has_the_sd_x4_widgets_and_defaults_to_a_plain_upscaler(x4_s
     assert widgets["upscale-upscaler"].value == "Lanczos"  # not the slow SD x4 upscaler
     assert "SD x4 upscaler" in widgets["upscale-prompt"].info and "SD x4 upscaler" in widgets["upscale-noise-level"].info
     assert widgets["upscale-noise-level"].value == 20
+    assert widgets["upscale-tile"].value == 256
+
+
+def test_upscale_tile_follows_the_chosen_upscaler(x4_studio):
+    """The slider's event handler: the SD x4 upscaler's native 128 px tile, 256 for the others."""
+    assert x4_studio.engine.default_upscale_tile("SD x4: tiny-x4") == 128
+    assert x4_studio.engine.default_upscale_tile("Lanczos") == 256
 
 
 def test_upscale_ignores_the_sd_x4_options_for_other_upscalers(studio, tmp_path):

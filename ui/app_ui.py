@@ -286,8 +286,10 @@ class UpscaleTab:
                                    info="Lanczos needs no model; ESRGAN-family files go in models/ESRGAN; an SD x4 "
                                         "upscaler checkpoint in models/Stable-diffusion is listed as 'SD x4: NAME'")
                 scale = gr.Radio([2, 3, 4], value=4, label="Scale", elem_id="upscale-scale")
-                tile = gr.Slider(0, 1024, value=256, step=32, label="Tile size (0: the whole image at once)",
-                                 elem_id="upscale-tile")
+                chosen = plain[-1] if plain else upscalers[0]
+                tile = gr.Slider(0, 1024, value=studio.engine.default_upscale_tile(chosen), step=32,
+                                 label="Tile size (0: the whole image at once)", elem_id="upscale-tile",
+                                 info="Memory follows the tile, not the image; picking an upscaler sets its own")
                 prompt = gr.Textbox(label="Prompt (SD x4 upscaler only)", lines=2, elem_id="upscale-prompt",
                                     info="What the image shows; used only by the SD x4 upscaler, ignored by the others")
                 noise_level = gr.Slider(0, 350, value=20, step=1, label="Noise level (SD x4 upscaler only)",
@@ -342,6 +344,9 @@ class UpscaleTab:
             upscale, {*self.fields.values(), self.job_token}, [self.progress, self.result, self.infotext],
             concurrency_id=GENERATION, concurrency_limit=1, api_visibility="private")
         self.cancel_button.click(cancel, None, None, queue=False, api_visibility="private")
+        # A plain value, not gr.update(): see GenerationTab.wire on component copies.
+        self.fields["upscaler"].input(shows_errors(studio.engine.default_upscale_tile), self.fields["upscaler"],
+                                      self.fields["tile"], queue=False, api_visibility="private")
 
 
 def settings_tab(studio: Studio, settings: SettingsStore, listen: bool) -> None:
