@@ -3,6 +3,7 @@
     python app.py                      start the web UI (same as `serve`)
     python app.py txt2img --prompt ... generate from the command line; saved paths go to stdout
     python app.py img2img --init-img FILE --strength 0.8 --prompt ...
+        [--mask FILE] [--mask-blur N] [--inpaint-full-res]   inpainting: white in the mask is redrawn
     python app.py models               models found, their family and device/precision plan
     python app.py upscale --input FILE [--upscaler NAME] [--scale 2|3|4] [--tile PX]   saved in outputs/upscale
         [--prompt TEXT] [--negative-prompt TEXT] [--steps N] [--cfg-scale X] [--noise-level N] [--seed N]   SD x4 only
@@ -48,6 +49,8 @@ def _add_generation_options(p: argparse.ArgumentParser, img2img: bool) -> None:
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--model", default=None, help="a name from `app.py models`, or a checkpoint path")
+    p.add_argument("--vae", default=None, help="Automatic (the checkpoint's own) or a file in models/VAE; "
+                                               "default: the one remembered for the checkpoint")
     p.add_argument("--seed", default=None, help="-1 for random")
     p.add_argument("--steps", default=None)
     p.add_argument("--cfg-scale", default=None)
@@ -71,6 +74,17 @@ def _add_generation_options(p: argparse.ArgumentParser, img2img: bool) -> None:
         p.add_argument("--init-img", required=True, type=Path)
         p.add_argument("--strength", default=None, help="denoising strength 0-1 (default 0.75)")
         p.add_argument("--resize-mode", default=None, help="just resize, crop and resize, resize and fill")
+        # Inpainting: A1111's names, as in its API.
+        p.add_argument("--mask", type=Path, default=None, help="inpaint: white redraws, black keeps (the init "
+                                                               "image's size; transparency counts as black)")
+        p.add_argument("--mask-blur", default=None, help="inpaint: blur the mask's edge by this many pixels (default 4)")
+        p.add_argument("--inpainting-fill", default=None, help="inpaint: masked content: original (default), fill, "
+                                                               "latent noise, latent nothing")
+        p.add_argument("--inpaint-full-res", dest="inpaint_full_res", action="store_true",
+                       help="inpaint only the masked area (plus padding) at the full size, then paste it back")
+        p.add_argument("--inpaint-padding", default=None, help="inpaint: padding around the masked area in pixels "
+                                                               "with --inpaint-full-res (default 32)")
+        p.add_argument("--mask-invert", action="store_true", help="inpaint: redraw what the mask leaves black")
 
 
 def build_parser() -> Parser:
@@ -107,6 +121,8 @@ def build_parser() -> Parser:
             p.add_argument("--set-distilled", nargs=2, metavar=("MODEL", "KIND"),
                            help="say a checkpoint is distilled: turbo (4 steps, Euler a, CFG 1 by default), "
                                 "none, or auto (a file name with 'turbo' in it)")
+            p.add_argument("--set-vae", nargs=2, metavar=("MODEL", "VAE"),
+                           help="remember a VAE for one checkpoint: Automatic (its own) or a file in models/VAE")
         if name == "download":
             p.add_argument("what", nargs="?", default=None, metavar="NAME|URL",
                            help="a name from --list, or an https link to a .safetensors file; none: the "
@@ -155,7 +171,7 @@ def _generate(args, mode: str) -> int:
         "mode": mode, "prompt": args.prompt, "negative_prompt": args.negative_prompt, "seed": args.seed,
         "steps": args.steps, "cfg_scale": args.cfg_scale, "sampler": args.sampler, "schedule_type": args.scheduler,
         "width": args.width, "height": args.height, "batch_size": args.n_samples, "batch_count": args.n_iter,
-        "save_grid": args.grid or None, "speed": args.speed,
+        "save_grid": args.grid or None, "speed": args.speed, "vae": args.vae,
     }
     if mode == "txt2img":
         fields.update(enable_hr=args.enable_hr or None, hr_scale=args.hr_scale, hr_upscaler=args.hr_upscaler,
@@ -163,6 +179,11 @@ def _generate(args, mode: str) -> int:
     if mode == "img2img":
         init = open_image(args.init_img, "init_image")  # size, pixel and text bounds before decoding
         fields.update(init_image=init, denoising_strength=args.strength, resize_mode=args.resize_mode)
+        if args.mask is not None:  # bounded before decoding, transparency kept (a painted layer's alpha)
+            fields["mask"] = open_image(args.mask, "mask", keep_alpha=True)
+        fields.update(mask_blur=args.mask_blur, inpainting_fill=args.inpainting_fill,
+                      inpaint_full_res=args.inpaint_full_res or None, inpaint_full_res_padding=args.inpaint_padding,
+                      inpainting_mask_invert=args.mask_invert or None)
     request = engine.make_request(fields, model=model)
     result = engine.generate(request, model=model)
     for note in result.notes:
@@ -210,6 +231,8 @@ def _models(args) -> int:
         engine.set_model_precision(*args.set_precision)
     if args.set_distilled:
         engine.set_model_distillation(*args.set_distilled)
+    if args.set_vae:
+        engine.set_model_vae(*args.set_vae)
     statuses = engine.models()
     if not statuses:
         print(f"no models in {engine.checkpoint_dir}")

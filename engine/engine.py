@@ -174,6 +174,26 @@ class Engine:
         if self.manager.current and self.manager.current.entry == entry:
             self.manager.unload()
 
+    def vae_names(self) -> list[str]:
+        """"Automatic" (each checkpoint's own VAE), then the files in models/VAE."""
+        from engine.vae import vae_choices
+
+        return vae_choices(self.library)
+
+    def model_vae(self, name: str | None = None) -> str:
+        """The VAE remembered for a checkpoint ("Automatic" unless one was chosen)."""
+        return self.manager.settings.vae(self.library.resolve(self._model_name(name)).name)
+
+    def set_model_vae(self, name: str | None, vae: str) -> None:
+        """Remember a VAE for a checkpoint (the page's VAE picker); used from its next job on. The
+        name must be a file in models/VAE (RequestError naming `vae`); a VAE of the wrong kind for
+        the checkpoint is refused when it is applied."""
+        from engine.vae import AUTOMATIC, resolve_vae
+
+        entry = self.library.resolve(self._model_name(name))
+        choice = resolve_vae(self.library, vae)
+        self.manager.settings.set_vae(entry.name, AUTOMATIC if choice is None else choice.name)
+
     def set_model_distillation(self, name: str, distillation: str) -> None:
         """The user's word on a checkpoint: "turbo", "none" or "auto" (tell from its name)."""
         entry = self.library.resolve(name)
@@ -210,6 +230,10 @@ class Engine:
         request = GenerationRequest.validate({**defaults, **given},
                                              size_multiple=size_multiple(facts.vae_scale_factor),
                                              hires_upscalers=self.hires_upscaler_names())
+        if request.vae is not None:
+            from engine.vae import resolve_vae
+
+            resolve_vae(self.library, request.vae)  # a name outside models/VAE: RequestError("vae") now
         if request.enable_hr and facts.info.inpaint_unet:
             raise RequestError("enable_hr", f"hires fix needs an ordinary checkpoint; {facts.info.label} models "
                                             "redraw through a mask")
@@ -242,6 +266,8 @@ class Engine:
         job = job or Job()
         check_cancelled(job)  # cancelled while it waited in the page's queue: not even a load
         with self.turns.turn(job), self.manager.use(self._model_name(model)) as loaded:
+            # The request's VAE, else the one remembered for this checkpoint (engine.vae).
+            self.manager.apply_vae(loaded, request.vae or self.manager.settings.vae(loaded.entry.name))
             return self.generator.run(request, loaded, job)  # checks first: cancelled while it waited
 
     # --- upscaling (extras) ---------------------------------------------------------------------

@@ -19,6 +19,7 @@ from engine.embeddings import Embeddings, model_embeddings, ti_hashes
 from engine.errors import EaselError
 from engine.feature_cache import INTERVAL, MIN_STEPS, FeatureReuse
 from engine.infotext import build_infotext, params_from_values
+from engine.inpaint import InpaintJob
 from engine.jobs import GenerationResult, Job, ProgressUpdate, check_cancelled
 from engine.lora import Loras, strip_loras
 from engine.manager import LoadedModel, ModelManager
@@ -72,6 +73,7 @@ class Run:
     init_image: Image.Image | None  # the init image at the request's size (img2img), resized once
     steps: int                      # num_inference_steps handed to diffusers
     reuse_features: bool            # speed "fast" and enough steps to reuse the UNet's deep features
+    inpaint: InpaintJob | None = None  # img2img with a mask
     notes: list[str] = field(default_factory=list)
     networks: dict = field(default_factory=dict)  # infotext pairs of the job's LoRAs ("Lora hashes")
     embeddings: dict = field(default_factory=dict)  # the textual inversions the model's prompts may use
@@ -136,11 +138,14 @@ class Generator:
             run.embeddings = model_embeddings(self.embeddings, run.model)
 
     def _plan(self, request: GenerationRequest, model: LoadedModel, job: Job) -> Run:
-        init = None
+        init = inpaint = None
         if request.mode == "img2img":
             init = resize_init_image(request.init_image, request.width, request.height, request.resize_mode)
+        if request.mask is not None:  # the mask goes through the same resize as the init image
+            mask = resize_init_image(request.mask, request.width, request.height, request.resize_mode)
+            inpaint = InpaintJob.prepare(request, init, mask)
         reuse = request.speed == "fast" and denoising_steps(request) >= MIN_STEPS
-        run = Run(request, model, job, time.monotonic(), init, pipeline_steps(request), reuse)
+        run = Run(request, model, job, time.monotonic(), init, pipeline_steps(request), reuse, inpaint)
         if request.speed == "fast" and not reuse:
             run.notes.append(f"speed fast: {denoising_steps(request)} denoising steps are too few to reuse "
                              f"features (it needs {MIN_STEPS}); ran every step in full")
@@ -167,17 +172,27 @@ class Generator:
             check_cancelled(run.job)
         images = self.manager.with_fallback(run.model, lambda: self._decode(run, latents), run.notes)
         check_cancelled(run.job)
+        if run.inpaint is not None:  # before publishing: see engine.inpaint on the watermark
+            images = [run.inpaint.composite(image) for image in images]
         return images
 
     def infotext(self, request: GenerationRequest, model: LoadedModel, seed: int, networks: dict | None = None) -> str:
         values = {name: getattr(request, name) for name in request.field_names()}
-        params = params_from_values({**values, "seed": seed}, model_hash=model.hash, model=model.name,
-                                    version=f"easel-{__version__}", networks=networks)
+        params = params_from_values({**values, "seed": seed, "vae": model.vae_name}, model_hash=model.hash,
+                                    model=model.name, version=f"easel-{__version__}", vae_hash=model.vae_hash,
+                                    networks=networks)
         return build_infotext(request.prompt, request.negative_prompt, params)
 
     def _denoise(self, run: Run, batch: int, seeds: list[int]) -> torch.Tensor:
         """The first (or only) pass: txt2img, img2img, or the inpainting UNet given a whole-image mask."""
         request, model = run.request, run.model
+        if run.inpaint is not None:
+            pipe = model.pipeline("inpaint")
+            generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+            with torch.inference_mode():
+                extra = run.inpaint.pipeline_inputs(pipe, generators, pipe.unet.config.in_channels)
+            extra.update(width=request.width, height=request.height, strength=request.denoising_strength)
+            return self._pipeline_pass(run, batch, seeds, "inpaint", run.steps, extra, run.reuse_features)
         if model.info.inpaint_unet:
             size = (request.width, request.height)
             init = run.init_image or Image.new("RGB", size, (127, 127, 127))

@@ -57,12 +57,14 @@ def describe_source(source: Any) -> str:
 
 
 def open_image(source: Any, field: str = "image", *, max_bytes: int = MAX_INPUT_BYTES,
-               max_pixels: int = MAX_INPUT_PIXELS) -> Image.Image:
+               max_pixels: int = MAX_INPUT_PIXELS, keep_alpha: bool = False) -> Image.Image:
     """A decoded RGB image from a path, bytes, a binary file object or an already decoded PIL
-    image (its size is still checked); refusals are RequestError(field, one line)."""
+    image (its size is still checked); refusals are RequestError(field, one line). `keep_alpha`:
+    an image with transparency comes back RGBA instead of flattened (an inpainting mask painted
+    on a transparent layer is its alpha)."""
     if isinstance(source, Image.Image):
         _check_pixels(source.size, field, max_pixels, describe_source(source))
-        return _to_rgb(source, field, describe_source(source))
+        return _to_rgb(source, field, describe_source(source), keep_alpha)
     name = describe_source(source)
     data = _read_bounded(source, field, max_bytes, name)
     if not data:
@@ -93,7 +95,7 @@ def open_image(source: Any, field: str = "image", *, max_bytes: int = MAX_INPUT_
     except Exception as e:  # noqa: BLE001 - truncated, corrupt, text-chunk bomb after the pixels
         raise _decode_error(field, name, e) from None
     image.info = info
-    return _to_rgb(image, field, name)
+    return _to_rgb(image, field, name, keep_alpha)
 
 
 def decode_base64_image(text: Any, field: str = "image", *, max_bytes: int = MAX_INPUT_BYTES,
@@ -184,7 +186,7 @@ def _decode_error(field: str, name: str, error: Exception) -> RequestError:
     return RequestError(field, f"{name} is corrupt or not a supported image ({type(error).__name__})")
 
 
-def _to_rgb(image: Image.Image, field: str, name: str) -> Image.Image:
+def _to_rgb(image: Image.Image, field: str, name: str, keep_alpha: bool = False) -> Image.Image:
     info = dict(image.info)
     try:
         if image.mode in _SIXTEEN_BIT:
@@ -197,7 +199,9 @@ def _to_rgb(image: Image.Image, field: str, name: str) -> Image.Image:
             image = image.convert("RGBA")
         if image.mode in ("LA", "La", "PA"):
             image = image.convert("RGBA")
-        if image.mode in ("RGBA", "RGBa"):
+        if image.mode in ("RGBA", "RGBa") and keep_alpha:
+            image = image.convert("RGBA")
+        elif image.mode in ("RGBA", "RGBa"):
             flat = Image.new("RGB", image.size, BACKGROUND)
             flat.paste(image, mask=image.getchannel("A"))
             image = flat

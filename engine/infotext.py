@@ -48,10 +48,20 @@ class InfotextField:
     kind: type = str          # what reading turns the text into
     unset: object = None      # the value A1111 leaves out of the text, and a reader assumes when absent
     written_when: Callable[[Mapping[str, object]], bool] = lambda values: True  # e.g. img2img or hires only
+    write: Callable[[object], object] = lambda value: value  # the value as text, when it is not its str()
 
 
 def _hires(values: Mapping[str, object]) -> bool:
     return bool(values.get("enable_hr"))
+
+
+def _inpainting(values: Mapping[str, object]) -> bool:
+    return values.get("mask") is not None
+
+
+# A1111's words for the inpainting flags (engine.inpaint keeps the same tables).
+_INPAINT_AREAS = {False: "Whole picture", True: "Only masked"}
+_MASK_MODES = {False: "Inpaint masked", True: "Inpaint not masked"}
 
 
 # In A1111's order. Prompt and negative prompt are not pairs of the last line: build_infotext places them.
@@ -65,11 +75,22 @@ INFOTEXT_FIELDS = (
     InfotextField("Size-2", "height", int),
     InfotextField("Model hash", None),
     InfotextField("Model", None),
+    InfotextField("VAE hash", None),
+    InfotextField("VAE", "vae", unset="Automatic"),
     InfotextField("Denoising strength", "denoising_strength", float,
                   written_when=lambda v: v.get("mode") == "img2img" or bool(v.get("enable_hr"))),
     InfotextField("Hires upscale", "hr_scale", float, written_when=_hires),
     InfotextField("Hires steps", "hr_second_pass_steps", int, unset=0, written_when=_hires),
     InfotextField("Hires upscaler", "hr_upscaler", written_when=_hires),
+    InfotextField("Mask blur", "mask_blur", int, written_when=_inpainting),
+    InfotextField("Mask mode", "inpainting_mask_invert", lambda text: text == _MASK_MODES[True], unset=False,
+                  written_when=_inpainting, write=_MASK_MODES.get),
+    InfotextField("Masked content", "inpainting_fill", written_when=_inpainting),
+    InfotextField("Inpaint area", "inpaint_full_res", lambda text: text == _INPAINT_AREAS[True],
+                  written_when=_inpainting, write=_INPAINT_AREAS.get),
+    # A1111's infotext key for the "Only masked padding, pixels" slider (a key cannot hold a comma).
+    InfotextField("Masked area padding", "inpaint_full_res_padding", int,
+                  written_when=lambda v: _inpainting(v) and bool(v.get("inpaint_full_res"))),
     # "name: hash, ..." of the LoRAs and textual-inversion embeddings a job used (A1111's); the
     # prompt's own <lora:...> tags and words carry them back, so these are not read into a field.
     InfotextField("Lora hashes", None),
@@ -82,12 +103,13 @@ _SIZE_KEYS = ("Size-1", "Size-2")
 
 
 def params_from_values(values: Mapping[str, object], *, model_hash: str | None, model: str | None,
-                       version: str, networks: Mapping[str, str] | None = None) -> dict[str, object]:
+                       version: str, vae_hash: str | None = None,
+                       networks: Mapping[str, str] | None = None) -> dict[str, object]:
     """The parameters line's pairs for a request's values (its fields, with `seed` the image's own
-    seed), in A1111's order; values equal to a field's `unset` are left out, as A1111 does.
-    `networks`: the "Lora hashes" / "TI hashes" pairs of the job, when it used any."""
-    extra = {"Model hash": model_hash, "Model": model, "Version": version, "Lora hashes": None, "TI hashes": None,
-             **(networks or {})}
+    seed and `vae` the VAE used), in A1111's order; values equal to a field's `unset` are left out,
+    as A1111 does. `networks`: the "Lora hashes" / "TI hashes" pairs of the job, when it used any."""
+    extra = {"Model hash": model_hash, "Model": model, "Version": version, "VAE hash": vae_hash,
+             "Lora hashes": None, "TI hashes": None, **(networks or {})}
     params: dict[str, object] = {}
     for spec in INFOTEXT_FIELDS:
         if spec.key == _SIZE_KEYS[0]:
@@ -100,7 +122,7 @@ def params_from_values(values: Mapping[str, object], *, model_hash: str | None, 
             continue
         else:
             value = values.get(spec.field)
-            params[spec.key] = None if value == spec.unset else value
+            params[spec.key] = None if value == spec.unset or value is None else spec.write(value)
     return params
 
 

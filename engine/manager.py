@@ -30,6 +30,10 @@ DISTILLATIONS = ("auto", "turbo", "none")
 # (the SD x4 upscaler only: `engine.upscalers`).
 PURPOSES = ("generate", "upscale")
 
+# The inpainting pipeline for each txt2img pipeline: it takes 4-channel UNets too (masked img2img).
+INPAINT_PIPELINES = {"StableDiffusionPipeline": "StableDiffusionInpaintPipeline",
+                     "StableDiffusionXLPipeline": "StableDiffusionXLInpaintPipeline"}
+
 # Request defaults for few-step models, for the fields the user left out.
 FEW_STEP_DEFAULTS = {
     # LCM: the LCM sampler; guidance goes in as an embedding, so CFG 1.5 costs no extra pass.
@@ -81,6 +85,16 @@ class ModelSettings:
             raise RequestError("distilled", f"must be one of {', '.join(DISTILLATIONS)}, got {distillation!r}")
         self._write(name, "distillation", distillation)
 
+    def vae(self, name: str) -> str:
+        """The VAE chosen for a checkpoint: "Automatic" (its own) or a name in models/VAE."""
+        return self._read().get(name, {}).get("vae", "Automatic")
+
+    def set_vae(self, name: str, vae: str) -> None:
+        """Checked against models/VAE by the caller (engine.vae.resolve_vae), who knows the library."""
+        if not isinstance(vae, str) or not vae.strip():
+            raise RequestError("vae", f"must be Automatic or a file name from models/VAE, got {vae!r}")
+        self._write(name, "vae", vae.strip())
+
 
 def distillation_of(entry: ModelEntry, said: str, unet_config: Mapping | None = None) -> tuple[str, str]:
     """(kind, why): kind is "lcm", "turbo" or "none". Turbo models have their base model's weights
@@ -122,10 +136,14 @@ class LoadedModel:
     encoder: PromptEncoder
     scheduler_config: dict
     distillation: str = "none"  # "lcm", "turbo" or "none": see distillation_of
-    _img2img: Any = None
+    _pipelines: dict = field(default_factory=dict)  # other modes' pipelines, sharing `pipe`'s modules
     notes: list[str] = field(default_factory=list)
     loras: dict = field(default_factory=dict)  # peft adapter name -> its file's key (engine.lora)
     lora_weights: tuple = ()                   # ((adapter, te weight, unet weight), ...) now set
+    own_vae: Any = None          # the checkpoint's own VAE, kept (on the CPU while another is used)
+    vae_name: str = "Automatic"  # the VAE in use: "Automatic" or its name in models/VAE
+    vae_hash: str | None = None  # A1111's "VAE hash" of that file
+    vae_key: tuple = ()          # (path, size, mtime) of the VAE file in use; () for Automatic
 
     @property
     def info(self) -> FamilyInfo:
@@ -149,16 +167,22 @@ class LoadedModel:
         return dict(FEW_STEP_DEFAULTS.get(self.distillation, {}))
 
     def pipeline(self, mode: str):
+        """The pipeline for "txt2img", "img2img" or "inpaint" (masked img2img: the family's inpaint
+        pipeline, which also runs 4-channel UNets, blending the unmasked latents back each step)."""
         if mode == "txt2img":
             return self.pipe
-        if self._img2img is None:
+        if mode not in self._pipelines:
             import diffusers
 
-            cls = getattr(diffusers, self.info.img2img_pipeline)
+            name = self.info.img2img_pipeline
+            if mode == "inpaint" and not self.info.inpaint_unet:
+                name = INPAINT_PIPELINES[self.info.pipeline]
+            cls = getattr(diffusers, name)
             # from_pipe shares the loaded modules: no second copy of the weights.
-            self._img2img = self.pipe if cls is type(self.pipe) else cls.from_pipe(self.pipe)
-            self._img2img.set_progress_bar_config(disable=True)
-        return self._img2img
+            made = self.pipe if cls is type(self.pipe) else cls.from_pipe(self.pipe)
+            made.set_progress_bar_config(disable=True)
+            self._pipelines[mode] = made
+        return self._pipelines[mode]
 
 
 def _cast_unet_inputs(unet: torch.nn.Module) -> None:
@@ -335,8 +359,40 @@ class ModelManager:
             encoder = _prompt_encoder(pipe, plan)
             hash_cache = self.cache_dir / "hashes.json" if self.cache_dir else None
             self.current = LoadedModel(entry, family, plan, pipe, model_hash(entry.path, hash_cache), encoder,
-                                       scheduler_config, facts.distillation)
+                                       scheduler_config, facts.distillation, own_vae=pipe.vae)
             return self.current
+
+    def apply_vae(self, loaded: LoadedModel, name: str | None) -> None:
+        """Decode with the VAE `name` ("Automatic"/None: the checkpoint's own, else a file in
+        models/VAE, see engine.vae); nothing happens when it is already the one in use. The new VAE
+        is placed as the model's plan says (device, dtype incl. an fp32-VAE fallback, tiling, offload)."""
+        from engine.vae import AUTOMATIC, check_vae_kind, load_vae, resolve_vae
+
+        with self._lock:
+            choice = resolve_vae(self.library, name)
+            key = () if choice is None else self._file_key(ModelEntry(choice.name, choice.path, False))
+            if key == loaded.vae_key:
+                return
+            if choice is None:
+                module, vae_name, vae_hash = loaded.own_vae, AUTOMATIC, None
+            else:
+                if loaded.info.upscaler:
+                    raise RequestError("vae", f"the {loaded.info.label} keeps its own VAE")
+                check_vae_kind(choice, loaded.family, loaded.info.label)
+                module = load_vae(choice, loaded.own_vae)
+                hash_cache = self.cache_dir / "hashes.json" if self.cache_dir else None
+                vae_name, vae_hash = choice.name, model_hash(choice.path, hash_cache)
+            pipe = loaded.pipe
+            if loaded.plan.cpu_offload:
+                pipe.remove_all_hooks()  # place() below offloads again, the new VAE included
+            if pipe.vae is loaded.own_vae:
+                loaded.own_vae.to("cpu")  # kept for Automatic, off the accelerator meanwhile
+            pipe.register_modules(vae=module)
+            loaded._pipelines.clear()  # made with from_pipe: they hold the old VAE
+            place(pipe, loaded.plan)
+            loaded.vae_name, loaded.vae_hash, loaded.vae_key = vae_name, vae_hash, key
+            if self.hardware.cuda:
+                torch.cuda.empty_cache()
 
     @contextmanager
     def use(self, name: str, purpose: str = "generate") -> Iterator[LoadedModel]:

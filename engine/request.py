@@ -17,6 +17,7 @@ from PIL import Image
 
 from engine.errors import RequestError
 from engine.images import MAX_INPUT_PIXELS, open_image
+from engine.inpaint import MASKED_CONTENT, check_mask, mask_from_image
 from engine.prompt_syntax import weight_problem
 from engine.samplers import DEFAULT_SAMPLER, check_sampler, split_legacy_name
 
@@ -41,7 +42,10 @@ RANGES = {
     "seed": (-1, MAX_SEED),
     "hr_scale": (1.0, 4.0),
     "hr_second_pass_steps": (0, 150),
+    "mask_blur": (0, 64),
+    "inpaint_full_res_padding": (0, 256),
 }
+MAX_VAE_NAME = 255
 # Hires fix's built-in ways to enlarge the first pass (A1111's names). "Latent" enlarges the latents
 # themselves (no decode in between); "Lanczos" decodes, resizes the picture, encodes again. The
 # engine adds the ESRGAN-family models of its models folder (`Engine.hires_upscaler_names`).
@@ -79,6 +83,7 @@ class RequestLimits:
     resize_modes: tuple[str, ...]
     speeds: tuple[str, ...]
     hires_upscalers: tuple[str, ...]
+    masked_content: tuple[str, ...] = MASKED_CONTENT
 
 
 LIMITS = RequestLimits(types.MappingProxyType(RANGES), 64, MAX_SIDE, MAX_PIXELS, MAX_PROMPT_CHARS, MODES,
@@ -111,6 +116,16 @@ class GenerationRequest:
     hr_scale: float = 2.0
     hr_upscaler: str = "Latent"
     hr_second_pass_steps: int = 0
+    # Inpainting (img2img with a mask, A1111's names): white in the mask is redrawn (engine.inpaint).
+    mask: Any = None  # PIL "L" once validated
+    mask_blur: int = 4
+    inpainting_fill: str = "original"  # one of MASKED_CONTENT; A1111's API numbers 0-3 are taken too
+    inpaint_full_res: bool = False     # inpaint area: False "Whole picture", True "Only masked"
+    inpaint_full_res_padding: int = 32
+    inpainting_mask_invert: bool = False  # True: redraw what the mask leaves black
+    # The VAE: None for the one remembered for the checkpoint, "Automatic" for its own, or a file
+    # name in models/VAE (the engine resolves it; engine.vae).
+    vae: str | None = None
 
     @property
     def total_images(self) -> int:
@@ -137,7 +152,8 @@ class GenerationRequest:
         values: dict[str, Any] = {"mode": mode}
         values["prompt"] = _text("prompt", raw["prompt"])
         values["negative_prompt"] = _text("negative_prompt", raw["negative_prompt"])
-        for name in ("seed", "steps", "batch_size", "batch_count", "hr_second_pass_steps"):
+        for name in ("seed", "steps", "batch_size", "batch_count", "hr_second_pass_steps", "mask_blur",
+                     "inpaint_full_res_padding"):
             values[name] = _int(name, raw[name])
         for name in ("cfg_scale", "denoising_strength", "hr_scale"):
             values[name] = _float(name, raw[name])
@@ -152,6 +168,14 @@ class GenerationRequest:
         values["save_images"] = _bool("save_images", raw["save_images"])
         values["save_grid"] = _bool("save_grid", raw["save_grid"])
         values["enable_hr"] = _bool("enable_hr", raw["enable_hr"])
+        for name in ("inpaint_full_res", "inpainting_mask_invert"):  # A1111's API sends 0/1
+            value = raw[name]
+            values[name] = _bool(name, bool(value) if type(value) is int and value in (0, 1) else value)
+        fill = raw["inpainting_fill"]
+        if type(fill) is int and 0 <= fill < len(MASKED_CONTENT):
+            fill = MASKED_CONTENT[fill]
+        values["inpainting_fill"] = _choice("inpainting_fill", fill, MASKED_CONTENT)
+        values["vae"] = _vae_name(raw["vae"])
         values["hr_upscaler"] = _choice("hr_upscaler", raw["hr_upscaler"], tuple(hires_upscalers))
         if values["enable_hr"] and mode != "txt2img":
             raise RequestError("enable_hr", "hires fix is for txt2img; img2img sets its size directly")
@@ -171,6 +195,7 @@ class GenerationRequest:
         elif init is not None:
             raise RequestError("init_image", "only img2img takes an init image")
         values["init_image"] = init
+        values["mask"] = _mask(raw["mask"], mode, init, values["inpainting_mask_invert"])
 
         width_given = fields.get("width") is not None or fields.get("height") is not None
         if mode == "img2img" and not width_given:
@@ -187,6 +212,28 @@ class GenerationRequest:
                 raise RequestError("hr_scale", f"{values['hr_scale']:g} makes {w}x{h}, over the pixel budget of "
                                                f"{MAX_PIXELS} pixels ({BUDGET_SIDE}x{BUDGET_SIDE}, sides up to {MAX_SIDE})")
         return cls(**values)
+
+
+def _mask(mask: Any, mode: str, init: Image.Image | None, invert: bool) -> Image.Image | None:
+    """An inpainting mask: an image the init image's size (opened like it, keeping transparency),
+    as "L" (engine.inpaint.mask_from_image)."""
+    if mask is None:
+        return None
+    if mode != "img2img":
+        raise RequestError("mask", "only img2img takes a mask (inpainting)")
+    if not isinstance(mask, (Image.Image, bytes, bytearray)):
+        raise RequestError("mask", f"must be an image, got {type(mask).__name__}")
+    mask = mask_from_image(open_image(mask, "mask", max_pixels=MAX_INPUT_PIXELS, keep_alpha=True))
+    check_mask(mask, init, invert)
+    return mask
+
+
+def _vae_name(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip() or len(value) > MAX_VAE_NAME or not value.isprintable():
+        raise RequestError("vae", f"must be Automatic or a file name from models/VAE, got {value!r}")
+    return value.strip()
 
 
 def fit_size(size: tuple[int, int], multiple: int) -> tuple[int, int]:

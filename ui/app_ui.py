@@ -22,6 +22,7 @@ import gradio as gr
 
 from engine.errors import CancelledError, EaselError
 from engine.prompt_syntax import add_lora_tag
+from ui.downloads_tab import DownloadsPanel, wire_downloads
 from ui.handlers import Studio
 from ui.progress import progress_html
 from ui.settings import SettingsStore
@@ -64,6 +65,59 @@ def _unopened_upload(cache_dir: str, payload):
     return None
 
 
+def mask_editor(**kwargs) -> gr.ImageMask:
+    """A mask painted over the init image. Like `uploaded_image`, the handler gets files, unopened
+    (Gradio's own preprocess decodes every layer with Pillow): `Studio` opens the painted layers
+    with the safe opener, which bounds them before decoding."""
+    component = gr.ImageMask(type="filepath", image_mode="RGBA", layers=False, transforms=(),
+                             brush=gr.Brush(colors=["#ffffff"], color_mode="fixed", default_size=24), **kwargs)
+    component.preprocess = functools.partial(_unopened_layers, component)
+    return component
+
+
+def _unopened_layers(component, payload):
+    """{"layers": [file path, ...]} of the painted layers. The editor sends them as files or, in
+    Gradio 6, as blobs kept under the payload's id: those are written to Gradio's cache, undecoded."""
+    if payload is None:
+        return None
+    layers = []
+    if payload.id is not None:
+        cached = component.blob_storage.get(payload.id)
+        for data in (cached.layers if cached else None) or []:
+            if data:
+                os.makedirs(component.GRADIO_CACHE, exist_ok=True)
+                fd, path = tempfile.mkstemp(prefix="mask-", suffix=".img", dir=component.GRADIO_CACHE)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                layers.append(path)
+    else:
+        layers = [str(layer.path) for layer in payload.layers or [] if layer is not None and layer.path is not None]
+    return {"layers": layers}
+
+
+def inpaint_fields(limits) -> tuple[dict[str, Any], gr.Image]:
+    """The img2img tab's Inpaint accordion: request fields by name, and the mask upload (used
+    instead of the painted mask when given)."""
+    with gr.Accordion("Inpaint", open=False, elem_id="img2img-inpaint"):
+        f = {"mask": mask_editor(label="Paint the area to redraw (white)", elem_id="img2img-mask", height=280)}
+        upload = uploaded_image(label="…or upload a mask (white: redraw, black: keep)", sources=["upload"],
+                                elem_id="img2img-mask-upload", height=160)
+        with gr.Row():
+            f["mask_blur"] = gr.Slider(*limits.ranges["mask_blur"], value=4, step=1, label="Mask blur",
+                                       elem_id="img2img-mask-blur")
+            f["inpainting_mask_invert"] = gr.Checkbox(False, label="Inpaint not masked (invert the mask)",
+                                                      elem_id="img2img-mask-invert")
+        f["inpainting_fill"] = gr.Radio(list(limits.masked_content), value="original", label="Masked content",
+                                        elem_id="img2img-inpainting-fill")
+        with gr.Row():
+            f["inpaint_full_res"] = gr.Checkbox(False, label="Inpaint area: only masked (else the whole picture)",
+                                                elem_id="img2img-inpaint-full-res")
+            f["inpaint_full_res_padding"] = gr.Slider(*limits.ranges["inpaint_full_res_padding"], value=32, step=4,
+                                                      label="Only masked padding, pixels",
+                                                      elem_id="img2img-inpaint-padding")
+    return f, upload
+
+
 def _readable(error: EaselError) -> gr.Error:
     return gr.Error(str(error).splitlines()[0] if str(error) else type(error).__name__, print_exception=False)
 
@@ -102,6 +156,9 @@ def hires_fields(limits, upscalers: tuple[str, ...]) -> dict[str, Any]:
 class GenerationTab:
     """Widgets and events of one generation tab (txt2img or img2img)."""
 
+    vae = None  # the page's VAE picker, set by create_ui: its value goes into each request as `vae`
+    mask_upload = None  # img2img: an uploaded mask, used instead of the painted one
+
     def __init__(self, studio: Studio, mode: str, model: gr.Dropdown, demo: bool, model_fields: dict):
         self.studio, self.mode, self.model = studio, mode, model
         engine = studio.engine
@@ -132,6 +189,8 @@ class GenerationTab:
                                                         elem_id="img2img-denoising-strength")
                     f["resize_mode"] = gr.Radio(list(limits.resize_modes), value=limits.resize_modes[0],
                                                 label="Resize mode", elem_id="img2img-resize-mode")
+                    inpaint, self.mask_upload = inpaint_fields(limits)
+                    f.update(inpaint)
                 with gr.Row():
                     f["sampler"] = gr.Dropdown(list(engine.samplers), value=engine.samplers[0], label="Sampler",
                                                elem_id=f"{mode}-sampler")
@@ -180,6 +239,10 @@ class GenerationTab:
         def generate(values: dict, request: gr.Request):
             fields = {names[c]: v for c, v in values.items() if c in names}
             fields["mode"] = mode
+            if self.vae is not None:
+                fields["vae"] = values.get(self.vae)
+            if self.mask_upload is not None and values.get(self.mask_upload):
+                fields["mask"] = values[self.mask_upload]
             key = (request.session_hash, mode)
             # Every yield gives each shown output (progress, preview, gallery, infotext) a plain value, never
             # leaving one out: Gradio fills a left-out output with gr.skip(), an update that builds a new copy
@@ -219,13 +282,16 @@ class GenerationTab:
             if studio.cancel((request.session_hash, mode)):
                 gr.Info("Cancelling…")
 
-        inputs = set(self.fields.values()) | {model, self.job_token}
+        inputs = set(self.fields.values()) | {model, self.job_token} | {c for c in (self.vae, self.mask_upload) if c}
         outputs = [self.progress, self.preview, self.gallery, self.infotext, self.infotexts, self.last_seed]
         self.generate_button.click(prepare, None, [self.progress, self.job_token], queue=False,
                                    api_visibility="private").then(
             generate, inputs, outputs, concurrency_id=GENERATION, concurrency_limit=1, show_progress="full",
             show_progress_on=[self.gallery], api_name=mode)
         self.cancel_button.click(cancel, None, None, queue=False, api_visibility="private")
+        if "mask" in self.fields:  # the mask is painted over the init image
+            self.fields["init_image"].change(lambda path: path, self.fields["init_image"], self.fields["mask"],
+                                             queue=False, api_visibility="private")
         self.random_seed.click(lambda: -1, None, self.fields["seed"], queue=False, api_visibility="private")
         lcm_fields = [self.fields[name] for name in LORA_DEFAULT_FIELDS]
         self.add_lora.click(shows_errors(functools.partial(add_lora, studio.engine)), [self.fields["prompt"], self.lora, model],
@@ -387,7 +453,11 @@ def create_ui(engine, settings: SettingsStore | None = None, *, listen: bool = F
             gr.Markdown("## Easel", elem_id="easel-title")
             model = gr.Dropdown(engine.model_names(), value=studio.default_model(), label="Model", scale=3,
                                 elem_id="model-select")
+            vae = gr.Dropdown(engine.vae_names(), value=studio.model_vae(studio.default_model()), label="SD VAE",
+                              scale=2, elem_id="vae-select",
+                              info="Automatic: the checkpoint's own; remembered for each checkpoint")
         banner = gr.Markdown(studio.banner(), elem_id="easel-banner")
+        first_run = DownloadsPanel(studio, "first-run", visible=not demo and not engine.model_names())
         with gr.Tabs(elem_id="easel-tabs") as tabs:
             with gr.Tab("Text to image", id="txt2img", elem_id="tab-txt2img"):
                 txt2img = GenerationTab(studio, "txt2img", model, demo, start_fields)
@@ -414,9 +484,12 @@ def create_ui(engine, settings: SettingsStore | None = None, *, listen: bool = F
                 extra_table = gr.Dataframe(headers=["Kind", "File", "Tensors", "Error"], value=extra_rows(engine),
                                            interactive=False, wrap=True, label="LoRA, embeddings, VAE and upscaler files",
                                            elem_id="models-extra-table")
+                catalogue = DownloadsPanel(studio, "models-downloads", heading="Download models")
             with gr.Tab("Settings", id="settings", elem_id="tab-settings"):
                 settings_tab(studio, settings, listen)
 
+        txt2img.vae = img2img.vae = vae
+        wire_downloads(studio, [first_run, catalogue], model=model, banner=banner, models_table=models_table)
         for tab in (txt2img, img2img, upscale):
             tab.wire()
 
@@ -430,6 +503,10 @@ def create_ui(engine, settings: SettingsStore | None = None, *, listen: bool = F
 
         model.input(select_model, model, [banner, *(tab.fields[field] for tab, field in tab_fields)],
                     concurrency_id=GENERATION, concurrency_limit=1, api_visibility="private")
+        # The picker shows the VAE remembered for the chosen checkpoint; choosing one remembers it.
+        model.input(lambda name: gr.update(choices=engine.vae_names(), value=studio.model_vae(name)), model, vae,
+                    queue=False, api_visibility="private")
+        vae.input(shows_errors(studio.select_vae), [model, vae], banner, queue=False, api_visibility="private")
 
         def refresh_models():
             rows = studio.model_rows(refresh=True)

@@ -14,12 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from PIL import Image
+from PIL import Image, ImageChops
 
 from engine.errors import CancelledError, EaselError, RequestError
 from engine.infotext import values_from_params
 from engine.jobs import Job, ProgressUpdate
 from engine.images import open_image
+from engine.inpaint import mask_from_image
 from ui.progress import describe, preview_every, progress_html
 from ui.settings import SettingsStore
 
@@ -107,9 +108,9 @@ class Studio:
             return ("**Demo mode:** the only model is a tiny random-weight network, so every image it makes is "
                     "noise. Start without `--demo` to use your own checkpoints.")
         if not self.engine.model_names():
-            return (f"**No model found.** Put a Stable Diffusion checkpoint (`.safetensors`) in "
-                    f"`{self.engine.checkpoint_dir}` and press *Refresh* on the Models tab, "
-                    f"or run `python app.py download` to fetch the default SD 1.5 model.")
+            return (f"**No model found.** Download one below (the list says which suit this machine), or put a "
+                    f"Stable Diffusion checkpoint (`.safetensors`) in `{self.engine.checkpoint_dir}` and press "
+                    f"*Refresh* on the Models tab, or run `python app.py download` in a terminal.")
         return ""
 
     def default_model(self) -> str | None:
@@ -142,6 +143,19 @@ class Studio:
         self.settings.update(last_model=name)
         plan = getattr(loaded, "plan", None)
         return f"Loaded **{name}**" + (f" ({plan.describe()})" if hasattr(plan, "describe") else "")
+
+    def model_vae(self, name: str | None) -> str:
+        """The VAE remembered for a checkpoint, for the picker ("Automatic" when there is no model)."""
+        if not (name or self.engine.model_names()):
+            return "Automatic"
+        return self.engine.model_vae(name)
+
+    def select_vae(self, model: str | None, vae: str | None) -> str:
+        """The VAE picker: remember the choice for the checkpoint; its next job decodes with it."""
+        if not (model or self.engine.model_names()):
+            return self.banner()
+        self.engine.set_model_vae(model, vae or "Automatic")
+        return f"VAE for **{model or self.engine.current_model}**: {vae or 'Automatic'} (used from the next image on)"
 
     # --- generation -----------------------------------------------------------------------------
     def prepare(self, key: tuple[str, str]) -> str:
@@ -236,8 +250,23 @@ class Studio:
         not the page) is checked by the request's validation."""
         init = fields.get("init_image")
         if isinstance(init, (str, Path)):
-            return {**fields, "init_image": open_image(init, "init_image")}
-        return fields
+            fields = {**fields, "init_image": open_image(init, "init_image")}
+        return {**fields, "mask": Studio._mask(fields.get("mask"))} if "mask" in fields else fields
+
+    @staticmethod
+    def _mask(mask: Any) -> Any:
+        """The page's mask: an uploaded mask file, or the strokes painted in the editor (its layers'
+        files, each opened with the safe opener, transparency kept: a stroke is its alpha). No
+        strokes: no mask, plain img2img."""
+        if isinstance(mask, (str, Path)):
+            return open_image(mask, "mask", keep_alpha=True)
+        if not isinstance(mask, dict):
+            return mask
+        painted = None
+        for path in mask.get("layers") or []:
+            layer = mask_from_image(open_image(path, "mask", keep_alpha=True))
+            painted = layer if painted is None else ImageChops.lighter(painted, layer)
+        return painted if painted is not None and painted.getextrema()[1] > 0 else None
 
     @staticmethod
     def _done_view(result) -> GenerationView:
