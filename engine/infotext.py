@@ -76,7 +76,8 @@ INFOTEXT_FIELDS = (
     InfotextField("Model hash", None),
     InfotextField("Model", None),
     InfotextField("VAE hash", None),
-    InfotextField("VAE", "vae", unset="Automatic"),
+    # Only a VAE file is written (A1111 leaves "Automatic" out); read back, an absent VAE sets nothing.
+    InfotextField("VAE", "vae", written_when=lambda v: v.get("vae") not in (None, "Automatic")),
     InfotextField("Denoising strength", "denoising_strength", float,
                   written_when=lambda v: v.get("mode") == "img2img" or bool(v.get("enable_hr"))),
     InfotextField("Hires upscale", "hr_scale", float, written_when=_hires),
