@@ -4,7 +4,7 @@ It answers like huggingface.co for `/{repo}/resolve/{revision}/{file}` (a redire
 on `localhost`, another host name as the hub's CDN is, carrying X-Repo-Commit, X-Linked-Etag and X-Linked-Size, as the hub does for LFS files) and serves
 plain files under `/files/`, all with Range support and an ETag. Over https with a certificate made
 by `trustme`, or plain http. `pause_after` makes the first GET of a file stop after that many bytes
-until `release` is set (a download caught halfway); every request is recorded with its Range.
+until `release` is set (a download caught halfway), then hang up or (`finish_after_pause`) go on; every request is recorded with its Range.
 """
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ class FakeModelHost(http.server.ThreadingHTTPServer):
         self.redirects: dict[str, str] = {}           # path -> absolute Location
         self.requests: list[tuple[str, str, str | None]] = []   # (method, path, Range header)
         self.pause_after: int | None = None
+        self.finish_after_pause = False               # after `release`: send the rest (True) or hang up
         self.release = threading.Event()
         self.ca_file: Path | None = None
         super().__init__((LOOPBACK, 0), _Handler)
@@ -129,6 +130,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(data[:pause])
             self.wfile.flush()
             host.release.wait(60)
+            if host.finish_after_pause:
+                self.wfile.write(data[pause:])
+                return
             self.close_connection = True  # closes short of Content-Length
             return
         self.wfile.write(data)
