@@ -42,6 +42,8 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", type=Path, default=ROOT / "data", help="settings and caches")
     p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
     p.add_argument("--precision", default="auto", help="auto, fp32, fp16 or bf16 (wins over per-model settings)")
+    p.add_argument("--backend", default="auto", help="what runs the UNet: auto (OpenVINO on a CPU where it is "
+                   "installed, else torch), torch or openvino (wins over per-model settings)")
     p.add_argument("--no-watermark", action="store_true", help="do not embed the invisible watermark")
 
 
@@ -118,6 +120,8 @@ def build_parser() -> Parser:
         if name == "models":
             p.add_argument("--set-precision", nargs=2, metavar=("MODEL", "PRECISION"),
                            help="remember a precision (auto, fp32, fp16, bf16) for one checkpoint")
+            p.add_argument("--set-backend", nargs=2, metavar=("MODEL", "BACKEND"),
+                           help="remember a backend (auto, torch, openvino) for one checkpoint")
             p.add_argument("--set-distilled", nargs=2, metavar=("MODEL", "KIND"),
                            help="say a checkpoint is distilled: turbo (4 steps, Euler a, CFG 1 by default), "
                                 "none, or auto (a file name with 'turbo' in it)")
@@ -156,7 +160,8 @@ def _config(args):
     from engine.engine import EngineConfig
 
     return EngineConfig(models_dir=args.models_dir, outputs_dir=args.outdir, data_dir=args.data_dir,
-                        device=args.device, precision=args.precision, watermark=not args.no_watermark,
+                        device=args.device, precision=args.precision, backend=args.backend,
+                        watermark=not args.no_watermark,
                         catalog_path=getattr(args, "catalog", None))
 
 
@@ -229,6 +234,8 @@ def _models(args) -> int:
     engine = _engine(args)
     if args.set_precision:
         engine.set_model_precision(*args.set_precision)
+    if args.set_backend:
+        engine.set_model_backend(*args.set_backend)
     if args.set_distilled:
         engine.set_model_distillation(*args.set_distilled)
     if args.set_vae:

@@ -1,7 +1,8 @@
 """The one place that decides device and precision.
 
 `Hardware` is what the machine has (detected once, or built by hand in tests). `plan_for` turns
-hardware + a model family + the user's overrides into a frozen `DevicePlan`. Everything that needs
+hardware + a model family + the user's overrides into a frozen `DevicePlan`, backend included
+(torch, or OpenVINO for the UNet on a CPU: engine/openvino_backend.py). Everything that needs
 a device or a dtype asks the plan; nothing else derives one. `DevicePlan.step_down` is the
 out-of-memory ladder: each call returns the next, more frugal plan.
 """
@@ -28,6 +29,9 @@ class Precision(str, Enum):
 
 
 DEVICES = ("auto", "cuda", "mps", "cpu")
+# What runs the UNet. "auto": OpenVINO on a CPU plan where it is installed (1.2x torch fp32 at the
+# same quality, 2.8x with native bf16: issue 14's numbers), torch everywhere else.
+BACKENDS = ("auto", "torch", "openvino")
 _DTYPES = {Precision.FP32: torch.float32, Precision.FP16: torch.float16, Precision.BF16: torch.bfloat16}
 _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
@@ -41,6 +45,7 @@ class Hardware:
     mps: bool = False
     cpu_bf16: bool = False  # native bf16 matmul (AVX512-BF16 / AMX): twice fp32's speed, not emulated
     physical_cores: int = 1
+    openvino: bool = False  # the openvino package imports (installed only on x86-64: pyproject.toml)
 
     @classmethod
     def detect(cls) -> "Hardware":
@@ -52,7 +57,16 @@ class Hardware:
             cuda_bf16 = torch.cuda.is_bf16_supported()
         mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
         return cls(cuda=cuda, cuda_name=name, cuda_vram_gb=round(vram, 1), cuda_bf16=cuda_bf16, mps=mps,
-                   cpu_bf16=_cpu_has_native_bf16(), physical_cores=_physical_cores())
+                   cpu_bf16=_cpu_has_native_bf16(), physical_cores=_physical_cores(),
+                   openvino=_openvino_imports())
+
+
+def _openvino_imports() -> bool:
+    try:
+        import openvino  # noqa: F401
+    except Exception:  # noqa: BLE001 - a broken install is the same as none: torch runs
+        return False
+    return True
 
 
 def _cpu_has_native_bf16() -> bool:
@@ -95,6 +109,7 @@ class DevicePlan:
     cpu_offload: bool = False
     channels_last: bool = False  # UNet and VAE weights in NHWC (measured, not a win on the CPUs tried so far)
     threads: int | None = None
+    backend: str = "torch"  # what runs the UNet: "torch" or "openvino" (CPU only)
     rung: str = "full"
     notes: tuple[str, ...] = field(default=())
 
@@ -110,7 +125,7 @@ class DevicePlan:
         return dtypes.pop() if len(dtypes) == 1 else torch.float32
 
     def describe(self) -> str:
-        parts = [f"{self.device}", f"unet {_DTYPE_NAMES[self.unet_dtype]}",
+        parts = [f"{self.device}" + (" (OpenVINO)" if self.backend == "openvino" else ""), f"unet {_DTYPE_NAMES[self.unet_dtype]}",
                  f"text encoder {_DTYPE_NAMES[self.text_encoder_dtype]}", f"vae {_DTYPE_NAMES[self.vae_dtype]}"]
         if self.upcast_attention:
             parts.append("attention upcast")
@@ -139,7 +154,8 @@ class DevicePlan:
         if self.rung == "sliced" and self.device == "cuda":
             return replace(self, rung="offload", cpu_offload=True,
                            notes=self.notes + ("out of memory: moved idle model parts to the CPU (model CPU offload)",))
-        cpu = plan_for(family, hardware, device="cpu")
+        # Torch on the CPU: converting for OpenVINO in the middle of a job would take a minute.
+        cpu = plan_for(family, hardware, device="cpu", backend="torch")
         return replace(cpu, rung="cpu", notes=self.notes + (f"out of memory on {self.device}: running on the CPU",))
 
 
@@ -165,11 +181,29 @@ def _parse_precision(precision: str | Precision) -> Precision:
         raise RequestError("precision", f"must be one of {allowed}, got {precision!r}") from None
 
 
+def _backend(hardware: Hardware, device: str, backend: str, notes: list[str]) -> str:
+    """"torch" or "openvino" for a plan on `device`; a request it cannot honour is noted."""
+    if backend not in BACKENDS:
+        raise RequestError("backend", f"must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "torch":
+        return "torch"
+    if device != "cpu":
+        if backend == "openvino":
+            notes.append(f"OpenVINO runs the UNet on the CPU only; {device} runs on torch")
+        return "torch"
+    if not hardware.openvino:
+        if backend == "openvino":
+            notes.append("OpenVINO is not installed (it is for x86-64 CPUs); using torch")
+        return "torch"
+    return "openvino"
+
+
 def plan_for(family: FamilyInfo, hardware: Hardware, device: str = "auto",
-             precision: str | Precision = Precision.AUTO) -> DevicePlan:
+             precision: str | Precision = Precision.AUTO, backend: str = "auto") -> DevicePlan:
     dev = resolve_device(hardware, device)
     wanted = _parse_precision(precision)
     notes: list[str] = []
+    backend = _backend(hardware, dev, backend, notes)
 
     if dev == "cpu":
         # fp16 has no CPU kernels for conv ("slow_conv2d_cpu" not implemented for 'Half'): never.
@@ -184,8 +218,9 @@ def plan_for(family: FamilyInfo, hardware: Hardware, device: str = "auto",
         # The text encoder runs once per prompt and the VAE once per image: fp32 keeps them clean.
         # Channels-last stays off and the attention default stays: both measured no faster, and
         # channels-last costs memory (docs/benchmarks.md).
+        # OpenVINO compiles the UNet for the same precision: f32, or bf16 where it is native.
         return DevicePlan(dev, compute, torch.float32, torch.float32,
-                          threads=hardware.physical_cores, notes=tuple(notes))
+                          threads=hardware.physical_cores, backend=backend, notes=tuple(notes))
 
     if wanted is Precision.AUTO:
         wanted = Precision.FP16

@@ -40,6 +40,7 @@ class EngineConfig:
     data_dir: Path  # per-checkpoint settings, hash cache
     device: str = "auto"
     precision: str = "auto"
+    backend: str = "auto"   # what runs the UNet: auto, torch or openvino (engine/devices.py)
     watermark: bool = True
     catalog_path: Path | None = None  # the models offered for download; None: engine/configs/catalog.json
 
@@ -76,7 +77,7 @@ class Engine:
         self.library = ModelLibrary(config.models_dir)
         self.manager = ModelManager(self.library, self.hardware, device=config.device, precision=config.precision,
                                     settings=ModelSettings(config.data_dir / "model-settings.json"),
-                                    cache_dir=config.data_dir / "cache")
+                                    cache_dir=config.data_dir / "cache", backend=config.backend)
         self.watermarker = Watermarker()
         self.publisher = Publisher(OutputSettings(config.outputs_dir, config.watermark), self.watermarker)
         self.upscalers = Upscalers(self.library, self.publisher, device=resolve_device(self.hardware, config.device),
@@ -171,6 +172,13 @@ class Engine:
     def set_model_precision(self, name: str, precision: str) -> None:
         entry = self.library.resolve(name)
         self.manager.settings.set_precision(entry.name, precision)
+        if self.manager.current and self.manager.current.entry == entry:
+            self.manager.unload()
+
+    def set_model_backend(self, name: str, backend: str) -> None:
+        """Remember auto, torch or openvino for one checkpoint (a --backend other than auto wins)."""
+        entry = self.library.resolve(name)
+        self.manager.settings.set_backend(entry.name, backend)
         if self.manager.current and self.manager.current.entry == entry:
             self.manager.unload()
 

@@ -75,6 +75,7 @@ class Run:
     reuse_features: bool            # speed "fast" and enough steps to reuse the UNet's deep features
     inpaint: InpaintJob | None = None  # img2img with a mask
     notes: list[str] = field(default_factory=list)
+    backends: set = field(default_factory=set)  # what ran the UNet's calls: "torch", "openvino"
     networks: dict = field(default_factory=dict)  # infotext pairs of the job's LoRAs ("Lora hashes")
     embeddings: dict = field(default_factory=dict)  # the textual inversions the model's prompts may use
     _encoded: tuple = ()
@@ -87,6 +88,10 @@ class Run:
             pair = self.model.encoder.encode_pair(strip_loras(self.request.prompt), self.request.negative_prompt)
             self._encoded = (self.model.encoder, pair)
         return self._encoded[1]
+
+    def backend(self) -> str:
+        """What ran the UNet in this run ("torch", "openvino", "openvino+torch")."""
+        return "+".join(sorted(self.backends, key=("openvino", "torch").index)) or "torch"
 
     def infotext_networks(self) -> dict:
         """`Lora hashes` and `TI hashes` for the infotext (TI: the embeddings the prompts used)."""
@@ -112,12 +117,14 @@ class Generator:
         job = job or Job()
         check_cancelled(job)  # cancelled while it waited in the queue: nothing runs
         run = self._plan(request, model, job)
+        run.notes.extend(model.notes)  # what loading it had to say (OpenVINO's first conversion), once
+        model.notes.clear()
         self._networks(run)
         publication = self.publisher.begin(request.mode, save=request.save_images, job=job)
         seeds, infotexts = [], []
         for batch, batch_seeds in enumerate(self._batch_seeds(request)):
             for image, seed in zip(self.sample(run, batch, batch_seeds), batch_seeds):
-                info = self.infotext(request, model, seed, run.infotext_networks())
+                info = self.infotext(request, model, seed, run.infotext_networks(), run.backend())
                 publication.add(image, seed, info)
                 seeds.append(seed)
                 infotexts.append(info)
@@ -176,11 +183,12 @@ class Generator:
             images = [run.inpaint.composite(image) for image in images]
         return images
 
-    def infotext(self, request: GenerationRequest, model: LoadedModel, seed: int, networks: dict | None = None) -> str:
+    def infotext(self, request: GenerationRequest, model: LoadedModel, seed: int, networks: dict | None = None,
+                 backend: str | None = None) -> str:
         values = {name: getattr(request, name) for name in request.field_names()}
         params = params_from_values({**values, "seed": seed, "vae": model.vae_name}, model_hash=model.hash,
                                     model=model.name, version=f"easel-{__version__}", vae_hash=model.vae_hash,
-                                    networks=networks)
+                                    networks=networks, backend=backend)
         return build_infotext(request.prompt, request.negative_prompt, params)
 
     def _denoise(self, run: Run, batch: int, seeds: list[int]) -> torch.Tensor:
@@ -248,8 +256,28 @@ class Generator:
             kwargs["pooled_prompt_embeds"] = rep(pos.pooled)
             kwargs["negative_pooled_prompt_embeds"] = rep(neg.pooled)
         reusing = FeatureReuse(pipe.unet, self.reuse_interval) if reuse else contextlib.nullcontext()
-        with torch.inference_mode(), reusing:
-            return pipe(**kwargs).images
+        with torch.inference_mode(), reusing, self._unet_backend(run, pipe.unet, reuse) as record:
+            latents = pipe(**kwargs).images
+        run.backends |= record.used if record is not None else {"torch"}
+        return latents
+
+    @staticmethod
+    def _unet_backend(run: Run, unet, reuse: bool):
+        """OpenVINO's compiled UNet for this pass when the model has one and the pass can use it;
+        else torch's (contextlib.nullcontext, yielding None)."""
+        compiled = run.model.openvino
+        if compiled is None:
+            return contextlib.nullcontext()
+        why = None
+        if reuse:
+            why = "speed fast ran the UNet on torch: its feature reuse hooks into torch's UNet blocks"
+        elif any(unet_weight for _, _, unet_weight in run.model.lora_weights):
+            why = "the LoRA ran on torch: the OpenVINO UNet holds the checkpoint's own weights"
+        if why is not None:
+            if why not in run.notes:
+                run.notes.append(why)
+            return contextlib.nullcontext()
+        return compiled.running(unet)
 
     @staticmethod
     def _callback(run: Run, batch: int):

@@ -97,6 +97,9 @@ INFOTEXT_FIELDS = (
     InfotextField("Lora hashes", None),
     InfotextField("TI hashes", None),
     InfotextField("Speed", "speed", unset="exact"),
+    # What ran the UNet, when it was not torch ("openvino"; "openvino+torch" when some passes fell
+    # back, e.g. a LoRA). A machine's choice, not the request's: not read back into a field.
+    InfotextField("Backend", None),
     InfotextField("Version", None),
 )
 _TEXT_FIELDS = (("Prompt", "prompt"), ("Negative prompt", "negative_prompt"))
@@ -105,12 +108,14 @@ _SIZE_KEYS = ("Size-1", "Size-2")
 
 def params_from_values(values: Mapping[str, object], *, model_hash: str | None, model: str | None,
                        version: str, vae_hash: str | None = None,
-                       networks: Mapping[str, str] | None = None) -> dict[str, object]:
+                       networks: Mapping[str, str] | None = None, backend: str | None = None) -> dict[str, object]:
     """The parameters line's pairs for a request's values (its fields, with `seed` the image's own
     seed and `vae` the VAE used), in A1111's order; values equal to a field's `unset` are left out,
-    as A1111 does. `networks`: the "Lora hashes" / "TI hashes" pairs of the job, when it used any."""
+    as A1111 does. `networks`: the "Lora hashes" / "TI hashes" pairs of the job, when it used any;
+    `backend`: what ran the UNet, left out for torch."""
     extra = {"Model hash": model_hash, "Model": model, "Version": version, "VAE hash": vae_hash,
-             "Lora hashes": None, "TI hashes": None, **(networks or {})}
+             "Lora hashes": None, "TI hashes": None, **(networks or {}),
+             "Backend": None if backend in (None, "torch") else backend}
     params: dict[str, object] = {}
     for spec in INFOTEXT_FIELDS:
         if spec.key == _SIZE_KEYS[0]:

@@ -1,13 +1,16 @@
 """ModelManager: loads one checkpoint at a time and places it as its DevicePlan says.
 
 The plan for a checkpoint comes from `devices.plan_for`, with the user's overrides in this order:
-the command line's --device/--precision, then the precision stored for that checkpoint, then auto.
+the command line's --device/--precision/--backend, then the precision and backend stored for that
+checkpoint, then auto. A plan whose backend is OpenVINO gets the UNet converted (or read from the
+cache) when the model loads; if that fails the model runs on torch and says why.
 """
 from __future__ import annotations
 
 import json
+import logging
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Mapping, TypeVar
@@ -16,11 +19,13 @@ import torch
 
 from engine.atomic import write_atomic
 from engine.checkpoints import identify_model, load_pipeline, read_model_configs
-from engine.devices import DevicePlan, Hardware, Precision, plan_for
+from engine.devices import BACKENDS, DevicePlan, Hardware, Precision, plan_for
 from engine.errors import EaselError, RequestError
 from engine.families import FAMILIES, Family, FamilyInfo
 from engine.library import ModelEntry, ModelLibrary, model_hash
 from engine.prompts import PromptEncoder
+
+logger = logging.getLogger(__name__)
 
 # What a user can say about a checkpoint's distillation (`app.py models --set-distilled`): "auto"
 # lets the engine tell (an LCM UNet shows it in its config; a turbo file only in its name).
@@ -76,6 +81,14 @@ class ModelSettings:
         except ValueError:
             raise RequestError("precision", f"must be one of {', '.join(p.value for p in Precision)}, got {precision!r}") from None
         self._write(name, "precision", precision)
+
+    def backend(self, name: str) -> str:
+        return self._read().get(name, {}).get("backend", "auto")
+
+    def set_backend(self, name: str, backend: str) -> None:
+        if backend not in BACKENDS:
+            raise RequestError("backend", f"must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        self._write(name, "backend", backend)
 
     def distillation(self, name: str) -> str:
         return self._read().get(name, {}).get("distillation", "auto")
@@ -140,6 +153,7 @@ class LoadedModel:
     notes: list[str] = field(default_factory=list)
     loras: dict = field(default_factory=dict)  # peft adapter name -> its file's key (engine.lora)
     lora_weights: tuple = ()                   # ((adapter, te weight, unet weight), ...) now set
+    openvino: Any = None  # engine.openvino_backend.OpenVINOUNet when the plan's backend is OpenVINO
     own_vae: Any = None          # the checkpoint's own VAE, kept (on the CPU while another is used)
     vae_name: str = "Automatic"  # the VAE in use: "Automatic" or its name in models/VAE
     vae_hash: str | None = None  # A1111's "VAE hash" of that file
@@ -270,25 +284,30 @@ def is_out_of_memory(error: BaseException) -> bool:
 
 class ModelManager:
     def __init__(self, library: ModelLibrary, hardware: Hardware, *, device: str = "auto",
-                 precision: str = "auto", settings: ModelSettings | None = None, cache_dir: Path | None = None):
+                 precision: str = "auto", settings: ModelSettings | None = None, cache_dir: Path | None = None,
+                 backend: str = "auto"):
         self.library = library
         self.hardware = hardware
         self.device = device
         self.precision = precision
+        self.backend = backend
         self.settings = settings or ModelSettings(None)
         self.cache_dir = cache_dir
         self.current: LoadedModel | None = None
         self._families: dict[tuple, Family] = {}
         self._configs: dict[tuple, tuple] = {}
         self._lock = threading.RLock()
-        # Fail at start-up on a bad --device/--precision, not at the first image.
-        plan_for(FAMILIES[Family.SD1], hardware, device, precision)
+        # Fail at start-up on a bad --device/--precision/--backend, not at the first image.
+        plan_for(FAMILIES[Family.SD1], hardware, device, precision, backend)
 
     def plan(self, entry: ModelEntry, family: Family) -> DevicePlan:
         precision = self.precision
         if precision == Precision.AUTO.value:
             precision = self.settings.precision(entry.name)
-        return plan_for(FAMILIES[family], self.hardware, self.device, precision)
+        backend = self.backend if self.backend != "auto" else self.settings.backend(entry.name)
+        if not FAMILIES[family].generates:
+            backend = "torch"  # the SD x4 upscaler's UNet takes a noise level the conversion does not cover
+        return plan_for(FAMILIES[family], self.hardware, self.device, precision, backend)
 
     def identify(self, entry: ModelEntry) -> Family:
         """Cached by path, size and mtime: an SD 2.x file without a sidecar needs a UNet run to tell
@@ -354,13 +373,38 @@ class ModelManager:
                 raise EaselError(f"model: {entry.name} could not be read: {detail}") from None
             pipe.set_progress_bar_config(disable=True)
             scheduler_config = dict(pipe.scheduler.config)
+            hash_cache = self.cache_dir / "hashes.json" if self.cache_dir else None
+            checkpoint_hash = model_hash(entry.path, hash_cache)
+            notes: list[str] = []
+            openvino = None
+            if plan.backend == "openvino":  # before place(): the UNet is still in f32
+                openvino, plan = self._prepare_openvino(pipe.unet, checkpoint_hash, plan, notes)
             _cast_unet_inputs(pipe.unet)
             place(pipe, plan)
             encoder = _prompt_encoder(pipe, plan)
-            hash_cache = self.cache_dir / "hashes.json" if self.cache_dir else None
-            self.current = LoadedModel(entry, family, plan, pipe, model_hash(entry.path, hash_cache), encoder,
-                                       scheduler_config, facts.distillation, own_vae=pipe.vae)
+            self.current = LoadedModel(entry, family, plan, pipe, checkpoint_hash, encoder, scheduler_config,
+                                       facts.distillation, notes=notes, own_vae=pipe.vae, openvino=openvino)
             return self.current
+
+    def _prepare_openvino(self, unet, checkpoint_hash: str, plan: DevicePlan, notes: list[str]):
+        """(the UNet compiled by OpenVINO, plan), or (None, the plan on torch) when converting or
+        compiling fails: the model still runs, on torch, and the first job's notes say why."""
+        from engine.openvino_backend import OpenVINOCache, prepare_unet
+
+        cache = OpenVINOCache(self.cache_dir / "openvino") if self.cache_dir else None
+        precision = "bf16" if plan.unet_dtype == torch.bfloat16 else "f32"
+        try:
+            compiled = prepare_unet(unet, checkpoint_hash, cache, precision=precision, threads=plan.threads)
+        except Exception as error:  # noqa: BLE001 - any failure here must leave a model that runs
+            detail = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+            note = f"OpenVINO could not prepare this model ({type(error).__name__}: {detail}); running on torch"
+            logger.warning("%s", note)
+            notes.append(note)
+            return None, replace(plan, backend="torch", notes=plan.notes + (note,))
+        if not compiled.from_cache:
+            notes.append(f"prepared this model for your CPU with OpenVINO in {compiled.seconds:.0f} s; "
+                         "cached, so later loads skip it")
+        return compiled, plan
 
     def apply_vae(self, loaded: LoadedModel, name: str | None) -> None:
         """Decode with the VAE `name` ("Automatic"/None: the checkpoint's own, else a file in
@@ -419,6 +463,8 @@ class ModelManager:
             if before.vae_tiling and not plan.vae_tiling:
                 loaded.pipe.vae.disable_tiling()
             loaded.plan = plan
+            if plan.backend != "openvino":
+                loaded.openvino = None
             place(loaded.pipe, plan)
             embeddings = loaded.encoder.embeddings
             loaded.encoder = _prompt_encoder(loaded.pipe, plan)

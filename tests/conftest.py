@@ -26,14 +26,30 @@ def tiny_models_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def plain_cpu():
-    """A CPU with no GPU and no native bf16: the fp32 CPU plan, whatever machine runs the suite
-    (the auto plan picks a bf16 UNet on CPUs that have it, and fp16 on a GPU)."""
+    """A CPU with no GPU, no native bf16 and no OpenVINO: the fp32 torch CPU plan, whatever machine
+    runs the suite (the auto plan picks a bf16 UNet on CPUs that have it, and fp16 on a GPU)."""
     from dataclasses import replace
 
     from engine.devices import Hardware
 
     return replace(Hardware.detect(), cuda=False, cuda_name="", cuda_vram_gb=0.0, cuda_bf16=False, mps=False,
-                   cpu_bf16=False)
+                   cpu_bf16=False, openvino=False)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def torch_backend_by_default():
+    """Engines the tests build without a Hardware of their own detect this machine's: keep their
+    UNet on torch, so the suite means the same with or without OpenVINO installed (and does not
+    convert the tiny model once per engine). tests/test_openvino.py asks for OpenVINO by name."""
+    from dataclasses import replace
+
+    from engine.devices import Hardware
+
+    detect = Hardware.detect
+    patch = pytest.MonkeyPatch()
+    patch.setattr(Hardware, "detect", classmethod(lambda cls: replace(detect(), openvino=False)))
+    yield
+    patch.undo()
 
 
 def loaded_engine(models_dir: Path, root: Path, hardware):

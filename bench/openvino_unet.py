@@ -1,0 +1,135 @@
+"""One UNet step on the CPU: torch fp32 vs OpenVINO (engine/openvino_backend.py), same weights, same inputs.
+
+    venv/bin/python bench/openvino_unet.py               # full-size SD 1.5 UNet, random weights, 512², CFG batch 2
+    venv/bin/python bench/openvino_unet.py --rounds 3    # more interleaved rounds
+    venv/bin/python bench/openvino_unet.py --tiny --size 64   # the tests' tiny UNet: checks the script only
+
+Reports the conversion time (once per checkpoint in Easel, then cached), the compile time, the peak
+RSS while converting (what CONVERT_MEMORY_FACTOR in engine/openvino_backend.py estimates), the s per
+UNet step of each backend in interleaved rounds (so a change in the machine's load hits both), and
+how far OpenVINO's output is from torch's (relative RMS). bf16 is measured too where the CPU has it
+natively (engine.devices.Hardware.cpu_bf16). Run it on a quiet machine; it prints the load average.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def sd15_unet(torch):
+    """SD 1.5's UNet architecture (its published config) with seeded random weights: the time per
+    step does not depend on the weights' values."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        norm_num_groups=32, norm_eps=1e-5, act_fn="silu", flip_sin_to_cos=True, freq_shift=0,
+        downsample_padding=1, mid_block_scale_factor=1,
+    ).eval()
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="the tests' tiny UNet (a check of the script)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    parser.add_argument("--size", type=int, default=512, help="image side in pixels (default 512)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from engine import compat  # noqa: F401
+    from engine.devices import Hardware
+    from engine.openvino_backend import convert_unet, input_names, openvino_version
+    import openvino
+
+    hardware = Hardware.detect()
+    torch.set_num_threads(hardware.physical_cores)
+    if args.tiny:
+        from engine.tiny import tiny_unet
+
+        unet, factor = tiny_unet(), 2
+    else:
+        unet, factor = sd15_unet(torch), 8
+    side = args.size // factor
+    g = torch.Generator().manual_seed(0)
+    sample = torch.randn(2, unet.config.in_channels, side, side, generator=g)  # CFG: batch 2
+    context = torch.randn(2, 77, unet.config.cross_attention_dim, generator=g)
+    timestep = torch.tensor([999.0, 999.0])
+
+    rss_before = peak_rss_gb()
+    started = time.perf_counter()
+    model = convert_unet(unet)
+    convert_s = time.perf_counter() - started
+    convert_peak = peak_rss_gb()
+
+    core = openvino.Core()
+    precisions = ["f32"] + (["bf16"] if hardware.cpu_bf16 else [])
+    compiled, compile_s = {}, {}
+    for precision in precisions:
+        started = time.perf_counter()
+        compiled[precision] = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": precision,
+                                                                "PERFORMANCE_HINT": "LATENCY",
+                                                                "INFERENCE_NUM_THREADS": hardware.physical_cores})
+        compile_s[precision] = time.perf_counter() - started
+    feed = dict(zip(input_names(unet.config), (sample.numpy(), timestep.numpy(), context.numpy())))
+
+    def torch_step():
+        with torch.inference_mode():
+            return unet(sample, timestep, encoder_hidden_states=context).sample
+
+    def ov_step(precision):
+        return lambda: torch.from_numpy(compiled[precision](feed)[0].copy())
+
+    variants = {"torch fp32": torch_step, **{f"openvino {p}": ov_step(p) for p in precisions}}
+    outputs = {name: run() for name, run in variants.items()}  # warm-up, and the outputs compared
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(args.rounds):
+        for name, run in variants.items():
+            started = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - started)
+
+    reference = outputs["torch fp32"]
+    results = {
+        "unet": "tiny (tests)" if args.tiny else "SD 1.5 (random weights)", "size": args.size, "batch": 2,
+        "openvino": openvino_version(), "torch": torch.__version__, "threads": hardware.physical_cores,
+        "cpu_bf16": hardware.cpu_bf16, "load_average": os.getloadavg(), "rounds": args.rounds,
+        "convert_s": round(convert_s, 1), "compile_s": {k: round(v, 1) for k, v in compile_s.items()},
+        "convert_peak_rss_gb": round(convert_peak, 2), "rss_before_convert_gb": round(rss_before, 2),
+        "s_per_step": {name: round(min(t), 3) for name, t in times.items()},
+        "rel_rms_vs_torch": {name: float(((out - reference).pow(2).mean() / reference.pow(2).mean()).sqrt())
+                             for name, out in outputs.items() if name != "torch fp32"},
+    }
+    base = results["s_per_step"]["torch fp32"]
+    print("| backend | s per UNet step (best of rounds) | vs torch fp32 | relative RMS vs torch fp32 |")
+    print("| --- | --- | --- | --- |")
+    for name, seconds in results["s_per_step"].items():
+        rms = results["rel_rms_vs_torch"].get(name)
+        print(f"| {name} | {seconds:.3f} | {base / seconds:.2f}x | {'—' if rms is None else f'{rms:.1e}'} |")
+    print(f"converting {results['convert_s']} s (peak RSS {results['convert_peak_rss_gb']} GB, "
+          f"{results['rss_before_convert_gb']} GB before), compiling {results['compile_s']} s, "
+          f"load average {tuple(round(x, 2) for x in results['load_average'])}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

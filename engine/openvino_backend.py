@@ -1,0 +1,337 @@
+"""OpenVINO as the CPU backend for the UNet: converted once from the loaded diffusers UNet, cached
+on disk, and run in place of torch's forward for the sampling passes that can use it.
+
+Why: on a CPU, OpenVINO runs the same SD 1.5 UNet about 1.2x faster than torch fp32 at the same
+quality (3.9e-6 relative RMS), and twice as fast in bf16 on CPUs with native bf16 (issue 14's
+numbers; bench/openvino_unet.py measures it here). The UNet is ~all of a job's time, so it is
+converted first; the text encoder and the VAE still run on torch.
+
+How it plugs in: the torch UNet stays the pipeline's `unet` (its config, dtype, device, LoRA
+adapters and the `fast` speed's hooks all keep working), and for one sampling pass
+`OpenVINOUNet.running(unet)` replaces its forward with the compiled model through diffusers' own
+`HookRegistry` (the mechanism `engine.feature_cache` uses). Samplers, CFG, img2img, hires fix,
+previews and cancel live outside the UNet's forward (the scheduler and the step-end callback),
+so they are unchanged. A call the converted graph does not cover (ControlNet residuals, class
+labels, a LoRA scale passed per call) runs the torch forward instead, and the pass says so.
+
+Shapes: batch, latent height/width and prompt length are dynamic in the converted model, so any
+size the request allows, batch size, CFG on or off (batch 1 or 2 per image) and long prompts
+(77*k tokens) run on the one compiled model: no recompiling per size, no set of compiled shapes
+that a request could fall outside of. The example input used for tracing has a latent size that
+the UNet's downsampling does not divide, so diffusers takes its `forward_upsample_size` branch
+(each upsampler sized from its skip connection) and that branch, which is right for every size,
+is what the graph holds; a divisible example would bake in "double the size", wrong for others.
+
+Cache: one entry per (UNet weights hash, UNet config, graph inputs, OpenVINO version, FORMAT),
+i.e. everything the converted graph depends on. The precision (f32 or bf16) is a compile-time
+hint on the same f32 graph, so it is not part of the key: one entry serves both. An entry is a
+folder written under a temp name and renamed into place (never seen half-written); its
+meta.json records the files' sizes and the xml's sha256, so a truncated or damaged entry is
+found, removed and converted again. The least recently used entries go once the cache is over
+its size limit.
+"""
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from engine import compat  # noqa: F401 - torchvision shim before transformers/diffusers
+from diffusers.hooks import HookRegistry, ModelHook
+
+logger = logging.getLogger(__name__)
+
+# Bump when what is converted changes (the traced wrapper, the inputs): old entries stop matching.
+FORMAT = 1
+HOOK_NAME = "easel_openvino"
+# SD 1.5's UNet is 3.4 GB as an f32 graph, SDXL's 10 GB: room for a few of each.
+DEFAULT_CACHE_LIMIT = 32 * 2**30
+# Free memory converting is assumed to need, as a multiple of the UNet's f32 weights (the traced
+# graph's constants plus OpenVINO's own copy while it is built and saved). An estimate with margin,
+# not yet measured at full size: bench/openvino_unet.py reports the real peak.
+CONVERT_MEMORY_FACTOR = 3.0
+PREPARING = "preparing this model for your CPU with OpenVINO (once; about a minute for SD 1.5)"
+
+
+def openvino_version() -> str:
+    import openvino
+
+    return openvino.__version__
+
+
+def input_names(config) -> tuple[str, ...]:
+    """The converted graph's inputs, in order, for a UNet with this config."""
+    names = ["sample", "timestep", "encoder_hidden_states"]
+    if config.get("time_cond_proj_dim") is not None:  # LCM: guidance goes in as an embedding
+        names.append("timestep_cond")
+    if config.get("addition_embed_type") == "text_time":  # SDXL: pooled text and size conditioning
+        names += ["text_embeds", "time_ids"]
+    return tuple(names)
+
+
+class _Traceable(torch.nn.Module):
+    """The UNet's forward as positional tensors in, one tensor out: what tracing needs."""
+
+    def __init__(self, unet: torch.nn.Module, names: tuple[str, ...]):
+        super().__init__()
+        self.unet = unet
+        self.names = names
+
+    def forward(self, *tensors):
+        given = dict(zip(self.names, tensors))
+        added = {k: given.pop(k) for k in ("text_embeds", "time_ids") if k in given}
+        return self.unet(given.pop("sample"), given.pop("timestep"), given.pop("encoder_hidden_states"),
+                         added_cond_kwargs=added or None, return_dict=False, **given)[0]
+
+
+def example_inputs(unet: torch.nn.Module, names: tuple[str, ...]) -> tuple[torch.Tensor, ...]:
+    """Small inputs to trace with: batch 2, prompt length 77, and a latent size the UNet's
+    downsampling does not divide (see the module docstring)."""
+    config = unet.config
+    factor = 2 ** (len(config.block_out_channels) - 1)
+    height, width = 2 * factor + 1, 2 * factor + 3
+    batch = 2
+    made = {
+        "sample": torch.randn(batch, config.in_channels, height, width),
+        "timestep": torch.full((batch,), 999.0),
+        "encoder_hidden_states": torch.randn(batch, 77, config.cross_attention_dim),
+    }
+    if "timestep_cond" in names:
+        made["timestep_cond"] = torch.randn(batch, config.time_cond_proj_dim)
+    if "text_embeds" in names:
+        time_ids = 6
+        pooled = config.projection_class_embeddings_input_dim - time_ids * config.addition_time_embed_dim
+        made["text_embeds"] = torch.randn(batch, pooled)
+        made["time_ids"] = torch.full((batch, time_ids), 512.0)
+    return tuple(made[name] for name in names)
+
+
+def convert_unet(unet: torch.nn.Module):
+    """The UNet as an openvino.Model with dynamic batch, size and prompt length (f32 weights)."""
+    import openvino
+
+    names = input_names(unet.config)
+    with torch.no_grad(), warnings.catch_warnings():
+        # diffusers' shape checks (asserts, the >= 64 batch contiguity rule) become constants in the
+        # trace; none changes the result at the shapes Easel runs, so their warnings are noise here.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        model = openvino.convert_model(_Traceable(unet, names), example_input=example_inputs(unet, names))
+    for port, name in zip(model.inputs, names):
+        port.get_tensor().set_names({name})
+    return model
+
+
+def cache_key(checkpoint_hash: str, unet: torch.nn.Module) -> str:
+    """Everything the converted graph depends on (see the module docstring), hashed."""
+    config = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
+    parts = {"checkpoint": checkpoint_hash, "config": config, "inputs": input_names(unet.config),
+             "weights": str(unet.dtype), "openvino": openvino_version(), "format": FORMAT}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+class OpenVINOCache:
+    """Converted UNets on disk, one folder per key (see the module docstring)."""
+
+    def __init__(self, root: Path, limit_bytes: int = DEFAULT_CACHE_LIMIT):
+        self.root = Path(root)
+        self.limit_bytes = limit_bytes
+
+    def entry(self, key: str) -> Path:
+        return self.root / key
+
+    def load(self, key: str):
+        """The cached openvino.Model for `key`, or None when there is none or it was damaged (a
+        damaged entry is removed, so it is converted again)."""
+        import openvino
+
+        folder = self.entry(key)
+        if not folder.is_dir():
+            return None
+        try:
+            meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+            xml, weights = folder / "unet.xml", folder / "unet.bin"
+            if meta.get("key") != key or xml.stat().st_size != meta["xml_size"] or \
+                    weights.stat().st_size != meta["bin_size"] or _sha256(xml) != meta["xml_sha256"]:
+                raise ValueError("files differ from meta.json")
+            model = openvino.Core().read_model(str(xml), str(weights))
+        except (OSError, ValueError, KeyError, RuntimeError) as error:
+            logger.warning("OpenVINO cache entry %s is damaged (%s); converting again", folder.name, error)
+            shutil.rmtree(folder, ignore_errors=True)
+            return None
+        os.utime(folder / "meta.json")  # last used: the size limit removes the least recently used
+        return model
+
+    def store(self, key: str, model) -> Path:
+        """Write `model` as the entry for `key`: built in a temp folder, then renamed into place."""
+        import openvino
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=f".{key}-", suffix=".tmp"))
+        try:
+            xml, weights = tmp / "unet.xml", tmp / "unet.bin"
+            # compress_to_fp16 defaults to True: it would halve the weights' precision, not just their size.
+            openvino.save_model(model, str(xml), compress_to_fp16=False)
+            meta = {"key": key, "xml_size": xml.stat().st_size, "bin_size": weights.stat().st_size,
+                    "xml_sha256": _sha256(xml), "openvino": openvino_version(), "format": FORMAT}
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+            final = self.entry(key)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self.prune(keep=key)
+        return final
+
+    def size(self) -> int:
+        return sum(f.stat().st_size for f in self.root.rglob("*") if f.is_file()) if self.root.is_dir() else 0
+
+    def prune(self, keep: str) -> None:
+        """Remove the least recently used entries (not `keep`) until the cache fits its limit;
+        also temp folders of conversions that were killed."""
+        if not self.root.is_dir():
+            return
+        for tmp in self.root.glob(".*.tmp"):
+            if time.time() - tmp.stat().st_mtime > 24 * 3600:  # a live conversion is far younger
+                shutil.rmtree(tmp, ignore_errors=True)
+        entries = []
+        for folder in self.root.iterdir():
+            if folder.is_dir() and not folder.name.startswith(".") and folder.name != keep:
+                meta = folder / "meta.json"
+                used = meta.stat().st_mtime if meta.exists() else 0.0
+                entries.append((used, folder))
+        total = self.size()
+        for _, folder in sorted(entries):
+            if total <= self.limit_bytes:
+                break
+            total -= sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@dataclass
+class PassRecord:
+    """Which backend ran the UNet's calls during one sampling pass."""
+    used: set = field(default_factory=set)
+
+
+# Arguments of UNet2DConditionModel.forward the converted graph takes, or that do not change its result.
+_COVERED = {"sample", "timestep", "encoder_hidden_states", "timestep_cond", "added_cond_kwargs", "return_dict"}
+
+
+class _RunOnOpenVINO(ModelHook):
+    """On the torch UNet for one pass: its forward runs the compiled model instead."""
+
+    def __init__(self, unet_model: "OpenVINOUNet", record: PassRecord):
+        super().__init__()
+        self.unet_model = unet_model
+        self.record = record
+
+    def new_forward(self, module, *args, **kwargs):
+        bound = inspect.signature(self.fn_ref.original_forward).bind(*args, **kwargs)
+        given = bound.arguments
+        added = given.get("added_cond_kwargs") or {}
+        covered = all(k in _COVERED or v is None or (isinstance(v, dict) and not v) for k, v in given.items()) and \
+            set(added) <= set(self.unet_model.names) and all(n in given or n in added
+                                                             for n in self.unet_model.names)
+        if not covered:
+            self.record.used.add("torch")
+            return self.fn_ref.original_forward(*args, **kwargs)
+        self.record.used.add("openvino")
+        sample = given["sample"]
+        out = self.unet_model({**given, **added})
+        out = out.to(dtype=sample.dtype, device=sample.device)
+        if given.get("return_dict", True):
+            from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+            return UNet2DConditionOutput(sample=out)
+        return (out,)
+
+
+class OpenVINOUNet:
+    """A UNet compiled for the CPU; `running(unet)` lends it to the torch UNet for one pass."""
+
+    def __init__(self, compiled, names: tuple[str, ...], precision: str, from_cache: bool, seconds: float):
+        self.compiled = compiled
+        self.names = names
+        self.precision = precision    # the compile hint: "f32" or "bf16"
+        self.from_cache = from_cache  # False: converted by this load
+        self.seconds = seconds        # converting (or reading) plus compiling
+
+    def __call__(self, inputs: dict) -> torch.Tensor:
+        sample = inputs["sample"]
+        timestep = torch.as_tensor(inputs["timestep"])
+        if timestep.dim() == 0:  # the pipelines pass one timestep for the whole batch
+            timestep = timestep.expand(sample.shape[0])
+        feed = {name: _array(timestep if name == "timestep" else inputs[name]) for name in self.names}
+        result = self.compiled(feed)[0]
+        return torch.from_numpy(result.copy())
+
+    @contextmanager
+    def running(self, unet: torch.nn.Module) -> Iterator[PassRecord]:
+        record = PassRecord()
+        registry = HookRegistry.check_if_exists_or_initialize(unet)
+        registry.register_hook(_RunOnOpenVINO(self, record), HOOK_NAME)
+        try:
+            yield record
+        finally:
+            registry.remove_hook(HOOK_NAME, recurse=False)
+
+
+def _array(tensor: torch.Tensor):
+    return tensor.detach().to("cpu", torch.float32).contiguous().numpy()
+
+
+def unet_bytes(unet: torch.nn.Module) -> int:
+    """The UNet's weights in f32, whatever dtype they are held in now."""
+    return sum(p.numel() for p in unet.parameters()) * 4
+
+
+def check_memory_for_conversion(unet: torch.nn.Module) -> None:
+    """MemoryError saying how much is needed when converting would likely not fit."""
+    import psutil
+
+    need = unet_bytes(unet) * CONVERT_MEMORY_FACTOR
+    free = psutil.virtual_memory().available
+    if free < need:
+        raise MemoryError(f"converting needs about {need / 2**30:.1f} GB free and {free / 2**30:.1f} GB is")
+
+
+def prepare_unet(unet: torch.nn.Module, checkpoint_hash: str, cache: OpenVINOCache | None, *,
+                 precision: str = "f32", threads: int | None = None) -> OpenVINOUNet:
+    """The UNet compiled for the CPU: read from the cache, else converted (and cached). Raises
+    whatever converting or compiling raises; the caller falls back to torch."""
+    import openvino
+
+    started = time.monotonic()
+    key = cache_key(checkpoint_hash, unet)
+    model = cache.load(key) if cache is not None else None
+    from_cache = model is not None
+    if model is None:
+        logger.warning(PREPARING)
+        check_memory_for_conversion(unet)
+        model = convert_unet(unet)
+        if cache is not None:
+            cache.store(key, model)
+            # The saved copy: its weights are memory-mapped, not a second copy in RAM.
+            model = cache.load(key) or model
+    config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
+    compiled = openvino.Core().compile_model(model, "CPU", config)
+    return OpenVINOUNet(compiled, input_names(unet.config), precision, from_cache, time.monotonic() - started)

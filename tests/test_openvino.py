@@ -1,0 +1,240 @@
+"""OpenVINO as the CPU backend (engine/openvino_backend.py) on the tiny SD 1.x model: the plan's
+choice, conversion and its on-disk cache, and images that agree with torch's.
+
+Tolerance: the converted UNet computes in f32 like torch, in another order, so the two differ by
+float rounding (~1e-6 relative per step); over a few sampling steps and the VAE that stays under
+one 8-bit level almost everywhere. Asserted: at most 2 levels anywhere, under 0.1 on average.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+pytest.importorskip("openvino")
+
+import app  # noqa: E402
+import engine.openvino_backend as ovb  # noqa: E402
+from engine.devices import Hardware, plan_for  # noqa: E402
+from engine.engine import Engine, EngineConfig  # noqa: E402
+from engine.errors import RequestError  # noqa: E402
+from engine.families import FAMILIES, Family  # noqa: E402
+from tests.conftest import loaded_engine  # noqa: E402
+
+BASE = {"prompt": "a red fox in the snow", "negative_prompt": "blurry", "steps": 4, "width": 64, "height": 48,
+        "seed": 1234, "save_images": False}
+MAX_LEVELS, MEAN_LEVELS = 2, 0.1
+
+
+@pytest.fixture(scope="module")
+def ov_cpu(plain_cpu) -> Hardware:
+    return replace(plain_cpu, openvino=True)
+
+
+@pytest.fixture(scope="module")
+def ov_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("ov-engine")
+
+
+@pytest.fixture(scope="module")
+def ov_engine(tiny_models_dir, ov_root, ov_cpu):
+    return loaded_engine(tiny_models_dir, ov_root, ov_cpu)
+
+
+def run(engine, **fields):
+    return engine.generate(engine.make_request({**BASE, **fields}))
+
+
+def pixels(image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+def assert_close(a, b):
+    diff = np.abs(pixels(a) - pixels(b))
+    assert diff.max() <= MAX_LEVELS and diff.mean() < MEAN_LEVELS, (diff.max(), diff.mean())
+
+
+def _cache_entries(root):
+    cache = root / "data" / "cache" / "openvino"
+    return [p for p in cache.iterdir() if p.is_dir() and not p.name.startswith(".")]
+
+
+# --- the plan ---------------------------------------------------------------------------------
+def test_auto_picks_openvino_on_a_cpu_that_has_it(ov_cpu, plain_cpu):
+    sd1 = FAMILIES[Family.SD1]
+    assert plan_for(sd1, ov_cpu).backend == "openvino"
+    assert "OpenVINO" in plan_for(sd1, ov_cpu).describe()
+    assert plan_for(sd1, plain_cpu).backend == "torch"
+    assert plan_for(sd1, ov_cpu, backend="torch").backend == "torch"
+
+
+def test_openvino_asked_for_without_it_runs_torch_and_says_so(plain_cpu, ov_cpu):
+    plan = plan_for(FAMILIES[Family.SD1], plain_cpu, backend="openvino")
+    assert plan.backend == "torch" and any("OpenVINO is not installed" in n for n in plan.notes)
+    gpu = replace(ov_cpu, cuda=True, cuda_name="Test GPU", cuda_vram_gb=24.0)
+    plan = plan_for(FAMILIES[Family.SD1], gpu, backend="openvino")
+    assert plan.device == "cuda" and plan.backend == "torch"
+
+
+def test_unknown_backend_is_refused_naming_the_field(ov_cpu):
+    with pytest.raises(RequestError) as error:
+        plan_for(FAMILIES[Family.SD1], ov_cpu, backend="tensorrt")
+    assert error.value.field == "backend"
+
+
+def test_cli_refuses_a_bad_backend_in_one_line(tiny_models_dir, tmp_path, capsys):
+    code = app.main(["models", "--models-dir", str(tiny_models_dir), "--data-dir", str(tmp_path),
+                     "--backend", "tensorrt"])
+    err = capsys.readouterr().err
+    assert code == 2 and "backend" in err and len(err.strip().splitlines()) == 1
+
+
+# --- conversion and the cache -------------------------------------------------------------------
+def test_load_converts_the_unet_and_the_first_job_says_so(ov_engine, ov_root):
+    loaded = ov_engine.manager.current
+    assert loaded.plan.backend == "openvino" and loaded.openvino is not None
+    assert len(_cache_entries(ov_root)) == 1
+    result = run(ov_engine)
+    assert any("prepared this model for your CPU with OpenVINO" in note for note in result.notes)
+    assert not any("OpenVINO" in note for note in run(ov_engine).notes)  # said once
+
+
+def test_second_load_reads_the_cache_without_converting(ov_engine, tiny_models_dir, ov_root, ov_cpu, monkeypatch):
+    calls = []
+    real = ovb.convert_unet
+    monkeypatch.setattr(ovb, "convert_unet", lambda unet: calls.append(unet) or real(unet))
+    again = loaded_engine(tiny_models_dir, ov_root, ov_cpu)
+    assert calls == [] and again.manager.current.openvino.from_cache
+    assert_close(run(again).images[0], run(ov_engine).images[0])
+
+
+def test_a_changed_checkpoint_is_converted_again(tmp_path, ov_cpu):
+    from engine.tiny import save_sd1_folder
+
+    models = tmp_path / "models"
+    save_sd1_folder(models / "Stable-diffusion" / "tiny-sd1", seed=0)
+    first = loaded_engine(models, tmp_path, ov_cpu)
+    before = run(first).images[0]
+    save_sd1_folder(models / "Stable-diffusion" / "tiny-sd1", seed=1)  # new weights, same name
+    second = loaded_engine(models, tmp_path, ov_cpu)
+    assert not second.manager.current.openvino.from_cache
+    assert len(_cache_entries(tmp_path)) == 2
+    after = run(second).images[0]
+    assert np.abs(pixels(before) - pixels(after)).max() > 10  # the new weights' image, not the old graph's
+    torch_engine = Engine(EngineConfig(models, tmp_path / "t-out", tmp_path / "t-data", backend="torch"), ov_cpu)
+    assert_close(after, run(torch_engine).images[0])
+
+
+def test_a_damaged_cache_entry_is_rebuilt(tiny_models_dir, tmp_path, ov_cpu):
+    loaded_engine(tiny_models_dir, tmp_path, ov_cpu)
+    (entry,) = _cache_entries(tmp_path)
+    weights = entry / "unet.bin"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a half-written copy
+    rebuilt = loaded_engine(tiny_models_dir, tmp_path, ov_cpu)
+    assert not rebuilt.manager.current.openvino.from_cache
+    meta = json.loads((entry / "meta.json").read_text())
+    assert (entry / "unet.bin").stat().st_size == meta["bin_size"]
+    run(rebuilt)
+
+
+def test_cache_keeps_to_its_size_limit(tmp_path, ov_engine, ov_root):
+    (entry,) = _cache_entries(ov_root)
+    cache = ovb.OpenVINOCache(tmp_path / "cache", limit_bytes=1)  # room for the newest entry only
+    for name in ("old", "new"):
+        shutil.copytree(entry, cache.root / name)
+    cache.prune(keep="new")
+    assert [p.name for p in cache.root.iterdir()] == ["new"]
+
+
+def test_a_failed_conversion_leaves_the_model_on_torch(tiny_models_dir, tmp_path, ov_cpu, monkeypatch):
+    def fail(unet):
+        raise RuntimeError("converter exploded")
+
+    monkeypatch.setattr(ovb, "convert_unet", fail)
+    eng = loaded_engine(tiny_models_dir, tmp_path, ov_cpu)
+    loaded = eng.manager.current
+    assert loaded.openvino is None and loaded.plan.backend == "torch"
+    result = run(eng)
+    assert any("converter exploded" in note and "running on torch" in note for note in result.notes)
+    assert "Backend:" not in result.infotexts[0]
+
+
+# --- images agree with torch's -------------------------------------------------------------------
+# DPM++ SDE is left out: its Brownian noise is seeded from torch's global RNG, so even two torch
+# runs of one seed differ (a bug of its own, outside the backend).
+@pytest.mark.parametrize("sampler, schedule", [("Euler a", "Automatic"), ("DPM++ 2M", "Karras"), ("DDIM", "Automatic"),
+                                               ("LCM", "Automatic"), ("Heun", "Automatic"), ("DPM++ 2M SDE", "Karras"),
+                                               ("UniPC", "Automatic"), ("PLMS", "Automatic")])
+def test_openvino_and_torch_images_agree(ov_engine, sd_engine, sampler, schedule):
+    fields = dict(sampler=sampler, schedule_type=schedule)
+    ov, torch_result = run(ov_engine, **fields), run(sd_engine, **fields)
+    assert_close(ov.images[0], torch_result.images[0])
+    assert "Backend: openvino" in ov.infotexts[0]
+    assert "Backend:" not in torch_result.infotexts[0]
+
+
+def test_other_sizes_batches_cfg_1_and_long_prompts_agree(ov_engine, sd_engine):
+    fields = dict(width=40, height=72, batch_size=2, cfg_scale=1.0,
+                  prompt=", ".join(f"detail number {i}" for i in range(60)))  # over 75 tokens: 154 of them
+    ov, torch_result = run(ov_engine, **fields), run(sd_engine, **fields)
+    for a, b in zip(ov.images, torch_result.images):
+        assert_close(a, b)
+
+
+def test_img2img_and_hires_agree(ov_engine, sd_engine):
+    gradient = np.linspace(0, 255, 64 * 48 * 3).reshape(48, 64, 3).astype(np.uint8)
+    from PIL import Image
+
+    init = Image.fromarray(gradient)
+    for fields in (dict(mode="img2img", init_image=init, denoising_strength=0.6),
+                   dict(enable_hr=True, hr_scale=1.5, denoising_strength=0.5)):
+        ov, torch_result = run(ov_engine, **fields), run(sd_engine, **fields)
+        assert_close(ov.images[0], torch_result.images[0])
+        assert "Backend: openvino" in ov.infotexts[0]
+
+
+def test_fast_speed_runs_on_torch_and_says_so(ov_engine, sd_engine):
+    fields = dict(speed="fast", steps=12)
+    ov = run(ov_engine, **fields)
+    assert any("speed fast ran the UNet on torch" in note for note in ov.notes)
+    assert "Backend:" not in ov.infotexts[0]
+    assert np.array_equal(pixels(ov.images[0]), pixels(run(sd_engine, **fields).images[0]))
+
+
+def test_backend_torch_still_works_where_openvino_is_installed(tiny_models_dir, tmp_path, ov_cpu):
+    eng = Engine(EngineConfig(tiny_models_dir, tmp_path / "outputs", tmp_path / "data", backend="torch"), ov_cpu)
+    eng.load_model("tiny-sd1")
+    assert eng.manager.current.openvino is None and eng.manager.current.plan.backend == "torch"
+    assert "Backend:" not in run(eng).infotexts[0]
+    assert not (tmp_path / "data" / "cache" / "openvino").exists()  # nothing converted
+
+
+def test_per_model_setting_picks_the_backend(tiny_models_dir, tmp_path, ov_cpu):
+    eng = Engine(EngineConfig(tiny_models_dir, tmp_path / "outputs", tmp_path / "data"), ov_cpu)
+    eng.set_model_backend("tiny-sd1", "torch")
+    (status,) = [s for s in eng.models() if s.name.startswith("tiny-sd1")]
+    assert "OpenVINO" not in status.plan
+    eng.set_model_backend("tiny-sd1", "auto")
+    (status,) = [s for s in eng.models() if s.name.startswith("tiny-sd1")]
+    assert "OpenVINO" in status.plan
+
+
+def test_latent_sizes_the_downsampling_does_not_divide(ov_engine):
+    """The graph holds diffusers' upsample-to-the-skip-size branch, so odd latent sizes run too
+    (the tiny model's pixel sizes always give even latents; here the UNet is called directly)."""
+    import torch
+
+    unet = ov_engine.manager.current.pipe.unet
+    compiled = ov_engine.manager.current.openvino
+    for height, width in ((9, 13), (8, 12)):
+        sample = torch.randn(2, 4, height, width)
+        hidden = torch.randn(2, 77, unet.config.cross_attention_dim)
+        with torch.inference_mode():
+            expected = unet(sample, 500, encoder_hidden_states=hidden).sample
+            with compiled.running(unet) as record:
+                got = unet(sample, 500, encoder_hidden_states=hidden).sample
+        assert record.used == {"openvino"}
+        assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4), (got - expected).abs().max()
