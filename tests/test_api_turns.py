@@ -85,3 +85,15 @@ def test_engine_generate_takes_a_turn(sd_engine):
     sd_engine.generate(request, job)
     assert seen and all(running is job for running in seen)
     assert sd_engine.turns.running() == (None, None)
+
+
+def test_api_jobs_beyond_the_queue_size_are_refused_with_503():
+    from ui.api import ApiJobs, Refusal
+
+    jobs = ApiJobs(limit=2)
+    first, second = jobs.open(20), jobs.open(20)
+    with pytest.raises(Refusal) as refused:
+        jobs.open(20)
+    assert refused.value.response.status_code == 503
+    jobs.close(first)
+    assert jobs.owns(jobs.open(20)) and jobs.owns(second) and not jobs.owns(first)

@@ -1,9 +1,11 @@
 """Malformed input through every door that exists, table-driven.
 
 Each case goes in through a real door - the UI handler (`Studio.generate`, `Studio.png_info`), the
-base64 decoder the HTTP API will use, or the command line (`app.main`, in-process) - and must come
+base64 decoder the HTTP API uses, or the command line (`app.main`, in-process) - and must come
 back as ONE line naming the field: a RequestError/EaselError in the UI, exit code 2 and one
 `error: <field>: ...` line on stderr from the CLI. Nothing may appear in the outputs folder.
+The third door, the HTTP API over a running server, takes these same tables in
+tests/test_api_bad_input.py (HTTP 422 naming the A1111 field).
 Images that would be bombs are made cheaply (a forged IHDR, or rows of zeros that compress 1000:1).
 """
 from __future__ import annotations

@@ -313,19 +313,31 @@ def png_base64(image, infotext: str | None = None) -> str:
 
 
 class ApiJobs:
-    """The API's own running jobs (interrupt stops only those, never a page user's) and the
-    latest live preview of each (previews come every few steps; progress shows the last one)."""
+    """The API's own jobs, running or waiting their turn (interrupt stops only those, never a page
+    user's), and the latest live preview of each (previews come every few steps; progress shows
+    the last one). At most `limit` at once: each waiting request holds one of the server's worker
+    threads, which the page's events need too, so a flood of API calls cannot take them all."""
 
-    def __init__(self):
+    def __init__(self, limit: int):
+        self.limit = limit
         self._previews: dict[int, Any] = {}
         self._jobs: dict[int, Job] = {}
         self._lock = threading.Lock()
 
-    def open(self, steps) -> Job:
-        job = Job(preview_every=preview_every(steps))
+    def open(self, steps=None) -> Job:
+        job = Job(preview_every=preview_every(steps) if steps else 0)
         key = id(job)
-        job.on_progress = lambda update: update.preview is not None and self._previews.__setitem__(key, update.preview)
+
+        def keep_preview(update) -> None:
+            if update.preview is not None:
+                with self._lock:
+                    self._previews[key] = update.preview
+
+        job.on_progress = keep_preview
         with self._lock:
+            if len(self._jobs) >= self.limit:
+                raise Refusal(failure(503, "QueueFull", f"queue: {self.limit} API jobs are already running or "
+                                                        "waiting (--queue-size); try again later"))
             self._jobs[key] = job
         return job
 
@@ -373,10 +385,11 @@ class ModelChoice:
 
 
 # --- the router ------------------------------------------------------------------------------------
-def create_api(engine, *, logins=(), limiter=None) -> APIRouter:
+def create_api(engine, *, logins=(), limiter=None, queue_size: int = 16) -> APIRouter:
     """The /sdapi/v1 routes (and /docs, /openapi.json) on `engine`. `logins`: (user, password) pairs
     accepted as HTTP Basic credentials (none: open, as the page is); `limiter`: the request
-    guard's LoginLimiter, so wrong API passwords count with wrong page logins."""
+    guard's LoginLimiter, so wrong API passwords count with wrong page logins; `queue_size`: API
+    jobs that may wait for their turn besides the running one."""
     logins = tuple(logins)
     basic = HTTPBasic(auto_error=False)
 
@@ -398,7 +411,7 @@ def create_api(engine, *, logins=(), limiter=None) -> APIRouter:
             raise HTTPException(401, "Incorrect username or password", headers={"WWW-Authenticate": "Basic"})
 
     router = APIRouter(dependencies=[Depends(credentials)])
-    jobs = ApiJobs()
+    jobs = ApiJobs(queue_size + 1)
     choice = ModelChoice(engine)
 
     # --- generation ---
@@ -472,7 +485,11 @@ def create_api(engine, *, logins=(), limiter=None) -> APIRouter:
         if upscaler is None or upscaler == NO_UPSCALER:
             upscaler = "Lanczos"
         image = decode_base64_image(image_b64, field)
-        result = engine.upscale(image, upscaler, body.upscaling_resize, save=False)
+        job = jobs.open()
+        try:
+            result = engine.upscale(image, upscaler, body.upscaling_resize, job=job, save=False)
+        finally:
+            jobs.close(job)
         return png_base64(result.images[0], result.infotexts[0]), result.infotexts[0]
 
     def extras_info(infotext: str, body) -> str:

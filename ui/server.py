@@ -176,7 +176,7 @@ def serve(engine, args) -> int:
     outdir.mkdir(parents=True, exist_ok=True)
     app = build_app(page, logins=logins, outdir=outdir, max_upload_mb=args.max_upload_mb,
                     listen=args.listen, allowed_hosts=_comma_list(args.allowed_hosts), cors_origins=cors_origins,
-                    engine=engine, api_logins=parse_api_logins(args.api_auth))
+                    engine=engine, api_logins=parse_api_logins(args.api_auth), queue_size=args.queue_size)
 
     try:
         sock = _bind(host, args.port)
@@ -214,7 +214,7 @@ def _announce(server, args, host: str, has_logins: bool) -> None:
 
 def build_app(page, *, logins, outdir: Path, max_upload_mb: int, listen: str | None = None,
               allowed_hosts=(), cors_origins: frozenset[str] = frozenset(), limiter=None, engine=None,
-              api_logins=()):
+              api_logins=(), queue_size: int = 16):
     """The ASGI app: the HTTP API (ui/api.py, when an engine is given) and the page mounted at /
     inside our FastAPI app, all of it behind RequestGuard. The API takes the page's logins and
     `api_logins`, as HTTP Basic credentials."""
@@ -236,7 +236,7 @@ def build_app(page, *, logins, outdir: Path, max_upload_mb: int, listen: str | N
     if engine is not None:  # before the page: its mount at / would take every path
         from ui.api import create_api
 
-        app.include_router(create_api(engine, logins=[*logins, *api_logins], limiter=limiter))
+        app.include_router(create_api(engine, logins=[*logins, *api_logins], limiter=limiter, queue_size=queue_size))
     gr.mount_gradio_app(
         app, page, path="/",
         auth=logins or None,
