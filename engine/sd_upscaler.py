@@ -33,6 +33,7 @@ from PIL import Image
 
 from engine.errors import RequestError
 from engine.jobs import Job, ProgressUpdate, check_cancelled
+from engine.tiling import tile_span
 
 SCALE = 4
 DEFAULT_TILE = 128  # input pixels: the model's native input size
@@ -44,27 +45,16 @@ DEFAULT_NOISE_LEVEL = 20  # diffusers' default; at most the pipeline's max_noise
 Box = tuple[int, int, int, int]  # left, top, right, bottom (right/bottom exclusive), input pixels
 
 
-def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
-    """Start offsets of tiles of `tile` pixels covering 0..length, each overlapping the previous by
-    at least `overlap` (exactly `overlap`, except the last, which ends at `length`)."""
-    if length <= tile:
-        return [0]
-    stride = tile - overlap
-    starts = list(range(0, length - tile, stride))
-    starts.append(length - tile)
-    return starts
-
-
 def plan_tiles(width: int, height: int, tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP) -> list[Box]:
-    """Row-major boxes covering a `width` x `height` image exactly (see `tile_starts`)."""
+    """Row-major boxes covering a `width` x `height` image exactly (see `engine.tiling.tile_span`)."""
     if width < 1 or height < 1:
         raise RequestError("image", f"must be at least 1x1 pixels, got {width}x{height}")
     if tile < 8:
         raise RequestError("tile", f"must be at least 8 input pixels, got {tile}")
     if not 0 <= overlap < tile // 2:
         raise RequestError("overlap", f"must be from 0 to under half the tile ({tile // 2}), got {overlap}")
-    xs, ys = tile_starts(width, tile, overlap), tile_starts(height, tile, overlap)
-    return [(x, y, min(x + tile, width), min(y + tile, height)) for y in ys for x in xs]
+    (xs, tw), (ys, th) = tile_span(width, tile, overlap), tile_span(height, tile, overlap)
+    return [(x, y, x + tw, y + th) for y in ys for x in xs]
 
 
 def _ramp(n: int, before: int, after: int) -> torch.Tensor:

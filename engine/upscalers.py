@@ -8,7 +8,8 @@ models folder, run in overlapping tiles, then published like any other image (mo
   is refused before anything is unpickled); spandrel only recognises the architecture from key
   names and shapes and builds the module (`ModelLoader().load_from_state_dict`), it never opens the
   file itself. An architecture spandrel does not know is one error naming the file.
-- Tiling: tiles of `tile` input pixels overlapping by `overlap`; each tile's output is weighted by a
+- Tiling: tiles of at most `tile` input pixels overlapping by at least `overlap`, as few as that
+  allows, spread evenly (`engine.tiling.tile_span`); each tile's output is weighted by a
   linear feather (0 at an inner tile edge, 1 from `overlap` pixels in) and the weighted sum is
   divided by the summed weights, so tiles meet without a seam. Only one tile is in the model at a
   time: the model's memory is bounded by the tile size, not the image (the output buffer grows with
@@ -43,6 +44,7 @@ from engine.infotext import parse_infotext, quote, read_infotext
 from engine.jobs import GenerationResult, Job, ProgressUpdate, check_cancelled
 from engine.library import ModelLibrary
 from engine.publish import Publisher
+from engine.tiling import tile_span
 
 LANCZOS = "Lanczos"
 UPSCALER_KIND = "Upscalers"  # engine.library.EXTRA_KINDS key: ESRGAN/, RealESRGAN/, SwinIR/
@@ -153,16 +155,6 @@ def load_model(path: Path, device: str = "cpu"):
 
 # --- tiles -----------------------------------------------------------------------------------------
 
-def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
-    """Start offsets covering 0..length with tiles of `tile` overlapping by at least `overlap`."""
-    if tile <= 0 or length <= tile:
-        return [0]
-    stride = tile - overlap
-    starts = list(range(0, length - tile, stride))
-    starts.append(length - tile)
-    return starts
-
-
 def _ramp(n: int, fade: int, left: bool, right: bool):
     """Per-pixel weights along one axis of a tile's output: a linear feather over `fade` pixels at
     each edge that has a neighbour, strictly above 0 so every output pixel has some weight."""
@@ -191,8 +183,7 @@ def run_tiled(model: Callable, pixels, scale: int, tile: int, overlap: int, *,
     import torch.nn.functional as F
 
     _, channels, height, width = pixels.shape
-    ys, xs = tile_starts(height, tile, overlap), tile_starts(width, tile, overlap)
-    th, tw = (height, width) if tile <= 0 else (min(tile, height), min(tile, width))
+    (ys, th), (xs, tw) = tile_span(height, tile, overlap), tile_span(width, tile, overlap)
     out = torch.zeros(1, channels, height * scale, width * scale)
     weight = torch.zeros(1, 1, height * scale, width * scale)
     total, done = len(ys) * len(xs), 0

@@ -58,22 +58,37 @@ def test_plan_tiles_cover_every_pixel_with_the_overlap(width, height, tile, over
     covered = np.zeros((height, width), dtype=int)
     for left, top, right, bottom in boxes:
         assert 0 <= left < right <= width and 0 <= top < bottom <= height
-        assert right - left == min(tile, width) and bottom - top == min(tile, height)
+        assert right - left <= max(tile, 0) or right - left == width
         covered[top:bottom, left:right] += 1
     assert covered.min() >= 1  # every pixel, nothing outside (the asserts above)
     xs = sorted({b[0] for b in boxes})
     ys = sorted({b[1] for b in boxes})
     assert len(boxes) == len(xs) * len(ys)  # a grid
-    for starts, size in ((xs, min(tile, width)), (ys, min(tile, height))):
+    assert len({b[2] - b[0] for b in boxes}) == 1 and len({b[3] - b[1] for b in boxes}) == 1  # one tile size
+    for starts, size in ((xs, boxes[0][2] - boxes[0][0]), (ys, boxes[0][3] - boxes[0][1])):
         shared = [a + size - b for a, b in zip(starts, starts[1:])]
         assert all(s >= overlap for s in shared)
-        assert all(s == overlap for s in shared[:-1])  # only the last one, aligned to the edge, may share more
+        assert max(shared, default=0) - min(shared, default=0) <= 1  # spread evenly, none squeezed at the edge
 
 
 def test_plan_tiles_count_for_512():
-    # 512 px in tiles of 128 overlapping by 16: starts 0, 112, 224, 336, 384 -> 5 x 5
+    # 512 px in tiles of at most 128 overlapping by 16: 5 tiles of 116 a side -> 5 x 5
     assert len(plan_tiles(512, 512, 128, 16)) == 25
+    assert {b[2] - b[0] for b in plan_tiles(512, 512, 128, 16)} == {116}
     assert len(plan_tiles(512, 512, 128, 0)) == 16
+
+
+@pytest.mark.parametrize("length, tile, overlap, starts, size", [
+    (512, 256, 16, [0, 165, 330], 182),   # packed from the start it was 0, 240, 256: 2.25x the pixels
+    (512, 512, 16, [0], 512),
+    (120, 64, 8, [0, 56], 64),
+    (100, 0, 16, [0], 100),               # 0: no tiling
+    (129, 128, 16, [0, 56], 73),          # two small tiles, not two of 128 sharing 127 px
+])
+def test_tile_span_uses_the_fewest_even_tiles(length, tile, overlap, starts, size):
+    from engine.tiling import tile_span
+
+    assert tile_span(length, tile, overlap) == (starts, size)
 
 
 @pytest.mark.parametrize("tile,overlap,field", [(4, 0, "tile"), (32, 16, "overlap"), (32, -1, "overlap")])
@@ -132,10 +147,11 @@ def border_steps(image: np.ndarray) -> np.ndarray:
 
 
 def test_no_seam_between_tiles(pipe):
-    """Across the tile borders the step is not larger than inside tiles (the steps averaged over
-    three seeds, so the random model's texture averages out further; measured: 0.84x the largest
-    inside). Pasting the tiles without blending (each tile's weight a constant, later tiles on top)
-    fails this: 1.83x, the step at each tile's left edge."""
+    """Across the tile borders the step is about the size of the steps inside tiles (averaged over
+    three seeds, so the random model's texture averages out further). Measured with tiles at 0, 21
+    and 42: 1.01x the largest step inside; pasting the tiles without blending (each tile's weight a
+    constant, later tiles on top) gives 1.14x, the step at each tile's left edge. Deterministic
+    (fixed seeds and model), so the bound sits between the two."""
     width, height, tile, overlap = 72, 32, 32, 8
     boxes = plan_tiles(width, height, tile, overlap)
     assert len(boxes) == 3  # one row of three
@@ -150,7 +166,7 @@ def test_no_seam_between_tiles(pipe):
     margin = 2 * SCALE  # the image's own outer edge is not a tile border
     inside = [s for i, s in enumerate(steps) if i not in in_overlap and margin <= i < len(steps) - margin]
     across = [steps[i] for i in sorted(in_overlap)]
-    assert max(across) <= max(inside), (max(across), max(inside))
+    assert max(across) <= 1.07 * max(inside), (max(across), max(inside))
 
 
 def test_progress_reports_every_tile(pipe):
