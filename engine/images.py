@@ -99,8 +99,9 @@ def open_image(source: Any, field: str = "image", *, max_bytes: int = MAX_INPUT_
 
 
 def decode_base64_image(text: Any, field: str = "image", *, max_bytes: int = MAX_INPUT_BYTES,
-                        max_pixels: int = MAX_INPUT_PIXELS) -> Image.Image:
-    """An image from base64 text (a bare string or a `data:image/...;base64,` URL), for the HTTP API."""
+                        max_pixels: int = MAX_INPUT_PIXELS, keep_alpha: bool = False) -> Image.Image:
+    """An image from base64 text (a bare string or a `data:image/...;base64,` URL), for the HTTP API;
+    `keep_alpha` as for `open_image` (an inpainting mask)."""
     if not isinstance(text, str):
         raise RequestError(field, f"must be base64 text, got {type(text).__name__}")
     body = _DATA_URL.sub("", text.strip(), count=1)
@@ -114,7 +115,7 @@ def decode_base64_image(text: Any, field: str = "image", *, max_bytes: int = MAX
         data = base64.b64decode(body, validate=True)
     except (binascii.Error, ValueError):
         raise RequestError(field, "is not valid base64 (expected a base64-encoded PNG, JPEG or WebP image)") from None
-    return open_image(data, field, max_bytes=max_bytes, max_pixels=max_pixels)
+    return open_image(data, field, max_bytes=max_bytes, max_pixels=max_pixels, keep_alpha=keep_alpha)
 
 
 def _read_bounded(source: Any, field: str, max_bytes: int, name: str) -> bytes:

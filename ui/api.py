@@ -11,6 +11,10 @@ the same request guard. No torch: everything goes through the Engine object hand
   A1111 field (n_iter, not batch_count).
 - Fields Easel has no use for (scripts, alwayson_scripts, restore_faces, ...) are accepted; those
   set to something other than their default are listed in the response's info as "ignored".
+- img2img with a `mask` inpaints (engine.inpaint), its fields by A1111's names and numbers;
+  txt2img's `hr_resize_x` / `hr_resize_y` become the hires fix's scale (`hires_resize_scale`).
+- `skip` (A1111: skip the current image of a batch) stops an API job like `interrupt`: Easel's
+  jobs have no per-image skip.
 - Jobs take their turn on the device with the page's (Engine.turns: first come, first served).
 - Credentials: HTTP Basic, any --auth/--auth-file login or an --api-auth one, when there is any;
   wrong passwords count toward the guard's per-address login limit.
@@ -37,6 +41,7 @@ from engine.errors import CancelledError, EaselError, ModelNotFoundError, Reques
 from engine.images import decode_base64_image
 from engine.infotext import parse_infotext, printable, write_png_with_infotext
 from engine.jobs import Job
+from engine.request import LIMITS
 from engine.samplers import A1111_SCHEDULE_NAMES
 from ui.progress import preview_every
 
@@ -240,13 +245,17 @@ GENERATION_NAMES = {"sampler": "sampler_name", "schedule_type": "scheduler", "ba
                     "init_image": "init_images", "model": "override_settings.sd_model_checkpoint"}
 EXTRAS_NAMES = {"scale": "upscaling_resize", "upscaler": "upscaler_1", "model": "sd_model_checkpoint"}
 
+HIRES_FIELDS = frozenset({"enable_hr", "hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x",
+                          "hr_resize_y"})
+# Read whenever img2img has a mask; without one they mean nothing, in A1111 too (webuiapi always
+# sends them), so they are not reported as ignored.
+INPAINT_FIELDS = frozenset({"mask", "mask_blur", "mask_blur_x", "mask_blur_y", "inpainting_fill", "inpaint_full_res",
+                            "inpaint_full_res_padding", "inpainting_mask_invert"})
 USED_TXT2IMG = frozenset({
     "prompt", "negative_prompt", "seed", "sampler_name", "sampler_index", "scheduler", "batch_size", "n_iter",
     "steps", "cfg_scale", "width", "height", "override_settings", "override_settings_restore_afterwards",
-    "send_images", "save_images", "speed", "denoising_strength", "enable_hr", "hr_scale", "hr_upscaler",
-    "hr_second_pass_steps"})
-USED_IMG2IMG = (USED_TXT2IMG - {"enable_hr", "hr_scale", "hr_upscaler", "hr_second_pass_steps"}) | {
-    "init_images", "resize_mode", "include_init_images"}
+    "send_images", "save_images", "speed", "denoising_strength"}) | HIRES_FIELDS
+USED_IMG2IMG = (USED_TXT2IMG - HIRES_FIELDS) | {"init_images", "resize_mode", "include_init_images"} | INPAINT_FIELDS
 USED_EXTRAS = frozenset({"image", "imageList", "resize_mode", "upscaling_resize", "upscaler_1"})
 
 
@@ -305,6 +314,73 @@ def answering(names: dict[str, str]):
                 return failure(500, type(e).__name__, f"internal error ({type(e).__name__}); see the server's log")
         return wrapped
     return decorate
+
+
+def renamed(error: RequestError, field: str) -> RequestError:
+    """The same refusal naming the A1111 field a value came from (one engine field, several sources)."""
+    message = str(error)
+    return RequestError(field, message[len(error.field) + 2:] if message.startswith(f"{error.field}: ") else message)
+
+
+# --- mapping A1111's fields ------------------------------------------------------------------------
+def inpaint_fields(body) -> tuple[dict[str, Any], dict[str, str]]:
+    """img2img's inpainting fields for the engine, and engine field -> the A1111 field it came from
+    where they differ. The engine takes A1111's numbers itself (inpainting_fill 0-3, 0/1 switches);
+    A1111's defaults (fill, only masked, padding 0) come with the body. A1111 blurs by mask_blur_x
+    and mask_blur_y unless mask_blur sets both; Easel blurs evenly, so the two must agree."""
+    if body.mask_blur is not None:
+        blur, source = body.mask_blur, "mask_blur"
+    elif body.mask_blur_x == body.mask_blur_y:
+        blur, source = body.mask_blur_x, "mask_blur_x"
+    else:
+        raise RequestError("mask_blur_y", f"Easel blurs the mask evenly: give mask_blur, or mask_blur_y equal to "
+                                          f"mask_blur_x ({body.mask_blur_x!r}); got {body.mask_blur_y!r}")
+    fields = {"mask": decode_base64_image(body.mask, "mask", keep_alpha=True),  # alpha: a painted layer
+              "mask_blur": blur, "inpainting_fill": body.inpainting_fill, "inpaint_full_res": body.inpaint_full_res,
+              "inpaint_full_res_padding": body.inpaint_full_res_padding,
+              "inpainting_mask_invert": body.inpainting_mask_invert}
+    return fields, {"mask_blur": source}
+
+
+def _pixels(name: str, value: Any) -> int:
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value != int(value) or value < 0:
+        raise RequestError(name, f"must be a whole number of pixels (0: use hr_scale), got {value!r}")
+    return int(value)
+
+
+def hires_resize_scale(width: Any, height: Any, resize_x: Any, resize_y: Any) -> tuple[float, str] | None:
+    """A1111's hr_resize_x / hr_resize_y as the hires fix's scale, and the field to name in errors;
+    None when both are 0 (hr_scale applies). One given: the other side follows the first pass's
+    aspect ratio. Both: A1111 enlarges to cover them and crops the rest; Easel does not crop, so
+    they must keep the aspect ratio (within A1111's 8-pixel rounding). The engine snaps the result
+    down to the model's size step (engine.request.hires_size)."""
+    x, y = _pixels("hr_resize_x", resize_x), _pixels("hr_resize_y", resize_y)
+    if not (x or y):
+        return None
+    if isinstance(width, bool) or not isinstance(width, int) or isinstance(height, bool) or not isinstance(height, int) \
+            or width <= 0 or height <= 0:
+        return None  # the request's validation names width or height
+    name = "hr_resize_x" if x else "hr_resize_y"
+    if x and y:  # A1111's StableDiffusionProcessingTxt2Img.calculate_target_resolution
+        to_x, to_y = (x, x * height // width) if width / height < x / y else (y * width // height, y)
+        if (to_x - x) // 8 or (to_y - y) // 8:
+            raise RequestError("hr_resize_y", f"{x}x{y} has another aspect ratio than {width}x{height}; Easel's hires "
+                                              "fix does not crop: give one of hr_resize_x, hr_resize_y (0 for the "
+                                              "other) or both in width:height's ratio")
+        name = "hr_resize_x" if to_x == x else "hr_resize_y"
+    else:
+        to_x, to_y = (x, x * height // width) if x else (y * width // height, y)
+    scale = to_x / width if name == "hr_resize_x" else to_y / height
+    low, high = LIMITS.ranges["hr_scale"]
+    if not low <= scale <= high:
+        raise RequestError(name, f"makes {to_x}x{to_y} from the first pass's {width}x{height}, {scale:.3g} times; "
+                                 f"hires fix enlarges {low:g} to {high:g} times")
+    while int(width * scale) < to_x or int(height * scale) < to_y:  # a float a hair short of the size
+        scale = math.nextafter(scale, math.inf)
+    return scale, name
 
 
 # --- helpers ---------------------------------------------------------------------------------------
@@ -431,9 +507,14 @@ def create_api(engine, *, logins=(), limiter=None, queue_size: int = 16) -> APIR
             "speed": body.speed, "denoising_strength": body.denoising_strength,
         }
         ignored = ignored_fields(body, used)
+        sources: dict[str, str] = {}  # engine field -> the A1111 field its value came from, for errors
         if mode == "txt2img":
             fields.update(enable_hr=body.enable_hr, hr_scale=body.hr_scale, hr_upscaler=body.hr_upscaler,
                           hr_second_pass_steps=body.hr_second_pass_steps)
+            resize = hires_resize_scale(body.width, body.height, body.hr_resize_x, body.hr_resize_y) \
+                if body.enable_hr is True else None
+            if resize:
+                fields["hr_scale"], sources["hr_scale"] = resize
         else:
             images = body.init_images
             if not isinstance(images, list) or not images:
@@ -445,9 +526,18 @@ def create_api(engine, *, logins=(), limiter=None, queue_size: int = 16) -> APIR
                 raise RequestError("resize_mode", f"must be 0 (just resize), 1 (crop and resize) or 2 (resize and "
                                                   f"fill), got {body.resize_mode!r}")
             fields["resize_mode"] = RESIZE_MODES[body.resize_mode]
+            if body.mask is not None and body.mask != "":  # A1111: an empty mask is none
+                inpaint, from_fields = inpaint_fields(body)
+                fields.update(inpaint)
+                sources.update(from_fields)
         if not isinstance(fields["sampler"], str):
             raise RequestError("sampler", f"must be a sampler name, got {type(fields['sampler']).__name__}")
-        request = engine.make_request(fields, model=model)  # the one validation, naming the field
+        try:
+            request = engine.make_request(fields, model=model)  # the one validation, naming the field
+        except RequestError as e:
+            if e.field in sources:
+                raise renamed(e, sources[e.field]) from None
+            raise
 
         job = jobs.open(request.steps)
         interrupted = False
@@ -543,6 +633,12 @@ def create_api(engine, *, logins=(), limiter=None, queue_size: int = 16) -> APIR
         if jobs.owns(job):
             job.cancel()
         return {}
+
+    @router.post(f"{PREFIX}/skip", tags=["sdapi"])
+    async def skip():
+        """A1111 skips the current image of a batch; Easel's jobs have no per-image skip, so this
+        stops the running API job as interrupt does (a page user's job is left alone)."""
+        return await interrupt()
 
     # --- models and settings ---
     @router.get(f"{PREFIX}/sd-models", tags=["sdapi"])
