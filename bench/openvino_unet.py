@@ -8,7 +8,8 @@ Reports the conversion time (once per checkpoint in Easel, then cached), the com
 RSS while converting (what CONVERT_MEMORY_FACTOR in engine/openvino_backend.py estimates), the s per
 UNet step of each backend in interleaved rounds (so a change in the machine's load hits both), and
 how far OpenVINO's output is from torch's (relative RMS). bf16 is measured too where the CPU has it
-natively (engine.devices.Hardware.cpu_bf16). Run it on a quiet machine; it prints the load average.
+natively (engine.devices.Hardware.cpu_bf16), beside torch bf16 (the torch plan's UNet on such a CPU).
+Run it on a quiet machine; it prints the load average.
 """
 from __future__ import annotations
 
@@ -98,6 +99,17 @@ def main(argv: list[str] | None = None) -> int:
         return lambda: torch.from_numpy(compiled[precision](feed)[0].copy())
 
     variants = {"torch fp32": torch_step, **{f"openvino {p}": ov_step(p) for p in precisions}}
+    if hardware.cpu_bf16:  # what Easel's torch plan runs on such a CPU (engine/devices.py): a bf16 UNet
+        import copy
+
+        unet_bf16 = copy.deepcopy(unet).to(torch.bfloat16)
+        sample_bf16, context_bf16 = sample.to(torch.bfloat16), context.to(torch.bfloat16)
+
+        def torch_bf16_step():
+            with torch.inference_mode():
+                return unet_bf16(sample_bf16, timestep, encoder_hidden_states=context_bf16).sample.float()
+
+        variants["torch bf16"] = torch_bf16_step
     outputs = {name: run() for name, run in variants.items()}  # warm-up, and the outputs compared
     times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(args.rounds):
