@@ -71,7 +71,8 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
-class Txt2ImgRequest(_Body):
+class _GenerationBody(_Body):
+    """The fields txt2img and img2img share, with A1111's defaults."""
     prompt: Annotated[str, Raw] = ""
     negative_prompt: Annotated[str, Raw] = ""
     styles: Annotated[list[str] | None, Raw] = None
@@ -105,7 +106,6 @@ class Txt2ImgRequest(_Body):
     refiner_switch_at: Annotated[float | None, Raw] = None
     disable_extra_networks: Annotated[bool, Raw] = False
     comments: Annotated[dict[str, Any] | None, Raw] = None
-    denoising_strength: Annotated[float | None, Raw] = 0.75
     script_name: Annotated[str | None, Raw] = None
     script_args: Annotated[list, Raw] = []
     send_images: Annotated[bool, Raw] = True
@@ -113,8 +113,12 @@ class Txt2ImgRequest(_Body):
     alwayson_scripts: Annotated[dict[str, Any], Raw] = {}
     infotext: Annotated[str | None, Raw] = None
     force_task_id: Annotated[str | None, Raw] = None
-    firstpass_image: Annotated[str | None, Raw] = None
     speed: Annotated[str, Raw] = "exact"  # Easel's own: "fast" reuses UNet features between steps
+
+
+class Txt2ImgRequest(_GenerationBody):
+    denoising_strength: Annotated[float | None, Raw] = 0.75
+    firstpass_image: Annotated[str | None, Raw] = None
     # Hires fix
     enable_hr: Annotated[bool, Raw] = False
     firstphase_width: Annotated[int, Raw] = 0
@@ -131,7 +135,7 @@ class Txt2ImgRequest(_Body):
     hr_negative_prompt: Annotated[str, Raw] = ""
 
 
-class Img2ImgRequest(_Body):
+class Img2ImgRequest(_GenerationBody):
     init_images: Annotated[list[str] | None, Raw] = None  # base64, a data: URL prefix allowed
     resize_mode: Annotated[int, Raw] = 0
     denoising_strength: Annotated[float, Raw] = 0.75
@@ -147,48 +151,6 @@ class Img2ImgRequest(_Body):
     initial_noise_multiplier: Annotated[float | None, Raw] = None
     latent_mask: Annotated[str | None, Raw] = None
     include_init_images: Annotated[bool, Raw] = False
-    # the fields shared with txt2img
-    prompt: Annotated[str, Raw] = ""
-    negative_prompt: Annotated[str, Raw] = ""
-    styles: Annotated[list[str] | None, Raw] = None
-    seed: Annotated[int, Raw] = -1
-    subseed: Annotated[int, Raw] = -1
-    subseed_strength: Annotated[float, Raw] = 0
-    seed_resize_from_h: Annotated[int, Raw] = -1
-    seed_resize_from_w: Annotated[int, Raw] = -1
-    sampler_name: Annotated[str | None, Raw] = None
-    sampler_index: Annotated[str, Raw] = "Euler"
-    scheduler: Annotated[str | None, Raw] = None
-    batch_size: Annotated[int, Raw] = 1
-    n_iter: Annotated[int, Raw] = 1
-    steps: Annotated[int, Raw] = 50
-    cfg_scale: Annotated[float, Raw] = 7.0
-    width: Annotated[int, Raw] = 512
-    height: Annotated[int, Raw] = 512
-    restore_faces: Annotated[bool | None, Raw] = None
-    tiling: Annotated[bool | None, Raw] = None
-    do_not_save_samples: Annotated[bool, Raw] = False
-    do_not_save_grid: Annotated[bool, Raw] = False
-    eta: Annotated[float | None, Raw] = None
-    s_min_uncond: Annotated[float | None, Raw] = None
-    s_churn: Annotated[float | None, Raw] = None
-    s_tmax: Annotated[float | None, Raw] = None
-    s_tmin: Annotated[float | None, Raw] = None
-    s_noise: Annotated[float | None, Raw] = None
-    override_settings: Annotated[dict[str, Any] | None, Raw] = None
-    override_settings_restore_afterwards: Annotated[bool, Raw] = True
-    refiner_checkpoint: Annotated[str | None, Raw] = None
-    refiner_switch_at: Annotated[float | None, Raw] = None
-    disable_extra_networks: Annotated[bool, Raw] = False
-    comments: Annotated[dict[str, Any] | None, Raw] = None
-    script_name: Annotated[str | None, Raw] = None
-    script_args: Annotated[list, Raw] = []
-    send_images: Annotated[bool, Raw] = True
-    save_images: Annotated[bool, Raw] = False
-    alwayson_scripts: Annotated[dict[str, Any], Raw] = {}
-    infotext: Annotated[str | None, Raw] = None
-    force_task_id: Annotated[str | None, Raw] = None
-    speed: Annotated[str, Raw] = "exact"
 
 
 class ExtrasSingleRequest(_Body):

@@ -8,8 +8,8 @@ through a queue, and when it is done the model list is refreshed and the new che
 """
 from __future__ import annotations
 
+import contextlib
 import logging
-import queue
 import threading
 from pathlib import Path
 
@@ -17,12 +17,12 @@ import gradio as gr
 
 from engine.downloads import DownloadJob
 from engine.errors import CancelledError, EaselError
+from ui.handlers import watch
 from ui.progress import progress_html
 
 log = logging.getLogger(__name__)
 
 HEADERS = ["Model", "Name", "Size", "This machine", "Why", "Good for", "Licence", "Status"]
-_DONE = object()
 
 
 class DownloadsPanel:
@@ -97,39 +97,18 @@ def run_download(studio, job: DownloadJob, what: str, link: bool):
     if link and studio.listen:
         raise EaselError("link: models from links can only be added on the computer running Easel (the page is "
                          "shared with --listen); the catalogue works from here")
-    updates: queue.Queue = queue.Queue()
-    job.on_progress = updates.put
-    outcome = {}
+    outcome: dict = {}
 
     def work():
-        try:
-            downloads = studio.engine.downloads
-            outcome["path"] = downloads.fetch_link(what, job) if link else downloads.fetch(what or None, job)
-        except BaseException as e:  # handed to the page's thread, which reports it
-            outcome["error"] = e
-        finally:
-            updates.put(_DONE)
+        downloads = studio.engine.downloads
+        return downloads.fetch_link(what, job) if link else downloads.fetch(what or None, job)
 
-    worker = threading.Thread(target=work, name="easel-download", daemon=True)
-    worker.start()
-    try:
-        while True:
-            item = updates.get()
-            batch = [item]
-            while not updates.empty():  # the page only needs the newest
-                batch.append(updates.get())
-            steps = [u for u in batch if u is not _DONE]
-            if steps:
-                yield steps[-1]
-            if _DONE in batch:
-                break
-        worker.join()
-        if "error" in outcome:
-            raise outcome["error"]
-        yield outcome["path"]
-    finally:
-        if worker.is_alive():  # the page went away: stop; the part is kept for next time
-            job.cancel()
+    # watch: a worker thread; the page went away (this generator closed): the download stops and
+    # its part is kept for next time
+    with contextlib.closing(watch(job, work, outcome)) as watched:
+        for updates in watched:
+            yield updates[-1]
+    yield outcome["result"]
 
 
 def model_name_of(studio, path: Path) -> str | None:

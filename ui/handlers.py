@@ -18,7 +18,7 @@ from PIL import Image, ImageChops
 
 from engine.errors import CancelledError, EaselError, RequestError
 from engine.infotext import values_from_params
-from engine.jobs import Job, ProgressUpdate
+from engine.jobs import Job
 from engine.images import open_image
 from engine.inpaint import mask_from_image
 from ui.progress import describe, preview_every, progress_html
@@ -93,6 +93,46 @@ class JobBoard:
 
 
 _DONE = object()
+
+
+def watch(job, work, outcome: dict[str, Any]) -> Iterator[list]:
+    """Run `work()` in a worker thread (so progress can be shown while it works), yielding the
+    progress updates that arrived since the last yield (the page only shows the newest, and the
+    newest preview among them); its result ends up in outcome["result"], its
+    error is raised here. If the caller stops listening (the page went away: this generator
+    is closed), the job is cancelled. `job`: anything with `on_progress`, `cancelled` (an Event)
+    and `cancel()` (engine.jobs.Job, engine.downloads.DownloadJob)."""
+    updates: queue.Queue = queue.Queue()
+    job.on_progress = updates.put
+
+    def run():
+        try:
+            if job.cancelled.is_set():
+                raise CancelledError("cancelled before it started")
+            outcome["result"] = work()
+        except BaseException as e:  # handed to the page's thread, which reports it
+            outcome["error"] = e
+        finally:
+            updates.put(_DONE)
+
+    worker = threading.Thread(target=run, name="easel-job", daemon=True)
+    worker.start()
+    try:
+        while True:
+            batch = [updates.get()]
+            while not updates.empty():
+                batch.append(updates.get())
+            steps = [u for u in batch if u is not _DONE]
+            if steps:
+                yield steps
+            if _DONE in batch:
+                break
+        worker.join()
+        if "error" in outcome:
+            raise outcome["error"]
+    finally:
+        if worker.is_alive():
+            job.cancel()
 
 
 class Studio:
@@ -190,7 +230,7 @@ class Studio:
             yield GenerationView(progress_html("Loading the model…" if self.engine.current_model != model
                                                else "Starting…"))
             preview = None
-            with contextlib.closing(self._watch(job, work, outcome)) as watched:
+            with contextlib.closing(watch(job, work, outcome)) as watched:
                 for updates in watched:
                     for last in updates:
                         preview = last.preview or preview
@@ -202,45 +242,6 @@ class Studio:
         finally:
             self.jobs.finish(key, token)
         yield self._done_view(outcome["result"])
-
-    @staticmethod
-    def _watch(job: Job, work, outcome: dict[str, Any]) -> Iterator[list[ProgressUpdate]]:
-        """Run `work()` in a worker thread (so progress can be shown while it works), yielding the
-        ProgressUpdates that arrived since the last yield (the page only shows the newest, and the
-        newest preview among them); its result ends up in outcome["result"], its
-        error is raised here. If the caller stops listening (the page went away: this generator
-        is closed), the job is cancelled."""
-        updates: queue.Queue = queue.Queue()
-        job.on_progress = updates.put
-
-        def run():
-            try:
-                if job.cancelled.is_set():
-                    raise CancelledError("cancelled before it started")
-                outcome["result"] = work()
-            except BaseException as e:  # handed to the page's thread, which reports it
-                outcome["error"] = e
-            finally:
-                updates.put(_DONE)
-
-        worker = threading.Thread(target=run, name="easel-job", daemon=True)
-        worker.start()
-        try:
-            while True:
-                batch = [updates.get()]
-                while not updates.empty():
-                    batch.append(updates.get())
-                steps = [u for u in batch if u is not _DONE]
-                if steps:
-                    yield steps
-                if _DONE in batch:
-                    break
-            worker.join()
-            if "error" in outcome:
-                raise outcome["error"]
-        finally:
-            if worker.is_alive():
-                job.cancel()
 
     @staticmethod
     def _with_init_image(fields: dict[str, Any]) -> dict[str, Any]:
@@ -303,7 +304,7 @@ class Studio:
 
         try:
             yield UpscaleView(progress_html("Starting…"))
-            with contextlib.closing(self._watch(job, work, outcome)) as watched:
+            with contextlib.closing(watch(job, work, outcome)) as watched:
                 for updates in watched:
                     last = updates[-1]
                     yield UpscaleView(progress_html(describe(last, unit="Tile"), last.fraction))
