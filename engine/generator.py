@@ -239,6 +239,10 @@ class Generator:
         request, model = run.request, run.model
         pipe = model.pipeline(mode)
         pipe.scheduler = make_scheduler(request.sampler, request.schedule_type, model.scheduler_config)
+        if hasattr(pipe.scheduler, "noise_sampler_seed"):
+            # DPM++ SDE's Brownian tree, one per image seeded with its seed as A1111 does; left unset,
+            # diffusers seeds it from torch's global RNG and the same seed gives another image.
+            pipe.scheduler.noise_sampler_seed = list(seeds)
         pos, neg = run.prompts()
         n = len(seeds)
         rep = lambda t: None if t is None else t.repeat(n, *([1] * (t.dim() - 1)))  # noqa: E731

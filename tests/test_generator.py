@@ -41,7 +41,7 @@ def test_random_seed_is_reported_and_reproducible(sd_engine):
     assert np.array_equal(pixels(a.images[0]), pixels(b.images[0]))
 
 
-@pytest.mark.parametrize("sampler", ["Euler a", "DPM++ 2M"])
+@pytest.mark.parametrize("sampler", ["Euler a", "DPM++ 2M", "DPM++ SDE"])
 def test_batch_image_k_equals_a_single_run_with_seed_plus_k(sd_engine, sampler):
     batch = run(sd_engine, seed=500, batch_size=2, batch_count=2, sampler=sampler)
     assert batch.seeds == (500, 501, 502, 503)
@@ -243,3 +243,13 @@ def test_the_reuse_interval_is_the_generators_to_set(sd_engine):
     finally:
         generator.reuse_interval = original
     assert calls == 5  # full steps 0, 2, 4, 6, 8
+
+
+def test_dpm_sde_gives_the_same_image_for_the_same_seed(sd_engine):
+    """Its Brownian-tree noise is seeded from the image's seed, not torch's global RNG."""
+    a = run(sd_engine, sampler="DPM++ SDE", seed=77)
+    torch.manual_seed(12345)  # the global RNG moved on: must not matter
+    b = run(sd_engine, sampler="DPM++ SDE", seed=77)
+    c = run(sd_engine, sampler="DPM++ SDE", seed=78)
+    assert np.array_equal(pixels(a.images[0]), pixels(b.images[0]))
+    assert not np.array_equal(pixels(a.images[0]), pixels(c.images[0]))
