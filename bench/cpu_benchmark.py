@@ -37,6 +37,15 @@ SEED, CFG = 1, 7.0
 # One SD 1.5 UNet call at 512x512 with CFG (batch 2), counted with torch.utils.flop_counter
 # (multiply-add = 2 FLOP); `--count-flops` recounts it.
 UNET_GFLOP_PER_STEP = 1607.0
+# SD 1.5's UNet (its published unet/config.json, architecture fields); bench/openvino_unet.py uses it too.
+SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    norm_num_groups=32, norm_eps=1e-5, act_fn="silu", flip_sin_to_cos=True, freq_shift=0,
+    downsample_padding=1, mid_block_scale_factor=1,
+)
 
 
 # --- model cache ------------------------------------------------------------------------------
@@ -54,14 +63,7 @@ def build_sd15_random(dest: Path) -> Path:
     from engine.tokenizers import load_clip_tokenizer
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-        block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        norm_num_groups=32, norm_eps=1e-5, act_fn="silu", flip_sin_to_cos=True, freq_shift=0,
-        downsample_padding=1, mid_block_scale_factor=1,
-    )
+    unet = UNet2DConditionModel(**SD15_UNET)
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
         block_out_channels=(128, 256, 512, 512), norm_num_groups=32, act_fn="silu",

@@ -26,19 +26,14 @@ sys.path.insert(0, str(ROOT))
 
 
 def sd15_unet(torch):
-    """SD 1.5's UNet architecture (its published config) with seeded random weights: the time per
-    step does not depend on the weights' values."""
+    """SD 1.5's UNet architecture with seeded random weights: the time per step does not depend on
+    the weights' values."""
     from diffusers import UNet2DConditionModel
 
+    from bench.cpu_benchmark import SD15_UNET
+
     torch.manual_seed(0)
-    return UNet2DConditionModel(
-        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-        block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        norm_num_groups=32, norm_eps=1e-5, act_fn="silu", flip_sin_to_cos=True, freq_shift=0,
-        downsample_padding=1, mid_block_scale_factor=1,
-    ).eval()
+    return UNet2DConditionModel(**SD15_UNET).eval()
 
 
 def peak_rss_gb() -> float:
