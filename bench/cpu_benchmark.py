@@ -55,7 +55,7 @@ def model_folder(cache: Path = CACHE) -> Path:
 
 def build_sd15_random(dest: Path) -> Path:
     """Full-size SD 1.5 components (its published configs) with seeded random weights."""
-    import engine  # noqa: F401  (torchvision shim before diffusers)
+    import engine.compat  # noqa: F401  (torchvision shim before diffusers)
     import torch
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -202,7 +202,7 @@ def matmul_peak(n: int = 2048, seconds: float = 3.0) -> dict:
 
 def count_unet_gflop(folder: Path) -> float:
     """Count one CFG UNet call at 512x512 on the meta device (no weights loaded, no compute)."""
-    import engine  # noqa: F401
+    import engine.compat  # noqa: F401  (torchvision shim before diffusers)
     import torch
     from diffusers import UNet2DConditionModel
     from torch.utils.flop_counter import FlopCounterMode
@@ -219,7 +219,7 @@ def count_unet_gflop(folder: Path) -> float:
 # --- the variants (each runs in a child process) ------------------------------------------------
 def run_stock(folder: Path, steps: int, out: Path) -> dict:
     """(a) Stock diffusers, default CPU settings: fp32, its default (SDPA) attention, torch's threads."""
-    import engine  # noqa: F401
+    import engine.compat  # noqa: F401  (torchvision shim before diffusers)
     import torch
     from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
 
@@ -242,7 +242,7 @@ def run_stock(folder: Path, steps: int, out: Path) -> dict:
 def run_easel(folder: Path, steps: int, out: Path, precision: str, speed: str = "exact", interval: int | None = None) -> dict:
     """(b) Easel's engine with the plan it picks for this machine (or a forced precision); speed
     "fast" reuses deep UNet features, one full step in `interval` (default: the engine's)."""
-    import engine  # noqa: F401
+    import engine.compat  # noqa: F401  (torchvision shim before diffusers)
     from engine.engine import Engine, EngineConfig
 
     data = CACHE / "data"  # keeps the model hash cache between runs, so loading is not re-hashing 3.4 GB

@@ -45,7 +45,7 @@ def inputs(torch):
 
 
 def load_unet(torch):
-    import engine  # noqa: F401
+    import engine.compat  # noqa: F401  (torchvision shim before diffusers)
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel.from_pretrained(str(ensure_model() / "unet"), local_files_only=True).eval()
