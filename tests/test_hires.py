@@ -84,13 +84,18 @@ def test_bad_hires_fields_are_refused_naming_the_field(sd_engine, fields, field)
     assert refused.value.field == field and "\n" not in str(refused.value)
 
 
-def test_cli_hires_saves_the_scaled_image_with_its_parameters(tiny_models_dir, tmp_path, capsys):
-    code = app.main(["txt2img", "--models-dir", str(tiny_models_dir), "--outdir", str(tmp_path / "out"),
+def cli_hires(models_dir, tmp_path, capsys, scale: str, upscaler: str) -> str:
+    """`app.py txt2img --hires` at 64x64; the saved file's path (the command must succeed)."""
+    code = app.main(["txt2img", "--models-dir", str(models_dir), "--outdir", str(tmp_path / "out"),
                      "--data-dir", str(tmp_path / "data"), "--prompt", "a cat", "--width", "64", "--height", "64",
-                     "--steps", "2", "--hires", "--hr-scale", "1.5", "--hr-upscaler", "Lanczos", "--strength", "0.5"])
+                     "--steps", "2", "--hires", "--hr-scale", scale, "--hr-upscaler", upscaler, "--strength", "0.5"])
     out, err = capsys.readouterr()
     assert code == 0, err
-    path = out.strip().splitlines()[0]
+    return out.strip().splitlines()[0]
+
+
+def test_cli_hires_saves_the_scaled_image_with_its_parameters(tiny_models_dir, tmp_path, capsys):
+    path = cli_hires(tiny_models_dir, tmp_path, capsys, "1.5", "Lanczos")
     with Image.open(path) as image:
         assert image.size == (96, 96)
     assert "Hires upscale: 1.5" in read_infotext(path)
@@ -148,12 +153,7 @@ def test_an_unknown_hires_upscaler_is_refused_with_the_choices(esrgan_engine, na
 
 
 def test_cli_hires_takes_an_esrgan_model(esrgan_engine, tmp_path, capsys):
-    code = app.main(["txt2img", "--models-dir", str(esrgan_engine.library.models_dir), "--outdir", str(tmp_path / "out"),
-                     "--data-dir", str(tmp_path / "data"), "--prompt", "a cat", "--width", "64", "--height", "64",
-                     "--steps", "2", "--hires", "--hr-scale", "2", "--hr-upscaler", "tiny4x", "--strength", "0.5"])
-    out, err = capsys.readouterr()
-    assert code == 0, err
-    path = out.strip().splitlines()[0]
+    path = cli_hires(esrgan_engine.library.models_dir, tmp_path, capsys, "2", "tiny4x")
     with Image.open(path) as image:
         assert image.size == (128, 128)
     assert "Hires upscaler: tiny4x" in read_infotext(path)
