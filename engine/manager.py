@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -391,7 +392,9 @@ class ModelManager:
         compiling fails: the model still runs, on torch, and the first job's notes say why."""
         from engine.openvino_backend import OpenVINOCache, prepare_unet
 
-        cache = OpenVINOCache(self.cache_dir / "openvino") if self.cache_dir else None
+        # No data folder (a bare ModelManager): a cache in the system's temp folder, shared by such runs.
+        cache = OpenVINOCache(self.cache_dir / "openvino" if self.cache_dir else
+                              Path(tempfile.gettempdir()) / "easel-openvino")
         precision = "bf16" if plan.unet_dtype == torch.bfloat16 else "f32"
         try:
             compiled = prepare_unet(unet, checkpoint_hash, cache, precision=precision, threads=plan.threads)

@@ -22,8 +22,8 @@ the UNet's downsampling does not divide, so diffusers takes its `forward_upsampl
 (each upsampler sized from its skip connection) and that branch, which is right for every size,
 is what the graph holds; a divisible example would bake in "double the size", wrong for others.
 
-Cache: one entry per (UNet weights hash, UNet config, graph inputs, OpenVINO version, FORMAT),
-i.e. everything the converted graph depends on. The precision (f32 or bf16) is a compile-time
+Cache: one entry per converted part and (checkpoint hash, the part's config, graph inputs,
+OpenVINO version, FORMAT), i.e. everything the converted graph depends on. The precision (f32 or bf16) is a compile-time
 hint on the same f32 graph, so it is not part of the key: one entry serves both. An entry is a
 folder written under a temp name and renamed into place (never seen half-written); its
 meta.json records the files' sizes and the xml's sha256, so a truncated or damaged entry is
@@ -54,7 +54,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 logger = logging.getLogger(__name__)
 
 # Bump when what is converted changes (the traced wrapper, the inputs): old entries stop matching.
-FORMAT = 1
+FORMAT = 2
 HOOK_NAME = "easel_openvino"
 # SD 1.5's UNet is 3.4 GB as an f32 graph, SDXL's 10 GB: room for a few of each.
 DEFAULT_CACHE_LIMIT = 32 * 2**30
@@ -133,16 +133,18 @@ def convert_unet(unet: torch.nn.Module):
     return model
 
 
-def cache_key(checkpoint_hash: str, unet: torch.nn.Module) -> str:
-    """Everything the converted graph depends on (see the module docstring), hashed."""
-    config = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
-    parts = {"checkpoint": checkpoint_hash, "config": config, "inputs": input_names(unet.config),
-             "weights": str(unet.dtype), "openvino": openvino_version(), "format": FORMAT}
+def cache_key(checkpoint_hash: str, part: str, module: torch.nn.Module, inputs: tuple[str, ...]) -> str:
+    """Everything one converted part's graph depends on (see the module docstring), hashed. `part`
+    names what was converted ("unet", ...): each part is an entry of its own."""
+    config = {k: v for k, v in dict(module.config).items() if not k.startswith("_")}
+    parts = {"checkpoint": checkpoint_hash, "part": part, "config": config, "inputs": inputs,
+             "weights": str(module.dtype), "openvino": openvino_version(), "format": FORMAT}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
 class OpenVINOCache:
-    """Converted UNets on disk, one folder per key (see the module docstring)."""
+    """Converted models on disk, one folder per key (see the module docstring): model.xml/.bin, the
+    meta.json that vouches for them, and compiled/, OpenVINO's own cache of the compiled blob."""
 
     def __init__(self, root: Path, limit_bytes: int = DEFAULT_CACHE_LIMIT):
         self.root = Path(root)
@@ -151,36 +153,37 @@ class OpenVINOCache:
     def entry(self, key: str) -> Path:
         return self.root / key
 
-    def load(self, key: str):
-        """The cached openvino.Model for `key`, or None when there is none or it was damaged (a
+    def load(self, key: str) -> Path | None:
+        """The entry's model.xml for `key`, or None when there is none or it was damaged (a
         damaged entry is removed, so it is converted again)."""
-        import openvino
-
         folder = self.entry(key)
         if not folder.is_dir():
             return None
+        xml, weights = folder / "model.xml", folder / "model.bin"
         try:
             meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
-            xml, weights = folder / "unet.xml", folder / "unet.bin"
             if meta.get("key") != key or xml.stat().st_size != meta["xml_size"] or \
                     weights.stat().st_size != meta["bin_size"] or _sha256(xml) != meta["xml_sha256"]:
                 raise ValueError("files differ from meta.json")
-            model = openvino.Core().read_model(str(xml), str(weights))
-        except (OSError, ValueError, KeyError, RuntimeError) as error:
+        except (OSError, ValueError, KeyError) as error:
             logger.warning("OpenVINO cache entry %s is damaged (%s); converting again", folder.name, error)
-            shutil.rmtree(folder, ignore_errors=True)
+            self.remove(key)
             return None
         os.utime(folder / "meta.json")  # last used: the size limit removes the least recently used
-        return model
+        return xml
+
+    def remove(self, key: str) -> None:
+        shutil.rmtree(self.entry(key), ignore_errors=True)
 
     def store(self, key: str, model) -> Path:
-        """Write `model` as the entry for `key`: built in a temp folder, then renamed into place."""
+        """Write `model` as the entry for `key` (built in a temp folder, then renamed into place);
+        returns its model.xml."""
         import openvino
 
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=f".{key}-", suffix=".tmp"))
         try:
-            xml, weights = tmp / "unet.xml", tmp / "unet.bin"
+            xml, weights = tmp / "model.xml", tmp / "model.bin"
             # compress_to_fp16 defaults to True: it would halve the weights' precision, not just their size.
             openvino.save_model(model, str(xml), compress_to_fp16=False)
             meta = {"key": key, "xml_size": xml.stat().st_size, "bin_size": weights.stat().st_size,
@@ -193,7 +196,7 @@ class OpenVINOCache:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         self.prune(keep=key)
-        return final
+        return final / "model.xml"
 
     def size(self) -> int:
         return sum(f.stat().st_size for f in self.root.rglob("*") if f.is_file()) if self.root.is_dir() else 0
@@ -218,6 +221,16 @@ class OpenVINOCache:
                 break
             total -= sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
             shutil.rmtree(folder, ignore_errors=True)
+
+    def compile(self, xml: Path, device: str, config: dict):
+        """The entry's model compiled for `device`. OpenVINO keeps the compiled blob in the entry's
+        compiled/ folder, so later loads import it instead of compiling again; and compiling from
+        the file (not from an openvino.Model) lets it memory-map the weights instead of copying them."""
+        import openvino
+
+        core = openvino.Core()
+        core.set_property({"CACHE_DIR": str(xml.parent / "compiled")})
+        return core.compile_model(str(xml), device, config)
 
 
 def _sha256(path: Path) -> str:
@@ -312,26 +325,27 @@ def check_memory_for_conversion(unet: torch.nn.Module) -> None:
         raise MemoryError(f"converting needs about {need / 2**30:.1f} GB free and {free / 2**30:.1f} GB is")
 
 
-def prepare_unet(unet: torch.nn.Module, checkpoint_hash: str, cache: OpenVINOCache | None, *,
+def prepare_unet(unet: torch.nn.Module, checkpoint_hash: str, cache: OpenVINOCache, *,
                  precision: str = "f32", threads: int | None = None) -> OpenVINOUNet:
     """The UNet compiled for the CPU: read from the cache, else converted (and cached). Raises
     whatever converting or compiling raises; the caller falls back to torch."""
-    import openvino
-
     started = time.monotonic()
-    key = cache_key(checkpoint_hash, unet)
-    model = cache.load(key) if cache is not None else None
-    from_cache = model is not None
-    if model is None:
+    names = input_names(unet.config)
+    key = cache_key(checkpoint_hash, "unet", unet, names)
+    xml = cache.load(key)
+    from_cache = xml is not None
+    if xml is None:
         logger.warning(PREPARING)
         check_memory_for_conversion(unet)
         model = convert_unet(unet)
-        if cache is not None:
-            cache.store(key, model)
-            # The saved copy: its weights are memory-mapped, not a second copy in RAM.
-            model = cache.load(key) or model
+        xml = cache.store(key, model)
+        del model  # the graph holds its own copy of the weights until it goes
     config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads
-    compiled = openvino.Core().compile_model(model, "CPU", config)
-    return OpenVINOUNet(compiled, input_names(unet.config), precision, from_cache, time.monotonic() - started)
+    try:
+        compiled = cache.compile(xml, "CPU", config)
+    except RuntimeError:
+        cache.remove(key)  # a damaged compiled blob or weights: convert afresh next time
+        raise
+    return OpenVINOUNet(compiled, names, precision, from_cache, time.monotonic() - started)

@@ -116,6 +116,8 @@ def test_second_load_reads_the_cache_without_converting(ov_engine, tiny_models_d
     monkeypatch.setattr(ovb, "convert_unet", lambda unet: calls.append(unet) or real(unet))
     again = loaded_engine(tiny_models_dir, ov_root, ov_cpu)
     assert calls == [] and again.manager.current.openvino.from_cache
+    (entry,) = _cache_entries(ov_root)
+    assert any((entry / "compiled").glob("*.blob"))  # OpenVINO's compiled blob, imported on later loads
     assert_close(run(again).images[0], run(ov_engine).images[0])
 
 
@@ -139,12 +141,12 @@ def test_a_changed_checkpoint_is_converted_again(tmp_path, ov_cpu):
 def test_a_damaged_cache_entry_is_rebuilt(tiny_models_dir, tmp_path, ov_cpu):
     loaded_engine(tiny_models_dir, tmp_path, ov_cpu)
     (entry,) = _cache_entries(tmp_path)
-    weights = entry / "unet.bin"
+    weights = entry / "model.bin"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a half-written copy
     rebuilt = loaded_engine(tiny_models_dir, tmp_path, ov_cpu)
     assert not rebuilt.manager.current.openvino.from_cache
     meta = json.loads((entry / "meta.json").read_text())
-    assert (entry / "unet.bin").stat().st_size == meta["bin_size"]
+    assert (entry / "model.bin").stat().st_size == meta["bin_size"]
     run(rebuilt)
 
 
