@@ -397,7 +397,8 @@ class ModelManager:
                               Path(tempfile.gettempdir()) / "easel-openvino")
         precision = "bf16" if plan.unet_dtype == torch.bfloat16 else "f32"
         try:
-            compiled = prepare_unet(unet, checkpoint_hash, cache, precision=precision, threads=plan.threads)
+            compiled = prepare_unet(unet, checkpoint_hash, cache, precision=precision, threads=plan.threads,
+                                    torch_dtype=plan.unet_dtype)
         except Exception as error:  # noqa: BLE001 - any failure here must leave a model that runs
             detail = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
             note = f"OpenVINO could not prepare this model ({type(error).__name__}: {detail}); running on torch"

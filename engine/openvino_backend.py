@@ -310,6 +310,34 @@ def _array(tensor: torch.Tensor):
     return tensor.detach().to("cpu", torch.float32).contiguous().numpy()
 
 
+def park_weights(module: torch.nn.Module, folder: Path, dtype: torch.dtype) -> None:
+    """Give `module` its weights in `dtype` memory-mapped from `folder`/torch-<dtype>.pt (written
+    from the module's own weights the first time): they cost RAM only while a pass runs on torch.
+
+    Why: OpenVINO holds its own compiled copy, so the torch weights kept beside it (for the passes
+    that still run on torch: a LoRA, an uncovered call) doubled the model's memory (peak RSS 9.2 GB
+    against stock diffusers' 5.5 for SD 1.5). Memory-mapped, they are file pages the kernel can drop.
+    Copy-on-write: nothing writes to the file once it is there."""
+    path = folder / f"torch-{str(dtype).removeprefix('torch.')}.pt"
+    state = None
+    if path.is_file():
+        try:
+            state = torch.load(path, mmap=True, weights_only=True)
+        except Exception as error:  # noqa: BLE001 - a damaged file is written again from the weights
+            logger.warning("damaged %s (%s); writing it again", path, error)
+            state = None
+    if state is None or set(state) != set(module.state_dict()):
+        module.to(dtype=dtype)
+        tmp = folder / f".{path.name}.tmp"
+        try:
+            torch.save(module.state_dict(), tmp)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        state = torch.load(path, mmap=True, weights_only=True)
+    module.load_state_dict(state, assign=True)
+
+
 def unet_bytes(unet: torch.nn.Module) -> int:
     """The UNet's weights in f32, whatever dtype they are held in now."""
     return sum(p.numel() for p in unet.parameters()) * 4
@@ -326,9 +354,12 @@ def check_memory_for_conversion(unet: torch.nn.Module) -> None:
 
 
 def prepare_unet(unet: torch.nn.Module, checkpoint_hash: str, cache: OpenVINOCache, *,
-                 precision: str = "f32", threads: int | None = None) -> OpenVINOUNet:
+                 precision: str = "f32", threads: int | None = None,
+                 torch_dtype: torch.dtype | None = None) -> OpenVINOUNet:
     """The UNet compiled for the CPU: read from the cache, else converted (and cached). Raises
-    whatever converting or compiling raises; the caller falls back to torch."""
+    whatever converting or compiling raises; the caller falls back to torch. With `torch_dtype`,
+    the torch UNet's weights are parked (park_weights) in that dtype before compiling, so its
+    in-RAM copy is gone before OpenVINO's is made: the load's peak memory holds one UNet, not two."""
     started = time.monotonic()
     names = input_names(unet.config)
     key = cache_key(checkpoint_hash, "unet", unet, names)
@@ -340,6 +371,8 @@ def prepare_unet(unet: torch.nn.Module, checkpoint_hash: str, cache: OpenVINOCac
         model = convert_unet(unet)
         xml = cache.store(key, model)
         del model  # the graph holds its own copy of the weights until it goes
+    if torch_dtype is not None:
+        park_weights(unet, cache.entry(key), torch_dtype)
     config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads

@@ -248,3 +248,45 @@ def test_latent_sizes_the_downsampling_does_not_divide(ov_engine):
                 got = unet(sample, 500, encoder_hidden_states=hidden).sample
         assert record.used == {"openvino"}
         assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4), (got - expected).abs().max()
+
+
+# --- the torch UNet beside OpenVINO's ------------------------------------------------------------
+def _mapped_files(address: int) -> set[str]:
+    """The files mapped into this process at `address` (Linux /proc/self/maps)."""
+    found = set()
+    for line in open("/proc/self/maps", encoding="utf-8"):
+        fields = line.split()
+        start, end = (int(x, 16) for x in fields[0].split("-"))
+        if start <= address < end and len(fields) > 5:
+            found.add(fields[5])
+    return found
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/maps"), reason="reads Linux /proc/self/maps")
+def test_the_torch_unets_weights_are_memory_mapped_from_the_cache(ov_engine, ov_root):
+    """OpenVINO holds its own compiled copy; the torch UNet beside it must not be a second one in RAM."""
+    unet = ov_engine.manager.current.pipe.unet
+    (entry,) = _cache_entries(ov_root)
+    weights = [p for p in unet.parameters()]
+    mapped = {f for p in (weights[0], weights[len(weights) // 2], weights[-1]) for f in _mapped_files(p.data_ptr())}
+    assert mapped == {str(entry / "torch-float32.pt")}
+
+
+def test_a_lora_runs_on_the_parked_torch_unet_like_on_torch(tiny_models_dir, tmp_path, ov_cpu, plain_cpu):
+    import os
+
+    from safetensors.torch import save_file
+    from tests.test_lora import kohya_lora
+
+    models = tmp_path / "models"
+    (models / "Stable-diffusion").mkdir(parents=True)
+    os.symlink(tiny_models_dir / "Stable-diffusion" / "tiny-sd1", models / "Stable-diffusion" / "tiny-sd1")
+    ov = loaded_engine(models, tmp_path / "ov", ov_cpu)
+    (models / "Lora").mkdir()
+    save_file(kohya_lora(ov.manager.current.pipe, 1), str(models / "Lora" / "style.safetensors"))
+    plain = loaded_engine(models, tmp_path / "torch", plain_cpu)
+    fields = dict(prompt="a red fox <lora:style:0.8>")
+    with_lora = run(ov, **fields)
+    assert any("the LoRA ran on torch" in note for note in with_lora.notes)
+    assert_close(with_lora.images[0], run(plain, **fields).images[0])
+    assert_close(run(ov).images[0], run(plain).images[0])  # and back to the checkpoint's own weights
