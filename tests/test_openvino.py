@@ -290,3 +290,16 @@ def test_a_lora_runs_on_the_parked_torch_unet_like_on_torch(tiny_models_dir, tmp
     assert any("the LoRA ran on torch" in note for note in with_lora.notes)
     assert_close(with_lora.images[0], run(plain, **fields).images[0])
     assert_close(run(ov).images[0], run(plain).images[0])  # and back to the checkpoint's own weights
+
+
+def test_a_bf16_plan_keeps_f16_weights_in_its_own_entry(tiny_models_dir, tmp_path, ov_cpu, ov_root, ov_engine):
+    """OpenVINO keeps the saved constants beside its repacked bf16 copy: f16 halves the first."""
+    bf16_cpu = replace(ov_cpu, cpu_bf16=True)
+    eng = loaded_engine(tiny_models_dir, tmp_path, bf16_cpu)
+    assert eng.manager.current.openvino.precision == "bf16"
+    (f16_entry,) = _cache_entries(tmp_path)
+    (f32_entry,) = _cache_entries(ov_root)
+    assert f16_entry.name != f32_entry.name
+    f16_size, f32_size = ((e / "model.bin").stat().st_size for e in (f16_entry, f32_entry))
+    assert f16_size < 0.6 * f32_size
+    assert run(eng).images[0].size == (64, 48)
