@@ -164,9 +164,11 @@ class Engine:
         """Family, VAE scale factor and distillation of a model, from its files' headers: no load."""
         return self.manager.facts(self.library.resolve(self._model_name(name)))
 
-    def load_model(self, name: str | None = None) -> LoadedModel:
-        """Load a model now (the model picker): waits for its turn, like a job of its own."""
-        with self.turns.turn(Job()), self.manager.use(self._model_name(name)) as loaded:
+    def load_model(self, name: str | None = None, job: Job | None = None) -> LoadedModel:
+        """Load a model now (the model picker): waits for its turn, like a job of its own; `job`
+        hears what a long load is doing (Job.say)."""
+        job = job or Job()
+        with self.turns.turn(job), self.manager.use(self._model_name(name), on_status=job.say) as loaded:
             return loaded
 
     def set_model_precision(self, name: str, precision: str) -> None:
@@ -273,7 +275,7 @@ class Engine:
         in-use scope, so nothing re-plans or unloads it while the job runs."""
         job = job or Job()
         check_cancelled(job)  # cancelled while it waited in the page's queue: not even a load
-        with self.turns.turn(job), self.manager.use(self._model_name(model)) as loaded:
+        with self.turns.turn(job), self.manager.use(self._model_name(model), on_status=job.say) as loaded:
             # The request's VAE, else the one remembered for this checkpoint (engine.vae).
             self.manager.apply_vae(loaded, request.vae or self.manager.settings.vae(loaded.entry.name))
             return self.generator.run(request, loaded, job)  # checks first: cancelled while it waited

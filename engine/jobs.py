@@ -20,6 +20,7 @@ class ProgressUpdate:
     batches: int
     elapsed: float       # seconds since the job started
     preview: Image.Image | None = None
+    status: str = ""     # what the job does before its steps start (preparing a model for the CPU)
 
     @property
     def fraction(self) -> float:
@@ -41,6 +42,11 @@ class Job:
 
     def cancel(self) -> None:
         self.cancelled.set()
+
+    def say(self, status: str) -> None:
+        """Tell whoever watches what the job is doing before its first step (a long model load)."""
+        if self.on_progress:
+            self.on_progress(ProgressUpdate(0, 0, 0, 1, 0.0, status=status))
 
 
 @dataclass(frozen=True)

@@ -350,9 +350,10 @@ class ModelManager:
             raise EaselError(f"model: {entry.name} is a {info.label} checkpoint; it generates images and is "
                              "not an upscaler")
 
-    def load(self, name: str, purpose: str = "generate") -> LoadedModel:
+    def load(self, name: str, purpose: str = "generate", on_status: Callable[[str], None] | None = None) -> LoadedModel:
         """The model `name`, loaded and placed; `purpose` "generate" (any generating family) or
-        "upscale" (only the SD x4 upscaler, whose family cannot generate)."""
+        "upscale" (only the SD x4 upscaler, whose family cannot generate). `on_status` hears about
+        a long step the user should know of (OpenVINO preparing the model the first time)."""
         with self._lock:
             entry = self.library.resolve(name)
             if self.current and self.current.entry == entry:
@@ -379,7 +380,7 @@ class ModelManager:
             notes: list[str] = []
             openvino = None
             if plan.backend == "openvino":  # before place(): the UNet is still in f32
-                openvino, plan = self._prepare_openvino(pipe.unet, checkpoint_hash, plan, notes)
+                openvino, plan = self._prepare_openvino(pipe.unet, checkpoint_hash, plan, notes, on_status)
             _cast_unet_inputs(pipe.unet)
             place(pipe, plan)
             encoder = _prompt_encoder(pipe, plan)
@@ -387,7 +388,8 @@ class ModelManager:
                                        facts.distillation, notes=notes, own_vae=pipe.vae, openvino=openvino)
             return self.current
 
-    def _prepare_openvino(self, unet, checkpoint_hash: str, plan: DevicePlan, notes: list[str]):
+    def _prepare_openvino(self, unet, checkpoint_hash: str, plan: DevicePlan, notes: list[str],
+                          on_status: Callable[[str], None] | None = None):
         """(the UNet compiled by OpenVINO, plan), or (None, the plan on torch) when converting or
         compiling fails: the model still runs, on torch, and the first job's notes say why."""
         from engine.openvino_backend import OpenVINOCache, prepare_unet
@@ -398,7 +400,7 @@ class ModelManager:
         precision = "bf16" if plan.unet_dtype == torch.bfloat16 else "f32"
         try:
             compiled = prepare_unet(unet, checkpoint_hash, cache, precision=precision, threads=plan.threads,
-                                    torch_dtype=plan.unet_dtype)
+                                    torch_dtype=plan.unet_dtype, on_convert=on_status)
         except Exception as error:  # noqa: BLE001 - any failure here must leave a model that runs
             detail = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
             note = f"OpenVINO could not prepare this model ({type(error).__name__}: {detail}); running on torch"
@@ -443,11 +445,13 @@ class ModelManager:
                 torch.cuda.empty_cache()
 
     @contextmanager
-    def use(self, name: str, purpose: str = "generate") -> Iterator[LoadedModel]:
+    def use(self, name: str, purpose: str = "generate",
+            on_status: Callable[[str], None] | None = None) -> Iterator[LoadedModel]:
         """The model `name`, loaded, for the duration of one job: nothing else loads, unloads or
-        re-plans it until the job ends (other threads wait on the manager's lock). `purpose`: see load."""
+        re-plans it until the job ends (other threads wait on the manager's lock). `purpose` and
+        `on_status`: see load."""
         with self._lock:
-            yield self.load(name, purpose)
+            yield self.load(name, purpose, on_status)
 
     def unload(self) -> None:
         with self._lock:

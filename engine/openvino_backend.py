@@ -44,7 +44,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -62,7 +62,7 @@ DEFAULT_CACHE_LIMIT = 32 * 2**30
 # graph's constants plus OpenVINO's own copy while it is built and saved). An estimate with margin,
 # not yet measured at full size: bench/openvino_unet.py reports the real peak.
 CONVERT_MEMORY_FACTOR = 3.0
-PREPARING = "preparing this model for your CPU with OpenVINO (once; about a minute for SD 1.5)"
+PREPARING = "Preparing this model for your CPU with OpenVINO: about a minute, once"
 
 
 def openvino_version() -> str:
@@ -367,11 +367,13 @@ def check_memory_for_conversion(unet: torch.nn.Module) -> None:
 
 def prepare_unet(unet: torch.nn.Module, checkpoint_hash: str, cache: OpenVINOCache, *,
                  precision: str = "f32", threads: int | None = None,
-                 torch_dtype: torch.dtype | None = None) -> OpenVINOUNet:
+                 torch_dtype: torch.dtype | None = None,
+                 on_convert: Callable[[str], None] | None = None) -> OpenVINOUNet:
     """The UNet compiled for the CPU: read from the cache, else converted (and cached). Raises
     whatever converting or compiling raises; the caller falls back to torch. With `torch_dtype`,
     the torch UNet's weights are parked (park_weights) in that dtype before compiling, so its
-    in-RAM copy is gone before OpenVINO's is made: the load's peak memory holds one UNet, not two."""
+    in-RAM copy is gone before OpenVINO's is made: the load's peak memory holds one UNet, not two.
+    `on_convert` hears PREPARING before a conversion starts (the page shows it: it takes a minute)."""
     started = time.monotonic()
     names = input_names(unet.config)
     stored = stored_weights(precision)
@@ -380,6 +382,8 @@ def prepare_unet(unet: torch.nn.Module, checkpoint_hash: str, cache: OpenVINOCac
     from_cache = xml is not None
     if xml is None:
         logger.warning(PREPARING)
+        if on_convert:
+            on_convert(PREPARING)
         check_memory_for_conversion(unet)
         model = convert_unet(unet)
         xml = cache.store(key, model, stored)

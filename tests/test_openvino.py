@@ -303,3 +303,25 @@ def test_a_bf16_plan_keeps_f16_weights_in_its_own_entry(tiny_models_dir, tmp_pat
     f16_size, f32_size = ((e / "model.bin").stat().st_size for e in (f16_entry, f32_entry))
     assert f16_size < 0.6 * f32_size
     assert run(eng).images[0].size == (64, 48)
+
+
+# --- the page says when a first load prepares the model ------------------------------------------
+def test_the_pickers_first_load_says_it_is_preparing_the_model(tiny_models_dir, tmp_path, ov_cpu):
+    from ui.app_ui import create_ui
+
+    studio = create_ui(Engine(EngineConfig(tiny_models_dir, tmp_path / "out", tmp_path / "data"), ov_cpu)).studio
+    first = list(studio.select_model("tiny-sd1"))
+    assert any(ovb.PREPARING in message for message in first[:-1]) and first[-1].startswith("Loaded **tiny-sd1**")
+    studio.engine.manager.unload()
+    again = list(studio.select_model("tiny-sd1"))  # cached now: nothing to prepare
+    assert not any(ovb.PREPARING in message for message in again)
+
+
+def test_a_jobs_first_load_shows_preparing_in_its_progress(tiny_models_dir, tmp_path, ov_cpu):
+    from ui.app_ui import create_ui
+
+    studio = create_ui(Engine(EngineConfig(tiny_models_dir, tmp_path / "out", tmp_path / "data"), ov_cpu)).studio
+    fields = {"mode": "txt2img", "prompt": "x", "width": 64, "height": 64, "steps": 2, "seed": 7}
+    views = list(studio.generate(("session", "txt2img"), fields, "tiny-sd1"))
+    assert any(ovb.PREPARING in view.progress for view in views[:-1])
+    assert views[-1].images

@@ -215,7 +215,7 @@ def test_an_unknown_speed_from_infotext_is_left_out(studio):
 def test_settings_persist_across_a_new_create_ui(demo_config, tmp_path):
     config = EngineConfig(demo_config.models_dir, tmp_path / "cli-outputs", tmp_path / "data")
     first = create_ui(Engine.demo(config)).studio
-    first.select_model(first.engine.model_names()[0])
+    list(first.select_model(first.engine.model_names()[0]))
     first.save_output_settings(str(tmp_path / "my-outputs"), False)
 
     second = create_ui(Engine.demo(config)).studio
@@ -295,7 +295,7 @@ def test_page_comes_up_when_the_default_model_is_broken(tmp_path):
     engine = Engine(EngineConfig(tmp_path / "models", tmp_path / "out", tmp_path / "data"))
     page = create_ui(engine)
     with pytest.raises(EaselError):
-        page.studio.select_model("truncated.safetensors")
+        list(page.studio.select_model("truncated.safetensors"))
 
 
 UPSCALE_KEY = ("session", "upscale")

@@ -495,11 +495,17 @@ def create_ui(engine, settings: SettingsStore | None = None, *, listen: bool = F
 
         tab_fields = [(tab, name) for tab in (txt2img, img2img) for name in ("width", "height", "sampler", "steps", "cfg_scale")]
 
-        @shows_errors
         def select_model(name):
-            message = studio.select_model(name)
-            changes = studio.model_fields(name)
-            return [message, *(gr.update(**changes.get(field, {})) for _, field in tab_fields)]
+            # A generator (the banner says what a long first load is doing), so shows_errors, which
+            # wraps plain functions, is done here by hand.
+            try:
+                message = ""
+                for message in studio.select_model(name):
+                    yield [message, *(gr.update() for _ in tab_fields)]
+                changes = studio.model_fields(name)
+            except EaselError as e:
+                raise _readable(e) from None
+            yield [message, *(gr.update(**changes.get(field, {})) for _, field in tab_fields)]
 
         model.input(select_model, model, [banner, *(tab.fields[field] for tab, field in tab_fields)],
                     concurrency_id=GENERATION, concurrency_limit=1, api_visibility="private")

@@ -176,13 +176,20 @@ class Studio:
             changes.setdefault(field, {})["value"] = value
         return changes
 
-    def select_model(self, name: str | None) -> str:
+    def select_model(self, name: str | None) -> Iterator[str]:
+        """The model picker: loads `name`, yielding what the banner shows meanwhile (a first load
+        on OpenVINO prepares the model for the CPU, which takes a minute), then what was loaded."""
         if not name:
-            return self.banner()
-        loaded = self.engine.load_model(name)
+            yield self.banner()
+            return
+        outcome: dict[str, Any] = {}
+        job = Job()
+        for updates in watch(job, lambda: self.engine.load_model(name, job), outcome):
+            yield f"Loading **{name}**: {updates[-1].status}"
+        loaded = outcome["result"]
         self.settings.update(last_model=name)
         plan = getattr(loaded, "plan", None)
-        return f"Loaded **{name}**" + (f" ({plan.describe()})" if hasattr(plan, "describe") else "")
+        yield f"Loaded **{name}**" + (f" ({plan.describe()})" if hasattr(plan, "describe") else "")
 
     def model_vae(self, name: str | None) -> str:
         """The VAE remembered for a checkpoint, for the picker ("Automatic" when there is no model)."""

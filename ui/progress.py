@@ -12,7 +12,10 @@ def format_seconds(seconds: float) -> str:
 
 def describe(update, unit: str = "Step") -> str:
     """'Step 3/20 · 15% · ETA 12s' (with the batch when there are several) for a ProgressUpdate;
-    `unit` names what is counted ("Tile" for the upscalers)."""
+    `unit` names what is counted ("Tile" for the upscalers). An update with a status (the
+    job's model being prepared, before its first step) is that status."""
+    if getattr(update, "status", ""):
+        return update.status
     parts = [f"{unit} {update.step}/{update.steps}"]
     if update.batches > 1:
         parts.append(f"batch {update.batch + 1}/{update.batches}")
