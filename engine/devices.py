@@ -46,6 +46,7 @@ class Hardware:
     cpu_bf16: bool = False  # native bf16 matmul (AVX512-BF16 / AMX): twice fp32's speed, not emulated
     physical_cores: int = 1
     openvino: bool = False  # the openvino package imports (installed only on x86-64: pyproject.toml)
+    intel_gpus: tuple[str, ...] = ()  # Intel GPUs OpenVINO sees, by name (torch cannot use them)
 
     @classmethod
     def detect(cls) -> "Hardware":
@@ -58,7 +59,7 @@ class Hardware:
         mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
         return cls(cuda=cuda, cuda_name=name, cuda_vram_gb=round(vram, 1), cuda_bf16=cuda_bf16, mps=mps,
                    cpu_bf16=_cpu_has_native_bf16(), physical_cores=_physical_cores(),
-                   openvino=_openvino_imports())
+                   openvino=_openvino_imports(), intel_gpus=_intel_gpus())
 
 
 def _openvino_imports() -> bool:
@@ -67,6 +68,17 @@ def _openvino_imports() -> bool:
     except Exception:  # noqa: BLE001 - a broken install is the same as none: torch runs
         return False
     return True
+
+
+def _intel_gpus() -> tuple[str, ...]:
+    """The names of the GPUs OpenVINO can drive (Intel's; it lists them as GPU, GPU.0, ...)."""
+    try:
+        import openvino
+
+        core = openvino.Core()
+        return tuple(core.get_property(d, "FULL_DEVICE_NAME") for d in core.available_devices if d.startswith("GPU"))
+    except Exception:  # noqa: BLE001 - no OpenVINO, or no GPU driver: none to name
+        return ()
 
 
 def _cpu_has_native_bf16() -> bool:
@@ -195,6 +207,10 @@ def _backend(hardware: Hardware, device: str, backend: str, notes: list[str]) ->
         if backend == "openvino":
             notes.append("OpenVINO is not installed (it is for x86-64 CPUs); using torch")
         return "torch"
+    if hardware.intel_gpus:
+        # Named so the user knows: OpenVINO could run the model there, but Easel has not been
+        # measured on one (no Intel GPU on the machines it is built on), so it compiles for the CPU.
+        notes.append(f"Intel GPU found ({', '.join(hardware.intel_gpus)}); OpenVINO runs the model on the CPU")
     return "openvino"
 
 

@@ -107,7 +107,10 @@ class Engine:
                 plan = self.manager.plan(entry, facts.family)
                 loaded = bool(current and current.entry == entry)
                 few_step = None if facts.distillation == "none" else f"{facts.distillation}: {facts.distillation_why}"
-                statuses.append(ModelStatus(entry.name, facts.info.label, plan.describe(), None, loaded, few_step))
+                # The plan's notes say why it differs from what was asked (fp16 on a CPU, OpenVINO
+                # missing) and name what it leaves unused (an Intel GPU).
+                described = "; ".join((plan.describe(), *plan.notes))
+                statuses.append(ModelStatus(entry.name, facts.info.label, described, None, loaded, few_step))
             except EaselError as e:
                 statuses.append(ModelStatus(entry.name, None, None, str(e), False))
             except Exception as e:  # noqa: BLE001 - one strange file must not take the whole list down

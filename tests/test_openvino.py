@@ -325,3 +325,13 @@ def test_a_jobs_first_load_shows_preparing_in_its_progress(tiny_models_dir, tmp_
     views = list(studio.generate(("session", "txt2img"), fields, "tiny-sd1"))
     assert any(ovb.PREPARING in view.progress for view in views[:-1])
     assert views[-1].images
+
+
+def test_the_plan_names_an_intel_gpu_openvino_sees(tiny_models_dir, tmp_path, ov_cpu):
+    with_gpu = replace(ov_cpu, intel_gpus=("Intel(R) Arc(TM) A770 Graphics (dGPU)",))
+    plan = plan_for(FAMILIES[Family.SD1], with_gpu)
+    assert plan.backend == "openvino" and any("Intel(R) Arc(TM) A770" in note for note in plan.notes)
+    (status,) = [s for s in Engine(EngineConfig(tiny_models_dir, tmp_path / "o", tmp_path / "d"), with_gpu).models()
+                 if s.name.startswith("tiny-sd1")]
+    assert "Intel GPU found (Intel(R) Arc(TM) A770" in status.plan
+    assert not any("Intel GPU" in note for note in plan_for(FAMILIES[Family.SD1], ov_cpu).notes)
