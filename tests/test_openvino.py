@@ -335,3 +335,15 @@ def test_the_plan_names_an_intel_gpu_openvino_sees(tiny_models_dir, tmp_path, ov
                  if s.name.startswith("tiny-sd1")]
     assert "Intel GPU found (Intel(R) Arc(TM) A770" in status.plan
     assert not any("Intel GPU" in note for note in plan_for(FAMILIES[Family.SD1], ov_cpu).notes)
+
+
+def test_a_conversion_that_would_not_fit_in_memory_runs_on_torch_and_says_so(tiny_models_dir, tmp_path, ov_cpu,
+                                                                             monkeypatch):
+    import psutil
+
+    real = psutil.virtual_memory()
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: real._replace(available=1024))  # 1 kB free
+    eng = loaded_engine(tiny_models_dir, tmp_path, ov_cpu)
+    assert eng.manager.current.openvino is None and eng.manager.current.plan.backend == "torch"
+    (note,) = [n for n in run(eng).notes if "OpenVINO could not prepare" in n]
+    assert "converting needs about" in note and "running on torch" in note
