@@ -239,14 +239,16 @@ def run_stock(folder: Path, steps: int, out: Path) -> dict:
     return _record("diffusers-fp32", "stock diffusers, fp32, default CPU settings", load_s, total, timings, image, out)
 
 
-def run_easel(folder: Path, steps: int, out: Path, precision: str, speed: str = "exact", interval: int | None = None) -> dict:
+def run_easel(folder: Path, steps: int, out: Path, precision: str, speed: str = "exact", interval: int | None = None,
+              backend: str = "auto") -> dict:
     """(b) Easel's engine with the plan it picks for this machine (or a forced precision); speed
     "fast" reuses deep UNet features, one full step in `interval` (default: the engine's)."""
     import engine.compat  # noqa: F401  (torchvision shim before diffusers)
     from engine.engine import Engine, EngineConfig
 
     data = CACHE / "data"  # keeps the model hash cache between runs, so loading is not re-hashing 3.4 GB
-    eng = Engine(EngineConfig(folder.parent.parent, out / "outputs", data, precision=precision, watermark=False))
+    eng = Engine(EngineConfig(folder.parent.parent, out / "outputs", data, precision=precision, watermark=False,
+                              backend=backend))
     if interval is not None:
         eng.generator.reuse_interval = interval
     t0 = time.perf_counter()
@@ -263,7 +265,7 @@ def run_easel(folder: Path, steps: int, out: Path, precision: str, speed: str = 
     t0 = time.perf_counter()
     image = eng.generate(req, model=MODEL_NAME).images[0]
     total = time.perf_counter() - t0
-    name = "easel-auto" if precision == "auto" else f"easel-{precision}"
+    name = ("easel-auto" if precision == "auto" else f"easel-{precision}") + ("-torch" if backend == "torch" else "")
     what = f"Easel engine, plan: {loaded.plan.describe()}"
     if speed == "fast":
         name = "easel-fast" if interval is None else f"easel-fast-{interval}"
@@ -378,7 +380,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--full", action="store_true", help="20 steps (the long run)")
     p.add_argument("--variants", default="diffusers-fp32,easel-auto",
                    help="comma list from: diffusers-fp32, easel-auto, easel-fp32, easel-bf16, easel-fast, "
-                        "easel-fast-N (fast with one full step in N) (first is the reference)")
+                        "easel-fast-N (fast with one full step in N), easel-int8; a -torch suffix "
+                        "(easel-auto-torch) runs Easel with --backend torch (first is the reference)")
     p.add_argument("--count-flops", action="store_true", help="recount the UNet's FLOPs on the meta device")
     p.add_argument("--no-doc", action="store_true", help="print only; leave docs/benchmarks.md alone")
     p.add_argument("--section", default=None, help="name of the docs/benchmarks.md section to (re)write")
@@ -396,7 +399,8 @@ def main(argv: list[str] | None = None) -> int:
             interval = args.child.removeprefix("easel-fast").removeprefix("-")
             record = run_easel(folder, steps, out, "auto", "fast", int(interval) if interval else None)
         else:
-            record = run_easel(folder, steps, out, args.child.removeprefix("easel-"))
+            precision = args.child.removeprefix("easel-").removesuffix("-torch")
+            record = run_easel(folder, steps, out, precision, backend="torch" if args.child.endswith("-torch") else "auto")
         (out / f"{args.child}.json").write_text(json.dumps(record))
         return 0
 
