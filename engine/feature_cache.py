@@ -12,13 +12,18 @@ The hooks are diffusers' own `HookRegistry` / `ModelHook` (the mechanism its Fas
 FirstBlockCache use); only the choice of what to skip and when is ours. diffusers' caches target
 transformer (DiT) models and do not apply to a UNet.
 
+On OpenVINO (engine.openvino_backend) the same steps run as two compiled graphs, the full one
+returning the deep features (`feature_part`'s output) and the reuse step's one taking them; which
+call is which is decided by the same `ReuseClock`, and these hooks are what that second graph is
+traced through.
+
     with FeatureReuse(pipe.unet, interval=4) as reuse:
         pipe(...)
     reuse.full_steps, reuse.reused_steps
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from engine import compat  # noqa: F401 - torchvision shim before transformers/diffusers
@@ -31,47 +36,57 @@ INTERVAL = 4
 MIN_STEPS = 10   # fewer steps (LCM, turbo, short img2img) move too far per step to reuse anything
 
 
+def step_key(sample: torch.Tensor, encoder_hidden_states: torch.Tensor | None) -> tuple:
+    """What must stay the same for a step to reuse the last full step's features: anything that
+    changes their shape forces a full step (a batch of 2 for CFG turning into 1, a new size, a new
+    prompt length)."""
+    return (tuple(sample.shape), sample.dtype, sample.device,
+            None if encoder_hidden_states is None else tuple(encoder_hidden_states.shape))
+
+
 @dataclass
-class _Clock:
+class ReuseClock:
+    """Decides, call by call, whether the UNet runs a full or a reuse step. The one rule for both
+    backends: torch's hooks here and OpenVINO's two compiled parts (engine.openvino_backend)."""
     interval: int
     reusing: bool = False
     since_full: int = 0
     last_key: tuple | None = None
     full_steps: int = 0
     reused_steps: int = 0
-    skipped: list = field(default_factory=list)
+
+    def tick(self, key: tuple | None) -> bool:
+        """Count this call and say whether it reuses; key None (a call that cannot reuse, nor be
+        reused from) is a full step, and the next call is one too."""
+        self.reusing = key is not None and key == self.last_key and self.since_full < self.interval - 1
+        if self.reusing:
+            self.since_full += 1
+            self.reused_steps += 1
+        else:
+            self.since_full = 0
+            self.full_steps += 1
+        self.last_key = key
+        return self.reusing
 
 
 class _StepClock(ModelHook):
     """On the UNet itself: decides, before each call, whether this one is a full or a reuse step."""
 
-    def __init__(self, clock: _Clock):
+    def __init__(self, clock: ReuseClock):
         super().__init__()
         self.clock = clock
 
     def pre_forward(self, module, *args, **kwargs):
         sample = args[0] if args else kwargs["sample"]
         hidden = args[2] if len(args) > 2 else kwargs.get("encoder_hidden_states")
-        # Anything that changes the shape of the remembered features forces a full step
-        # (a batch of 2 for CFG turning into 1, a new size, a new prompt length).
-        key = (tuple(sample.shape), sample.dtype, sample.device,
-               None if hidden is None else tuple(hidden.shape))
-        c = self.clock
-        c.reusing = key == c.last_key and c.since_full < c.interval - 1
-        if c.reusing:
-            c.since_full += 1
-            c.reused_steps += 1
-        else:
-            c.since_full = 0
-            c.full_steps += 1
-        c.last_key = key
+        self.clock.tick(step_key(sample, hidden))
         return args, kwargs
 
 
 class _Remember(ModelHook):
     """On a skipped part: run and remember on a full step, hand back the memory on a reuse step."""
 
-    def __init__(self, clock: _Clock):
+    def __init__(self, clock: ReuseClock):
         super().__init__()
         self.clock = clock
         self.output = None
@@ -104,6 +119,15 @@ def skipped_parts(unet: torch.nn.Module) -> list[torch.nn.Module]:
     return parts
 
 
+def feature_part(unet: torch.nn.Module) -> torch.nn.Module:
+    """The skipped part whose output a reuse step feeds to the last layer: the deep features (the
+    last up block's second-to-last attention, or its second-to-last resnet when it has none)."""
+    skipped_parts(unet)  # the same checks
+    last = unet.up_blocks[-1]
+    attentions = list(getattr(last, "attentions", None) or [])
+    return attentions[-2] if attentions else last.resnets[-2]
+
+
 class FeatureReuse:
     """Attach to a UNet for one generation; detaches on exit, leaving the UNet as it was."""
 
@@ -111,7 +135,7 @@ class FeatureReuse:
         if interval < 1:
             raise ValueError("interval must be at least 1")
         self.unet = unet
-        self.clock = _Clock(interval)
+        self.clock = ReuseClock(interval)
         self._parts = skipped_parts(unet)
 
     @property

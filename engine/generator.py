@@ -259,29 +259,29 @@ class Generator:
         if pos.pooled is not None:
             kwargs["pooled_prompt_embeds"] = rep(pos.pooled)
             kwargs["negative_pooled_prompt_embeds"] = rep(neg.pooled)
-        reusing = FeatureReuse(pipe.unet, self.reuse_interval) if reuse else contextlib.nullcontext()
-        with torch.inference_mode(), reusing, self._unet_backend(run, pipe.unet, reuse) as record:
+        with torch.inference_mode(), self._unet_backend(run, pipe.unet, reuse) as record:
             latents = pipe(**kwargs).images
         run.backends |= record.used if record is not None else {"torch"}
         return latents
 
-    @staticmethod
-    def _unet_backend(run: Run, unet, reuse: bool):
-        """OpenVINO's compiled UNet for this pass when the model has one and the pass can use it;
-        else torch's (contextlib.nullcontext, yielding None)."""
+    @contextlib.contextmanager
+    def _unet_backend(self, run: Run, unet, reuse: bool):
+        """What runs the UNet for this pass, feature reuse included: OpenVINO's compiled UNet when
+        the model has one and the pass can use it (yielding its PassRecord), else torch's (yielding
+        None), with feature_cache's hooks on it for a `fast` pass."""
+        interval = self.reuse_interval if reuse else None
         compiled = run.model.openvino
-        if compiled is None:
-            return contextlib.nullcontext()
-        why = None
-        if reuse:
-            why = "speed fast ran the UNet on torch: its feature reuse hooks into torch's UNet blocks"
-        elif any(unet_weight for _, _, unet_weight in run.model.lora_weights):
+        lora = compiled is not None and any(unet_weight for _, _, unet_weight in run.model.lora_weights)
+        if lora:
             why = "the LoRA ran on torch: the OpenVINO UNet holds the checkpoint's own weights"
-        if why is not None:
             if why not in run.notes:
                 run.notes.append(why)
-            return contextlib.nullcontext()
-        return compiled.running(unet)
+        if compiled is None or lora:
+            with FeatureReuse(unet, interval) if reuse else contextlib.nullcontext():
+                yield None
+            return
+        with compiled.running(unet, interval) as record:
+            yield record
 
     @staticmethod
     def _callback(run: Run, batch: int):

@@ -6,13 +6,21 @@ quality (3.9e-6 relative RMS), and twice as fast in bf16 on CPUs with native bf1
 numbers; bench/openvino_unet.py measures it here). The UNet is ~all of a job's time, so it is
 converted first; the text encoder and the VAE still run on torch.
 
-How it plugs in: the torch UNet stays the pipeline's `unet` (its config, dtype, device, LoRA
-adapters and the `fast` speed's hooks all keep working), and for one sampling pass
-`OpenVINOUNet.running(unet)` replaces its forward with the compiled model through diffusers' own
-`HookRegistry` (the mechanism `engine.feature_cache` uses). Samplers, CFG, img2img, hires fix,
-previews and cancel live outside the UNet's forward (the scheduler and the step-end callback),
-so they are unchanged. A call the converted graph does not cover (ControlNet residuals, class
-labels, a LoRA scale passed per call) runs the torch forward instead, and the pass says so.
+How it plugs in: the torch UNet stays the pipeline's `unet` (its config, dtype, device and LoRA
+adapters all keep working), and for one sampling pass `OpenVINOUNet.running(unet)` replaces its
+forward with the compiled model through diffusers' own `HookRegistry` (the mechanism
+`engine.feature_cache` uses). Samplers, CFG, img2img, hires fix, previews and cancel live outside
+the UNet's forward (the scheduler and the step-end callback), so they are unchanged. A call the
+converted graph does not cover (ControlNet residuals, class labels, a LoRA scale passed per call)
+runs the torch forward instead, and the pass says so.
+
+The `fast` speed (feature reuse, engine.feature_cache) runs here too, as two compiled parts: the
+full graph, which also returns the deep features (the output of feature_cache.feature_part), and
+the reuse step's graph, which takes them with the UNet's inputs and runs only the layers a reuse
+step runs on torch (input conv, time embedding, the last layer, the output head). Each call is a
+full or a reuse step by feature_cache's own rule (ReuseClock); the features stay in the pass's
+hook between calls. The reuse graph is traced through diffusers' forward with feature_cache's
+hooks in reuse mode, so the UNet's forward is never written out a second time.
 
 Shapes: batch, latent height/width and prompt length are dynamic in the converted model, so any
 size the request allows, batch size, CFG on or off (batch 1 or 2 per image) and long prompts
@@ -22,13 +30,13 @@ the UNet's downsampling does not divide, so diffusers takes its `forward_upsampl
 (each upsampler sized from its skip connection) and that branch, which is right for every size,
 is what the graph holds; a divisible example would bake in "double the size", wrong for others.
 
-Cache: one entry per converted part and (checkpoint hash, the part's config, graph inputs,
-OpenVINO version, FORMAT), i.e. everything the converted graph depends on. The precision (f32 or bf16) is a compile-time
-hint on the same f32 graph, so it is not part of the key: one entry serves both. An entry is a
-folder written under a temp name and renamed into place (never seen half-written); its
-meta.json records the files' sizes and the xml's sha256, so a truncated or damaged entry is
-found, removed and converted again. The least recently used entries go once the cache is over
-its size limit.
+Cache: one entry per converted part ("unet", "unet_reuse") and (checkpoint hash, the part's
+config, graph inputs, OpenVINO version, FORMAT), i.e. everything the converted graph depends on.
+The precision (f32 or bf16) is a compile-time hint on the same f32 graph, so it is not part of
+the key: one entry serves both. An entry is a folder written under a temp name and renamed into
+place (never seen half-written); its meta.json records the files' sizes and the xml's sha256, so
+a truncated or damaged entry is found, removed and converted again. The least recently used
+entries go once the cache is over its size limit.
 """
 from __future__ import annotations
 
@@ -50,12 +58,15 @@ import torch
 
 from engine import compat  # noqa: F401 - torchvision shim before transformers/diffusers
 from diffusers.hooks import HookRegistry, ModelHook
+from engine.feature_cache import HOOK_NAME as REUSE_HOOK_NAME
+from engine.feature_cache import FeatureReuse, ReuseClock, feature_part, step_key
 
 logger = logging.getLogger(__name__)
 
 # Bump when what is converted changes (the traced wrapper, the inputs): old entries stop matching.
-FORMAT = 2
+FORMAT = 3
 HOOK_NAME = "easel_openvino"
+OUTPUTS = ("noise", "features")  # the full graph's outputs; the reuse graph has the first
 # SD 1.5's UNet is 3.4 GB as an f32 graph, SDXL's 10 GB: room for a few of each.
 DEFAULT_CACHE_LIMIT = 32 * 2**30
 # Free memory converting needs beyond the loaded model, as a multiple of the UNet's f32 weights.
@@ -82,7 +93,10 @@ def input_names(config) -> tuple[str, ...]:
 
 
 class _Traceable(torch.nn.Module):
-    """The UNet's forward as positional tensors in, one tensor out: what tracing needs."""
+    """The UNet's forward as positional tensors in, tensors out: what tracing needs. Its outputs
+    are the noise prediction and the deep features (the output of `feature_cache.feature_part`,
+    caught by a forward hook: tracing records the ops on tensors, so returning it makes it an
+    output of the graph), which the `fast` speed's reuse steps are fed."""
 
     def __init__(self, unet: torch.nn.Module, names: tuple[str, ...]):
         super().__init__()
@@ -90,10 +104,49 @@ class _Traceable(torch.nn.Module):
         self.names = names
 
     def forward(self, *tensors):
+        caught = []
+        handle = feature_part(self.unet).register_forward_hook(lambda module, args, out: caught.append(_first(out)))
+        try:
+            noise = self.run_unet(tensors)
+        finally:
+            handle.remove()
+        return noise, caught[-1]
+
+    def run_unet(self, tensors) -> torch.Tensor:
         given = dict(zip(self.names, tensors))
         added = {k: given.pop(k) for k in ("text_embeds", "time_ids") if k in given}
         return self.unet(given.pop("sample"), given.pop("timestep"), given.pop("encoder_hidden_states"),
                          added_cond_kwargs=added or None, return_dict=False, **given)[0]
+
+
+class _TraceableReuse(_Traceable):
+    """A reuse step as a graph: the UNet's inputs plus the deep features in, the noise prediction
+    out. Traced with `FeatureReuse` attached in reuse mode, so every skipped part hands back what
+    it remembered from one full run at the example inputs (constants the graph does not use, so
+    OpenVINO drops them) and the feature part hands back the `features` input."""
+
+    def __init__(self, unet: torch.nn.Module, names: tuple[str, ...], feed):
+        super().__init__(unet, names)
+        self.feed = feed  # the feature part's feature_cache._Remember hook
+
+    def forward(self, *tensors):
+        *inputs, features = tensors
+        self.feed.output = _with_first(self.feed.output, features)
+        return self.run_unet(inputs)
+
+
+def _first(output):
+    """The tensor of a block's output (attention blocks return a one-tensor tuple)."""
+    return output if torch.is_tensor(output) else output[0]
+
+
+def _with_first(output, tensor: torch.Tensor):
+    """`output` with its tensor replaced by `tensor`, in the same structure."""
+    if torch.is_tensor(output):
+        return tensor
+    if isinstance(output, tuple):
+        return (tensor, *output[1:])
+    raise TypeError(f"cannot feed features to a block that returns {type(output).__name__}")
 
 
 def example_inputs(unet: torch.nn.Module, names: tuple[str, ...]) -> tuple[torch.Tensor, ...]:
@@ -118,19 +171,50 @@ def example_inputs(unet: torch.nn.Module, names: tuple[str, ...]) -> tuple[torch
     return tuple(made[name] for name in names)
 
 
+@contextmanager
+def _quiet_trace() -> Iterator[None]:
+    # diffusers' shape checks (asserts, the >= 64 batch contiguity rule) become constants in the
+    # trace; none changes the result at the shapes Easel runs, so their warnings are noise here.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        yield
+
+
+def _named(model, names: tuple[str, ...], outputs: tuple[str, ...]):
+    for port, name in zip(model.inputs, names):
+        port.get_tensor().set_names({name})
+    for port, name in zip(model.outputs, outputs):
+        port.get_tensor().set_names({name})
+    return model
+
+
 def convert_unet(unet: torch.nn.Module):
-    """The UNet as an openvino.Model with dynamic batch, size and prompt length (f32 weights)."""
+    """The UNet as an openvino.Model with dynamic batch, size and prompt length (f32 weights);
+    outputs: the noise prediction, then the deep features (see _Traceable)."""
     import openvino
 
     names = input_names(unet.config)
-    with torch.no_grad(), warnings.catch_warnings():
-        # diffusers' shape checks (asserts, the >= 64 batch contiguity rule) become constants in the
-        # trace; none changes the result at the shapes Easel runs, so their warnings are noise here.
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+    with _quiet_trace():
         model = openvino.convert_model(_Traceable(unet, names), example_input=example_inputs(unet, names))
-    for port, name in zip(model.inputs, names):
-        port.get_tensor().set_names({name})
-    return model
+    return _named(model, names, OUTPUTS)
+
+
+def convert_unet_reuse(unet: torch.nn.Module):
+    """The UNet's reuse step as an openvino.Model (see _TraceableReuse): inputs those of
+    convert_unet's model plus "features", dynamic in the same way; output the noise prediction.
+    Its weights are the few layers a reuse step runs (the input conv, the time embedding, the last
+    layer and the output head)."""
+    import openvino
+
+    names = input_names(unet.config)
+    example = example_inputs(unet, names)
+    # An interval no pass reaches: after the one full run below, every call at this shape reuses.
+    with _quiet_trace(), FeatureReuse(unet, interval=2**62):
+        traceable = _Traceable(unet, names)
+        _, features = traceable(*example)  # the full step whose outputs the skipped parts remember
+        feed = HookRegistry.check_if_exists_or_initialize(feature_part(unet)).get_hook(REUSE_HOOK_NAME)
+        model = openvino.convert_model(_TraceableReuse(unet, names, feed), example_input=(*example, features))
+    return _named(model, (*names, "features"), OUTPUTS[:1])
 
 
 def cache_key(checkpoint_hash: str, part: str, module: torch.nn.Module, inputs: tuple[str, ...],
@@ -241,8 +325,10 @@ def _sha256(path: Path) -> str:
 
 @dataclass
 class PassRecord:
-    """Which backend ran the UNet's calls during one sampling pass."""
+    """Which backend ran the UNet's calls during one sampling pass, and for a `fast` pass its
+    clock (full_steps, reused_steps, counted as on torch)."""
     used: set = field(default_factory=set)
+    clock: ReuseClock | None = None
 
 
 # Arguments of UNet2DConditionModel.forward the converted graph takes, or that do not change its result.
@@ -250,12 +336,15 @@ _COVERED = {"sample", "timestep", "encoder_hidden_states", "timestep_cond", "add
 
 
 class _RunOnOpenVINO(ModelHook):
-    """On the torch UNet for one pass: its forward runs the compiled model instead."""
+    """On the torch UNet for one pass: its forward runs the compiled model instead. With a clock
+    (the `fast` speed), each call is a full step (the full graph, keeping its deep features) or a
+    reuse step (the reuse graph, fed those features), decided by feature_cache's rule."""
 
     def __init__(self, unet_model: "OpenVINOUNet", record: PassRecord):
         super().__init__()
         self.unet_model = unet_model
         self.record = record
+        self.features = None  # the last full step's deep features (a numpy array)
 
     def new_forward(self, module, *args, **kwargs):
         bound = inspect.signature(self.fn_ref.original_forward).bind(*args, **kwargs)
@@ -264,12 +353,22 @@ class _RunOnOpenVINO(ModelHook):
         covered = all(k in _COVERED or v is None or (isinstance(v, dict) and not v) for k, v in given.items()) and \
             set(added) <= set(self.unet_model.names) and all(n in given or n in added
                                                              for n in self.unet_model.names)
+        clock = self.record.clock
         if not covered:
             self.record.used.add("torch")
+            if clock is not None:  # torch runs this call in full; the next call cannot reuse it
+                clock.tick(None)
+                self.features = None
             return self.fn_ref.original_forward(*args, **kwargs)
         self.record.used.add("openvino")
         sample = given["sample"]
-        out = self.unet_model({**given, **added})
+        inputs = {**given, **added}
+        if clock is None:
+            out = self.unet_model(inputs)
+        elif clock.tick(step_key(sample, given.get("encoder_hidden_states"))) and self.features is not None:
+            out = self.unet_model.reuse_step(inputs, self.features)
+        else:
+            out, self.features = self.unet_model.full_step(inputs)
         out = out.to(dtype=sample.dtype, device=sample.device)
         if given.get("return_dict", True):
             from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
@@ -279,33 +378,48 @@ class _RunOnOpenVINO(ModelHook):
 
 
 class OpenVINOUNet:
-    """A UNet compiled for the CPU; `running(unet)` lends it to the torch UNet for one pass."""
+    """A UNet compiled for the CPU in two parts, the full graph and the reuse step's (see
+    convert_unet_reuse); `running(unet)` lends them to the torch UNet for one pass."""
 
-    def __init__(self, compiled, names: tuple[str, ...], precision: str, from_cache: bool, seconds: float):
-        self.compiled = compiled
+    def __init__(self, compiled, compiled_reuse, names: tuple[str, ...], precision: str, from_cache: bool,
+                 seconds: float):
+        self.compiled = compiled              # the full graph: noise prediction and deep features
+        self.compiled_reuse = compiled_reuse  # the reuse step's graph
         self.names = names
         self.precision = precision    # the compile hint: "f32" or "bf16"
         self.from_cache = from_cache  # False: converted by this load
         self.seconds = seconds        # converting (or reading) plus compiling
 
-    def __call__(self, inputs: dict) -> torch.Tensor:
+    def _feed(self, inputs: dict) -> dict:
         sample = inputs["sample"]
         timestep = torch.as_tensor(inputs["timestep"])
         if timestep.dim() == 0:  # the pipelines pass one timestep for the whole batch
             timestep = timestep.expand(sample.shape[0])
-        feed = {name: _array(timestep if name == "timestep" else inputs[name]) for name in self.names}
-        result = self.compiled(feed)[0]
-        return torch.from_numpy(result.copy())
+        return {name: _array(timestep if name == "timestep" else inputs[name]) for name in self.names}
+
+    def __call__(self, inputs: dict) -> torch.Tensor:
+        """The noise prediction (the features are computed too: they come with the graph)."""
+        return torch.from_numpy(self.compiled(self._feed(inputs))[0])
+
+    def full_step(self, inputs: dict):
+        """(noise prediction, deep features to feed the reuse steps that follow)."""
+        result = self.compiled(self._feed(inputs))  # share_outputs=False: arrays of their own
+        return torch.from_numpy(result[0]), result[1]
+
+    def reuse_step(self, inputs: dict, features) -> torch.Tensor:
+        return torch.from_numpy(self.compiled_reuse({**self._feed(inputs), "features": features})[0])
 
     @contextmanager
-    def running(self, unet: torch.nn.Module) -> Iterator[PassRecord]:
-        record = PassRecord()
+    def running(self, unet: torch.nn.Module, reuse_interval: int | None = None) -> Iterator[PassRecord]:
+        """The compiled UNet in place of `unet`'s forward for one pass; `reuse_interval`: the
+        `fast` speed, one full step in this many."""
+        record = PassRecord(clock=None if reuse_interval is None else ReuseClock(reuse_interval))
         registry = HookRegistry.check_if_exists_or_initialize(unet)
         registry.register_hook(_RunOnOpenVINO(self, record), HOOK_NAME)
         try:
             yield record
         finally:
-            registry.remove_hook(HOOK_NAME, recurse=False)
+            registry.remove_hook(HOOK_NAME, recurse=False)  # the hook goes, and the features with it
 
 
 def _array(tensor: torch.Tensor):
@@ -369,33 +483,41 @@ def prepare_unet(unet: torch.nn.Module, checkpoint_hash: str, cache: OpenVINOCac
                  precision: str = "f32", threads: int | None = None,
                  torch_dtype: torch.dtype | None = None,
                  on_convert: Callable[[str], None] | None = None) -> OpenVINOUNet:
-    """The UNet compiled for the CPU: read from the cache, else converted (and cached). Raises
-    whatever converting or compiling raises; the caller falls back to torch. With `torch_dtype`,
-    the torch UNet's weights are parked (park_weights) in that dtype before compiling, so its
-    in-RAM copy is gone before OpenVINO's is made: the load's peak memory holds one UNet, not two.
+    """The UNet compiled for the CPU in its two parts (the full graph and the reuse step's, see
+    convert_unet_reuse): each read from the cache, else converted (and cached). Raises whatever
+    converting or compiling raises; the caller falls back to torch. With `torch_dtype`, the torch
+    UNet's weights are parked (park_weights) in that dtype before compiling, so its in-RAM copy is
+    gone before OpenVINO's is made: the load's peak memory holds one UNet, not two.
     `on_convert` hears PREPARING before a conversion starts (the page shows it: it takes a minute)."""
     started = time.monotonic()
     names = input_names(unet.config)
     stored = stored_weights(precision)
-    key = cache_key(checkpoint_hash, "unet", unet, names, stored)
-    xml = cache.load(key)
-    from_cache = xml is not None
-    if xml is None:
-        logger.warning(PREPARING)
-        if on_convert:
-            on_convert(PREPARING)
-        check_memory_for_conversion(unet)
-        model = convert_unet(unet)
-        xml = cache.store(key, model, stored)
-        del model  # the graph holds its own copy of the weights until it goes
-    if torch_dtype is not None:
-        park_weights(unet, cache.entry(key), torch_dtype)
+    entries, from_cache = [], True  # (key, model.xml) per part
+    for part, part_inputs, convert in (("unet", names, convert_unet),
+                                       ("unet_reuse", (*names, "features"), convert_unet_reuse)):
+        key = cache_key(checkpoint_hash, part, unet, part_inputs, stored)
+        xml = cache.load(key)
+        if xml is None:
+            if from_cache:  # said once, by the first part to convert
+                logger.warning(PREPARING)
+                if on_convert:
+                    on_convert(PREPARING)
+                check_memory_for_conversion(unet)
+            from_cache = False
+            model = convert(unet)
+            xml = cache.store(key, model, stored)
+            del model  # the graph holds its own copy of the weights until it goes
+        entries.append((key, xml))
+    if torch_dtype is not None:  # after converting: both parts are traced from the f32 UNet
+        park_weights(unet, cache.entry(entries[0][0]), torch_dtype)
     config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads
-    try:
-        compiled = cache.compile(xml, "CPU", config)
-    except RuntimeError:
-        cache.remove(key)  # a damaged compiled blob or weights: convert afresh next time
-        raise
-    return OpenVINOUNet(compiled, names, precision, from_cache, time.monotonic() - started)
+    compiled = []
+    for key, xml in entries:
+        try:
+            compiled.append(cache.compile(xml, "CPU", config))
+        except RuntimeError:
+            cache.remove(key)  # a damaged compiled blob or weights: convert afresh next time
+            raise
+    return OpenVINOUNet(*compiled, names, precision, from_cache, time.monotonic() - started)

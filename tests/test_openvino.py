@@ -70,6 +70,11 @@ def _cache_entries(root):
     return [p for p in cache.iterdir() if p.is_dir() and not p.name.startswith(".")]
 
 
+def _unet_entry(root):
+    """The full UNet graph's entry of a model's two (the reuse step's graph holds a few layers)."""
+    return max(_cache_entries(root), key=lambda entry: (entry / "model.bin").stat().st_size)
+
+
 # --- the plan ---------------------------------------------------------------------------------
 def test_auto_picks_openvino_on_a_cpu_that_has_it(ov_cpu, plain_cpu):
     sd1 = FAMILIES[Family.SD1]
@@ -104,7 +109,7 @@ def test_cli_refuses_a_bad_backend_in_one_line(tiny_models_dir, tmp_path, capsys
 def test_load_converts_the_unet_and_the_first_job_says_so(ov_engine, ov_root):
     loaded = ov_engine.manager.current
     assert loaded.plan.backend == "openvino" and loaded.openvino is not None
-    assert len(_cache_entries(ov_root)) == 1
+    assert len(_cache_entries(ov_root)) == 2  # the full graph and the reuse step's
     result = run(ov_engine)
     assert any("prepared this model for your CPU with OpenVINO" in note for note in result.notes)
     assert not any("OpenVINO" in note for note in run(ov_engine).notes)  # said once
@@ -112,13 +117,16 @@ def test_load_converts_the_unet_and_the_first_job_says_so(ov_engine, ov_root):
 
 def test_second_load_reads_the_cache_without_converting(ov_engine, tiny_models_dir, ov_root, ov_cpu, monkeypatch):
     calls = []
-    real = ovb.convert_unet
-    monkeypatch.setattr(ovb, "convert_unet", lambda unet: calls.append(unet) or real(unet))
+    for name in ("convert_unet", "convert_unet_reuse"):  # neither part is converted again
+        real = getattr(ovb, name)
+        monkeypatch.setattr(ovb, name, lambda unet, real=real: calls.append(unet) or real(unet))
     again = loaded_engine(tiny_models_dir, ov_root, ov_cpu)
     assert calls == [] and again.manager.current.openvino.from_cache
-    (entry,) = _cache_entries(ov_root)
-    assert any((entry / "compiled").glob("*.blob"))  # OpenVINO's compiled blob, imported on later loads
+    for entry in _cache_entries(ov_root):
+        assert any((entry / "compiled").glob("*.blob"))  # OpenVINO's compiled blob, imported on later loads
     assert_close(run(again).images[0], run(ov_engine).images[0])
+    fast = dict(speed="fast", steps=12)
+    assert_close(run(again, **fast).images[0], run(ov_engine, **fast).images[0])
 
 
 def test_a_changed_checkpoint_is_converted_again(tmp_path, ov_cpu):
@@ -131,7 +139,7 @@ def test_a_changed_checkpoint_is_converted_again(tmp_path, ov_cpu):
     save_sd1_folder(models / "Stable-diffusion" / "tiny-sd1", seed=1)  # new weights, same name
     second = loaded_engine(models, tmp_path, ov_cpu)
     assert not second.manager.current.openvino.from_cache
-    assert len(_cache_entries(tmp_path)) == 2
+    assert len(_cache_entries(tmp_path)) == 4  # two parts per checkpoint
     after = run(second).images[0]
     assert np.abs(pixels(before) - pixels(after)).max() > 10  # the new weights' image, not the old graph's
     torch_engine = Engine(EngineConfig(models, tmp_path / "t-out", tmp_path / "t-data", backend="torch"), ov_cpu)
@@ -140,7 +148,7 @@ def test_a_changed_checkpoint_is_converted_again(tmp_path, ov_cpu):
 
 def test_a_damaged_cache_entry_is_rebuilt(tiny_models_dir, tmp_path, ov_cpu):
     loaded_engine(tiny_models_dir, tmp_path, ov_cpu)
-    (entry,) = _cache_entries(tmp_path)
+    entry = _unet_entry(tmp_path)
     weights = entry / "model.bin"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a half-written copy
     rebuilt = loaded_engine(tiny_models_dir, tmp_path, ov_cpu)
@@ -151,7 +159,7 @@ def test_a_damaged_cache_entry_is_rebuilt(tiny_models_dir, tmp_path, ov_cpu):
 
 
 def test_cache_keeps_to_its_size_limit(tmp_path, ov_engine, ov_root):
-    (entry,) = _cache_entries(ov_root)
+    entry = _unet_entry(ov_root)
     cache = ovb.OpenVINOCache(tmp_path / "cache", limit_bytes=1)  # room for the newest entry only
     for name in ("old", "new"):
         shutil.copytree(entry, cache.root / name)
@@ -206,12 +214,12 @@ def test_img2img_and_hires_agree(ov_engine, sd_engine):
         assert "Backend: openvino" in ov.infotexts[0]
 
 
-def test_fast_speed_runs_on_torch_and_says_so(ov_engine, sd_engine):
+def test_fast_speed_runs_on_openvino_and_agrees_with_torch(ov_engine, sd_engine):
     fields = dict(speed="fast", steps=12)
-    ov = run(ov_engine, **fields)
-    assert any("speed fast ran the UNet on torch" in note for note in ov.notes)
-    assert "Backend:" not in ov.infotexts[0]
-    assert np.array_equal(pixels(ov.images[0]), pixels(run(sd_engine, **fields).images[0]))
+    ov, torch_result = run(ov_engine, **fields), run(sd_engine, **fields)
+    assert_close(ov.images[0], torch_result.images[0])
+    assert "Backend: openvino" in ov.infotexts[0] and "Speed: fast" in ov.infotexts[0]
+    assert not any("on torch" in note for note in ov.notes)
 
 
 def test_backend_torch_still_works_where_openvino_is_installed(tiny_models_dir, tmp_path, ov_cpu):
@@ -266,7 +274,7 @@ def _mapped_files(address: int) -> set[str]:
 def test_the_torch_unets_weights_are_memory_mapped_from_the_cache(ov_engine, ov_root):
     """OpenVINO holds its own compiled copy; the torch UNet beside it must not be a second one in RAM."""
     unet = ov_engine.manager.current.pipe.unet
-    (entry,) = _cache_entries(ov_root)
+    entry = _unet_entry(ov_root)
     weights = [p for p in unet.parameters()]
     mapped = {f for p in (weights[0], weights[len(weights) // 2], weights[-1]) for f in _mapped_files(p.data_ptr())}
     assert mapped == {str(entry / "torch-float32.pt")}
@@ -297,8 +305,8 @@ def test_a_bf16_plan_keeps_f16_weights_in_its_own_entry(tiny_models_dir, tmp_pat
     bf16_cpu = replace(ov_cpu, cpu_bf16=True)
     eng = loaded_engine(tiny_models_dir, tmp_path, bf16_cpu)
     assert eng.manager.current.openvino.precision == "bf16"
-    (f16_entry,) = _cache_entries(tmp_path)
-    (f32_entry,) = _cache_entries(ov_root)
+    f16_entry = _unet_entry(tmp_path)
+    f32_entry = _unet_entry(ov_root)
     assert f16_entry.name != f32_entry.name
     f16_size, f32_size = ((e / "model.bin").stat().st_size for e in (f16_entry, f32_entry))
     assert f16_size < 0.6 * f32_size
@@ -347,3 +355,57 @@ def test_a_conversion_that_would_not_fit_in_memory_runs_on_torch_and_says_so(tin
     assert eng.manager.current.openvino is None and eng.manager.current.plan.backend == "torch"
     (note,) = [n for n in run(eng).notes if "OpenVINO could not prepare" in n]
     assert "converting needs about" in note and "running on torch" in note
+
+
+# --- the fast speed on OpenVINO ----------------------------------------------------------------
+def unet_calls(unet, calls):
+    """Each (sample, timestep, prompt) call's noise prediction."""
+    import torch
+
+    with torch.inference_mode():
+        return [unet(sample, t, encoder_hidden_states=hidden).sample for sample, t, hidden in calls]
+
+
+def reuse_calls():
+    """Steps that drift a little, as sampling does; the batch changes at the fifth (a full step)."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    sample, hidden = torch.randn(2, 4, 9, 13, generator=g), torch.randn(2, 77, 64, generator=g)
+    calls = [(sample + 0.1 * k * torch.randn(sample.shape, generator=g), 900 - 50 * k, hidden) for k in range(4)]
+    return calls + [(sample[:1], 600, hidden[:1]), (sample[:1] + 0.1, 550, hidden[:1])]
+
+
+def test_openvino_reuse_steps_compute_torchs_reuse_steps(ov_engine):
+    """Called directly: full and reuse steps (the reuse graph fed the full graph's features) give
+    torch's feature reuse results, on a latent size the downsampling does not divide, and the
+    steps are counted as torch counts them."""
+    import torch
+
+    from engine.feature_cache import FeatureReuse
+
+    unet = ov_engine.manager.current.pipe.unet
+    compiled = ov_engine.manager.current.openvino
+    calls = reuse_calls()
+    with FeatureReuse(unet, interval=3) as reuse:
+        expected = unet_calls(unet, calls)
+    with compiled.running(unet, reuse_interval=3) as record:
+        got = unet_calls(unet, calls)
+    assert record.used == {"openvino"}
+    assert (record.clock.full_steps, record.clock.reused_steps) == (reuse.full_steps, reuse.reused_steps) == (3, 3)
+    for a, b in zip(got, expected):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4), (a - b).abs().max()
+    exact = unet_calls(unet, calls)
+    assert not torch.allclose(got[1], exact[1], rtol=1e-4, atol=1e-4)  # step 1 did reuse: not the exact step
+
+
+def test_the_reuse_graph_holds_only_the_layers_a_reuse_step_runs(ov_engine, ov_root):
+    """Its weights are the input conv's, the time embedding's, the last layer's and the output
+    head's; the skipped blocks and the activations remembered while tracing are left out."""
+    unet = ov_engine.manager.current.pipe.unet
+    last = unet.up_blocks[-1]
+    runs = [unet.conv_in, unet.time_embedding, last.resnets[-1], unet.conv_norm_out, unet.conv_out,
+            *(last.attentions[-1:] if getattr(last, "attentions", None) else [])]
+    run_bytes = sum(p.numel() for module in runs for p in module.parameters()) * 4
+    entry = min(_cache_entries(ov_root), key=lambda entry: (entry / "model.bin").stat().st_size)
+    assert 0.9 * run_bytes <= (entry / "model.bin").stat().st_size <= 1.05 * run_bytes
