@@ -1,4 +1,5 @@
-"""One UNet step on the CPU: torch fp32 vs OpenVINO (engine/openvino_backend.py), same weights, same inputs.
+"""One UNet step on the CPU: torch fp32 vs OpenVINO (engine/openvino_backend.py), same weights, same inputs;
+and the `fast` speed's reuse step (engine/feature_cache.py) on each.
 
     venv/bin/python bench/openvino_unet.py               # full-size SD 1.5 UNet, random weights, 512², CFG batch 2
     venv/bin/python bench/openvino_unet.py --rounds 3    # more interleaved rounds
@@ -9,6 +10,10 @@ RSS while converting (what CONVERT_MEMORY_FACTOR in engine/openvino_backend.py e
 UNet step of each backend in interleaved rounds (so a change in the machine's load hits both), and
 how far OpenVINO's output is from torch's (relative RMS). bf16 is measured too where the CPU has it
 natively (engine.devices.Hardware.cpu_bf16), beside torch bf16 (the torch plan's UNet on such a CPU).
+"reuse" rows are the `fast` speed's reuse step: OpenVINO's reuse graph fed the full graph's deep
+features (interleaved with the rest), and torch fp32 with feature_cache's hooks (timed after the
+rounds: its hooks would turn the torch full step into a reuse step). At the full step's own
+inputs a reuse step computes the full step's result, so its error is against torch's full step.
 Run it on a quiet machine; it prints the load average.
 """
 from __future__ import annotations
@@ -52,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from engine import compat  # noqa: F401
     from engine.devices import Hardware
-    from engine.openvino_backend import convert_unet, input_names, openvino_version
+    from engine.feature_cache import FeatureReuse
+    from engine.openvino_backend import convert_unet, convert_unet_reuse, input_names, openvino_version
     import openvino
 
     hardware = Hardware.detect()
@@ -74,17 +80,23 @@ def main(argv: list[str] | None = None) -> int:
     model = convert_unet(unet)
     convert_s = time.perf_counter() - started
     convert_peak = peak_rss_gb()
+    started = time.perf_counter()
+    model_reuse = convert_unet_reuse(unet)
+    convert_reuse_s = time.perf_counter() - started
+    convert_reuse_peak = peak_rss_gb()  # above convert_peak only if the reuse graph's conversion needs more
 
     core = openvino.Core()
     precisions = ["f32"] + (["bf16"] if hardware.cpu_bf16 else [])
-    compiled, compile_s = {}, {}
+    compiled, compiled_reuse, compile_s = {}, {}, {}
     for precision in precisions:
+        config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY",
+                  "INFERENCE_NUM_THREADS": hardware.physical_cores}
         started = time.perf_counter()
-        compiled[precision] = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": precision,
-                                                                "PERFORMANCE_HINT": "LATENCY",
-                                                                "INFERENCE_NUM_THREADS": hardware.physical_cores})
+        compiled[precision] = core.compile_model(model, "CPU", config)
         compile_s[precision] = time.perf_counter() - started
+        compiled_reuse[precision] = core.compile_model(model_reuse, "CPU", config)
     feed = dict(zip(input_names(unet.config), (sample.numpy(), timestep.numpy(), context.numpy())))
+    features = {p: compiled[p](feed)[1] for p in precisions}  # each precision's own full step's
 
     def torch_step():
         with torch.inference_mode():
@@ -93,7 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     def ov_step(precision):
         return lambda: torch.from_numpy(compiled[precision](feed)[0].copy())
 
-    variants = {"torch fp32": torch_step, **{f"openvino {p}": ov_step(p) for p in precisions}}
+    def ov_reuse_step(precision):
+        return lambda: torch.from_numpy(compiled_reuse[precision]({**feed, "features": features[precision]})[0])
+
+    variants = {"torch fp32": torch_step, **{f"openvino {p}": ov_step(p) for p in precisions},
+                **{f"openvino {p} reuse": ov_reuse_step(p) for p in precisions}}
     if hardware.cpu_bf16:  # what Easel's torch plan runs on such a CPU (engine/devices.py): a bf16 UNet
         import copy
 
@@ -113,24 +129,43 @@ def main(argv: list[str] | None = None) -> int:
             run()
             times[name].append(time.perf_counter() - started)
 
+    # torch's reuse step, on its own: one full step that every skipped part remembers, then reuse steps.
+    with FeatureReuse(unet, interval=2**62) as reuse:
+        torch_step()
+        outputs["torch fp32 reuse"] = torch_step()  # warm-up
+        times["torch fp32 reuse"] = []
+        for _ in range(args.rounds):
+            started = time.perf_counter()
+            torch_step()
+            times["torch fp32 reuse"].append(time.perf_counter() - started)
+    assert reuse.full_steps == 1, "the torch reuse steps were full steps"
+
     reference = outputs["torch fp32"]
     results = {
         "unet": "tiny (tests)" if args.tiny else "SD 1.5 (random weights)", "size": args.size, "batch": 2,
         "openvino": openvino_version(), "torch": torch.__version__, "threads": hardware.physical_cores,
         "cpu_bf16": hardware.cpu_bf16, "load_average": os.getloadavg(), "rounds": args.rounds,
-        "convert_s": round(convert_s, 1), "compile_s": {k: round(v, 1) for k, v in compile_s.items()},
+        "convert_s": round(convert_s, 1), "convert_reuse_s": round(convert_reuse_s, 1),
+        "compile_s": {k: round(v, 1) for k, v in compile_s.items()},
         "convert_peak_rss_gb": round(convert_peak, 2), "rss_before_convert_gb": round(rss_before, 2),
+        "convert_reuse_peak_rss_gb": round(convert_reuse_peak, 2),
         "s_per_step": {name: round(min(t), 3) for name, t in times.items()},
         "rel_rms_vs_torch": {name: float(((out - reference).pow(2).mean() / reference.pow(2).mean()).sqrt())
                              for name, out in outputs.items() if name != "torch fp32"},
     }
-    base = results["s_per_step"]["torch fp32"]
-    print("| backend | s per UNet step (best of rounds) | vs torch fp32 | relative RMS vs torch fp32 |")
-    print("| --- | --- | --- | --- |")
-    for name, seconds in results["s_per_step"].items():
+    steps = results["s_per_step"]
+    base = steps["torch fp32"]
+    print("| backend | s per UNet step (best of rounds) | vs torch fp32 | reuse step / its full step "
+          "| relative RMS vs torch fp32 |")
+    print("| --- | --- | --- | --- | --- |")
+    for name, seconds in steps.items():
         rms = results["rel_rms_vs_torch"].get(name)
-        print(f"| {name} | {seconds:.3f} | {base / seconds:.2f}x | {'—' if rms is None else f'{rms:.1e}'} |")
-    print(f"converting {results['convert_s']} s (peak RSS {results['convert_peak_rss_gb']} GB, "
+        full = steps.get(name.removesuffix(" reuse")) if name.endswith(" reuse") else None
+        print(f"| {name} | {seconds:.3f} | {base / seconds:.2f}x | {'—' if full is None else f'{seconds / full:.1%}'} "
+              f"| {'—' if rms is None else f'{rms:.1e}'} |")
+    print(f"converting {results['convert_s']} s + {results['convert_reuse_s']} s for the reuse graph "
+          f"(peak RSS {results['convert_peak_rss_gb']} GB, {results['convert_reuse_peak_rss_gb']} GB after the "
+          f"reuse graph's, "
           f"{results['rss_before_convert_gb']} GB before), compiling {results['compile_s']} s, "
           f"load average {tuple(round(x, 2) for x in results['load_average'])}")
     if args.json:
