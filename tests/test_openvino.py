@@ -409,3 +409,25 @@ def test_the_reuse_graph_holds_only_the_layers_a_reuse_step_runs(ov_engine, ov_r
     run_bytes = sum(p.numel() for module in runs for p in module.parameters()) * 4
     entry = min(_cache_entries(ov_root), key=lambda entry: (entry / "model.bin").stat().st_size)
     assert 0.9 * run_bytes <= (entry / "model.bin").stat().st_size <= 1.05 * run_bytes
+
+
+def test_a_call_openvino_does_not_cover_runs_torch_in_full_and_the_next_is_full(ov_engine):
+    """A fast pass's call with an argument the graphs do not take (here a per-call LoRA scale) runs
+    on torch in full; the next call cannot reuse features that call did not leave, so it is full too."""
+    import torch
+
+    unet = ov_engine.manager.current.pipe.unet
+    compiled = ov_engine.manager.current.openvino
+    calls = reuse_calls()[:3]
+    exact = unet_calls(unet, calls)
+    with compiled.running(unet, reuse_interval=3) as record, torch.inference_mode():
+        sample, t, hidden = calls[0]
+        unet(sample, t, encoder_hidden_states=hidden)
+        sample, t, hidden = calls[1]
+        uncovered = unet(sample, t, encoder_hidden_states=hidden, cross_attention_kwargs={"scale": 1.0}).sample
+        sample, t, hidden = calls[2]
+        after = unet(sample, t, encoder_hidden_states=hidden).sample
+    assert record.used == {"openvino", "torch"}
+    assert (record.clock.full_steps, record.clock.reused_steps) == (3, 0)
+    assert torch.equal(uncovered, exact[1])
+    assert torch.allclose(after, exact[2], rtol=1e-4, atol=1e-4), (after - exact[2]).abs().max()
