@@ -431,3 +431,33 @@ def test_a_call_openvino_does_not_cover_runs_torch_in_full_and_the_next_is_full(
     assert (record.clock.full_steps, record.clock.reused_steps) == (3, 0)
     assert torch.equal(uncovered, exact[1])
     assert torch.allclose(after, exact[2], rtol=1e-4, atol=1e-4), (after - exact[2]).abs().max()
+
+
+def test_an_sdxl_unets_reuse_steps_compute_torchs(tmp_path):
+    """SDXL's size/pooled-text conditioning goes into the time embedding, which a reuse step
+    runs: the reuse graph takes text_embeds and time_ids too."""
+    import torch
+
+    from engine.feature_cache import FeatureReuse
+    from tests.tiny_models import SDXL_PROJECTION, tiny_sdxl_pipeline
+
+    unet = tiny_sdxl_pipeline().unet
+    compiled = ovb.prepare_unet(unet, "tiny-sdxl", ovb.OpenVINOCache(tmp_path))
+    assert compiled.names[-2:] == ("text_embeds", "time_ids")
+    g = torch.Generator().manual_seed(0)
+    sample = torch.randn(2, 4, 9, 13, generator=g)
+    hidden = torch.randn(2, 77, unet.config.cross_attention_dim, generator=g)
+    added = {"text_embeds": torch.randn(2, SDXL_PROJECTION, generator=g), "time_ids": torch.full((2, 6), 512.0)}
+
+    def steps():
+        with torch.inference_mode():
+            return [unet(sample + 0.1 * k, 900 - 50 * k, encoder_hidden_states=hidden, added_cond_kwargs=added).sample
+                    for k in range(3)]
+
+    with FeatureReuse(unet, interval=3):
+        expected = steps()
+    with compiled.running(unet, reuse_interval=3) as record:
+        got = steps()
+    assert record.used == {"openvino"} and record.clock.reused_steps == 2
+    for a, b in zip(got, expected):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4), (a - b).abs().max()
