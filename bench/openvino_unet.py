@@ -161,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, seconds in steps.items():
         rms = results["rel_rms_vs_torch"].get(name)
         full = steps.get(name.removesuffix(" reuse")) if name.endswith(" reuse") else None
-        print(f"| {name} | {seconds:.3f} | {base / seconds:.2f}x | {'—' if full is None else f'{seconds / full:.1%}'} "
+        share = '—' if full is None else f'{seconds / full:.1%}'
+        print(f"| {name} | {seconds:.3f} | {base / seconds:.2f}x | {share} "
               f"| {'—' if rms is None else f'{rms:.1e}'} |")
     print(f"converting {results['convert_s']} s + {results['convert_reuse_s']} s for the reuse graph "
           f"(peak RSS {results['convert_peak_rss_gb']} GB, {results['convert_reuse_peak_rss_gb']} GB after the "
