@@ -171,6 +171,18 @@ class DevicePlan:
         return replace(cpu, rung="cpu", notes=self.notes + (f"out of memory on {self.device}: running on the CPU",))
 
 
+def cast_floating(value, dtype: torch.dtype):
+    """`value` with its floating tensors cast to `dtype`: a tensor, or a dict, tuple or list of
+    values (a UNet call's arguments); anything else as it is."""
+    if torch.is_tensor(value):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, dict):
+        return {k: cast_floating(v, dtype) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(cast_floating(v, dtype) for v in value)
+    return value
+
+
 def resolve_device(hardware: Hardware, device: str) -> str:
     """The device "auto" or the user's --device means on this machine; RequestError if it is absent.
     Used by plan_for, and by the upscalers, which have no family plan of their own."""

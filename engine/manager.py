@@ -20,7 +20,7 @@ import torch
 
 from engine.atomic import write_atomic
 from engine.checkpoints import identify_model, load_pipeline, read_model_configs
-from engine.devices import BACKENDS, DevicePlan, Hardware, Precision, plan_for
+from engine.devices import BACKENDS, DevicePlan, Hardware, Precision, cast_floating, plan_for
 from engine.errors import EaselError, RequestError
 from engine.families import FAMILIES, Family, FamilyInfo
 from engine.library import ModelEntry, ModelLibrary, model_hash
@@ -202,14 +202,15 @@ class LoadedModel:
 
 def _cast_unet_inputs(unet: torch.nn.Module) -> None:
     """Let a bf16/fp16 UNet sit in an fp32 pipeline: inputs are cast to the UNet's dtype and its
-    output back to the latents' dtype, so the sampler's arithmetic stays in fp32."""
+    output back to the latents' dtype, so the sampler's arithmetic stays in fp32. Not while
+    OpenVINO runs the forward (engine.openvino_backend sets `_easel_openvino_pass`): its graph takes
+    f32, and rounding the latents to bf16 on the way would only lose precision."""
 
     def before(module, args, kwargs):
-        dtype = module.dtype
-        cast = lambda v: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v  # noqa: E731
-        kwargs = {k: ({kk: cast(vv) for kk, vv in v.items()} if isinstance(v, dict) else cast(v)) for k, v in kwargs.items()}
         module._easel_out_dtype = args[0].dtype if args else kwargs.get("sample").dtype
-        return tuple(cast(a) for a in args), kwargs
+        if getattr(module, "_easel_openvino_pass", False):
+            return args, kwargs
+        return cast_floating(args, module.dtype), cast_floating(kwargs, module.dtype)
 
     def after(module, args, kwargs, output):
         out_dtype = module._easel_out_dtype

@@ -58,6 +58,7 @@ import torch
 
 from engine import compat  # noqa: F401 - torchvision shim before transformers/diffusers
 from diffusers.hooks import HookRegistry, ModelHook
+from engine.devices import cast_floating
 from engine.feature_cache import HOOK_NAME as REUSE_HOOK_NAME
 from engine.feature_cache import FeatureReuse, ReuseClock, feature_part, step_key
 
@@ -359,7 +360,9 @@ class _RunOnOpenVINO(ModelHook):
             if clock is not None:  # torch runs this call in full; the next call cannot reuse it
                 clock.tick(None)
                 self.features = None
-            return self.fn_ref.original_forward(*args, **kwargs)
+            # The inputs came uncast (manager._cast_unet_inputs leaves OpenVINO passes in f32).
+            dtype = module.dtype
+            return self.fn_ref.original_forward(*cast_floating(args, dtype), **cast_floating(kwargs, dtype))
         self.record.used.add("openvino")
         sample = given["sample"]
         inputs = {**given, **added}
@@ -416,9 +419,11 @@ class OpenVINOUNet:
         record = PassRecord(clock=None if reuse_interval is None else ReuseClock(reuse_interval))
         registry = HookRegistry.check_if_exists_or_initialize(unet)
         registry.register_hook(_RunOnOpenVINO(self, record), HOOK_NAME)
+        unet._easel_openvino_pass = True  # the graph takes f32: see manager._cast_unet_inputs
         try:
             yield record
         finally:
+            unet._easel_openvino_pass = False
             registry.remove_hook(HOOK_NAME, recurse=False)  # the hook goes, and the features with it
 
 

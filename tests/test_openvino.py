@@ -313,6 +313,21 @@ def test_a_bf16_plan_keeps_f16_weights_in_its_own_entry(tiny_models_dir, tmp_pat
     assert run(eng).images[0].size == (64, 48)
 
 
+def test_a_bf16_plans_openvino_pass_gets_the_latents_in_f32(tiny_models_dir, tmp_path, ov_cpu, monkeypatch):
+    """The torch UNet beside it is bf16, and torch passes get bf16 inputs; OpenVINO's graph takes
+    f32, so its passes get the sampler's f32 latents unrounded (and hand back f32)."""
+    import torch
+
+    seen = []
+    real = ovb.OpenVINOUNet.__call__
+    monkeypatch.setattr(ovb.OpenVINOUNet, "__call__",
+                        lambda self, inputs: seen.append(inputs["sample"].dtype) or real(self, inputs))
+    eng = loaded_engine(tiny_models_dir, tmp_path, replace(ov_cpu, cpu_bf16=True))
+    assert eng.manager.current.pipe.unet.dtype == torch.bfloat16
+    run(eng, steps=2)
+    assert seen and set(seen) == {torch.float32}
+
+
 # --- the page says when a first load prepares the model ------------------------------------------
 def test_the_pickers_first_load_says_it_is_preparing_the_model(tiny_models_dir, tmp_path, ov_cpu):
     from ui.app_ui import create_ui
