@@ -41,7 +41,8 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--outdir", type=Path, default=ROOT / "outputs", help="where images are saved")
     p.add_argument("--data-dir", type=Path, default=ROOT / "data", help="settings and caches")
     p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
-    p.add_argument("--precision", default="auto", help="auto, fp32, fp16 or bf16 (wins over per-model settings)")
+    p.add_argument("--precision", default="auto", help="auto, fp32, fp16, bf16, or int8 (OpenVINO on a CPU: the "
+                   "UNet's weights in 8 bits, slightly less exact; wins over per-model settings)")
     p.add_argument("--backend", default="auto", help="what runs the UNet: auto (OpenVINO on a CPU where it is "
                    "installed, else torch), torch or openvino (wins over per-model settings)")
     p.add_argument("--no-watermark", action="store_true", help="do not embed the invisible watermark")
@@ -119,7 +120,7 @@ def build_parser() -> Parser:
                                                              "0-30 (default 9)")
         if name == "models":
             p.add_argument("--set-precision", nargs=2, metavar=("MODEL", "PRECISION"),
-                           help="remember a precision (auto, fp32, fp16, bf16) for one checkpoint")
+                           help="remember a precision (auto, fp32, fp16, bf16, int8) for one checkpoint")
             p.add_argument("--set-backend", nargs=2, metavar=("MODEL", "BACKEND"),
                            help="remember a backend (auto, torch, openvino) for one checkpoint")
             p.add_argument("--set-distilled", nargs=2, metavar=("MODEL", "KIND"),

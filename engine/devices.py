@@ -8,6 +8,7 @@ out-of-memory ladder: each call returns the next, more frugal plan.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass, field, replace
 from enum import Enum
@@ -26,6 +27,10 @@ class Precision(str, Enum):
     FP32 = "fp32"
     FP16 = "fp16"
     BF16 = "bf16"
+    # The UNet's weights stored as 8-bit integers (NNCF's weight compression of the OpenVINO graph),
+    # computed in fp32 or bf16 as auto would: a quarter of the weights' size on disk and in memory,
+    # at a small, measured cost in exactness (docs/benchmarks.md). OpenVINO on a CPU only.
+    INT8 = "int8"
 
 
 DEVICES = ("auto", "cuda", "mps", "cpu")
@@ -47,6 +52,7 @@ class Hardware:
     physical_cores: int = 1
     openvino: bool = False  # the openvino package imports (installed only on x86-64: pyproject.toml)
     intel_gpus: tuple[str, ...] = ()  # Intel GPUs OpenVINO sees, by name (torch cannot use them)
+    nncf: bool = False      # NNCF is installed: it compresses the OpenVINO UNet's weights to int8
 
     @classmethod
     def detect(cls) -> "Hardware":
@@ -59,7 +65,8 @@ class Hardware:
         mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
         return cls(cuda=cuda, cuda_name=name, cuda_vram_gb=round(vram, 1), cuda_bf16=cuda_bf16, mps=mps,
                    cpu_bf16=_cpu_has_native_bf16(), physical_cores=_physical_cores(),
-                   openvino=_openvino_imports(), intel_gpus=_intel_gpus())
+                   openvino=_openvino_imports(), intel_gpus=_intel_gpus(),
+                   nncf=importlib.util.find_spec("nncf") is not None)
 
 
 def _openvino_imports() -> bool:
@@ -122,6 +129,7 @@ class DevicePlan:
     channels_last: bool = False  # UNet and VAE weights in NHWC (measured, not a win on the CPUs tried so far)
     threads: int | None = None
     backend: str = "torch"  # what runs the UNet: "torch" or "openvino" (CPU only)
+    int8_weights: bool = False  # OpenVINO's UNet weights compressed to int8 (unet_dtype: its compute)
     rung: str = "full"
     notes: tuple[str, ...] = field(default=())
 
@@ -137,7 +145,9 @@ class DevicePlan:
         return dtypes.pop() if len(dtypes) == 1 else torch.float32
 
     def describe(self) -> str:
-        parts = [f"{self.device}" + (" (OpenVINO)" if self.backend == "openvino" else ""), f"unet {_DTYPE_NAMES[self.unet_dtype]}",
+        unet = f"unet int8 weights ({_DTYPE_NAMES[self.unet_dtype]} compute)" if self.int8_weights else \
+            f"unet {_DTYPE_NAMES[self.unet_dtype]}"
+        parts = [f"{self.device}" + (" (OpenVINO)" if self.backend == "openvino" else ""), unet,
                  f"text encoder {_DTYPE_NAMES[self.text_encoder_dtype]}", f"vae {_DTYPE_NAMES[self.vae_dtype]}"]
         if self.upcast_attention:
             parts.append("attention upcast")
@@ -226,19 +236,36 @@ def _backend(hardware: Hardware, device: str, backend: str, notes: list[str]) ->
     return "openvino"
 
 
+def _no_int8(hardware: Hardware, device: str, backend: str) -> str | None:
+    """Why int8 weights cannot run on this plan, or None when they can."""
+    if device != "cpu":
+        return f"weights run on OpenVINO on the CPU only, not on {device}"
+    if backend != "openvino":
+        return "weights need the OpenVINO backend" + ("" if hardware.openvino else " (not installed)")
+    if not hardware.nncf:
+        return "weights need NNCF to compress them (pip install nncf)"
+    return None
+
+
 def plan_for(family: FamilyInfo, hardware: Hardware, device: str = "auto",
              precision: str | Precision = Precision.AUTO, backend: str = "auto") -> DevicePlan:
     dev = resolve_device(hardware, device)
     wanted = _parse_precision(precision)
     notes: list[str] = []
     backend = _backend(hardware, dev, backend, notes)
+    int8 = wanted is Precision.INT8
+    if int8:
+        why = _no_int8(hardware, dev, backend)
+        if why:
+            int8, wanted = False, Precision.AUTO
+            notes.append(f"int8 {why}; using the auto precision")
 
     if dev == "cpu":
         # fp16 has no CPU kernels for conv ("slow_conv2d_cpu" not implemented for 'Half'): never.
         if wanted is Precision.FP16:
             wanted = Precision.BF16 if hardware.cpu_bf16 else Precision.FP32
             notes.append(f"fp16 cannot run on the CPU; using {wanted.value}")
-        if wanted is Precision.AUTO:
+        if wanted in (Precision.AUTO, Precision.INT8):
             # Native bf16 about halves the UNet's time; without native support torch emulates it and
             # it is far slower than fp32 (docs/benchmarks.md).
             wanted = Precision.BF16 if hardware.cpu_bf16 else Precision.FP32
@@ -248,7 +275,7 @@ def plan_for(family: FamilyInfo, hardware: Hardware, device: str = "auto",
         # channels-last costs memory (docs/benchmarks.md).
         # OpenVINO compiles the UNet for the same precision: f32, or bf16 where it is native.
         return DevicePlan(dev, compute, torch.float32, torch.float32,
-                          threads=hardware.physical_cores, backend=backend, notes=tuple(notes))
+                          threads=hardware.physical_cores, backend=backend, int8_weights=int8, notes=tuple(notes))
 
     if wanted is Precision.AUTO:
         wanted = Precision.FP16

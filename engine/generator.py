@@ -75,7 +75,7 @@ class Run:
     reuse_features: bool            # speed "fast" and enough steps to reuse the UNet's deep features
     inpaint: InpaintJob | None = None  # img2img with a mask
     notes: list[str] = field(default_factory=list)
-    backends: set = field(default_factory=set)  # what ran the UNet's calls: "torch", "openvino"
+    backends: set = field(default_factory=set)  # what ran the UNet's calls: "torch", "openvino", "openvino int8"
     networks: dict = field(default_factory=dict)  # infotext pairs of the job's LoRAs ("Lora hashes")
     embeddings: dict = field(default_factory=dict)  # the textual inversions the model's prompts may use
     _encoded: tuple = ()
@@ -90,8 +90,8 @@ class Run:
         return self._encoded[1]
 
     def backend(self) -> str:
-        """What ran the UNet in this run ("torch", "openvino", "openvino+torch")."""
-        return "+".join(sorted(self.backends, key=("openvino", "torch").index)) or "torch"
+        """What ran the UNet in this run ("torch", "openvino", "openvino int8", "openvino+torch")."""
+        return "+".join(sorted(self.backends, key=lambda name: name == "torch")) or "torch"
 
     def infotext_networks(self) -> dict:
         """`Lora hashes` and `TI hashes` for the infotext (TI: the embeddings the prompts used)."""

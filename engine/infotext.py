@@ -97,8 +97,9 @@ INFOTEXT_FIELDS = (
     InfotextField("Lora hashes", None),
     InfotextField("TI hashes", None),
     InfotextField("Speed", "speed", unset="exact"),
-    # What ran the UNet, when it was not torch ("openvino"; "openvino+torch" when some passes fell
-    # back, e.g. a LoRA). A machine's choice, not the request's: not read back into a field.
+    # What ran the UNet, when it was not torch ("openvino"; "openvino int8" with int8 weights;
+    # "openvino+torch" when some passes fell back, e.g. a LoRA). A machine's choice, not the
+    # request's: not read back into a field.
     InfotextField("Backend", None),
     InfotextField("Version", None),
 )

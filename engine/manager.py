@@ -378,7 +378,7 @@ class ModelManager:
             scheduler_config = dict(pipe.scheduler.config)
             hash_cache = self.cache_dir / "hashes.json" if self.cache_dir else None
             checkpoint_hash = model_hash(entry.path, hash_cache)
-            notes: list[str] = []
+            notes = list(plan.notes)  # what the plan could not honour (e.g. int8 without OpenVINO): said on the first job
             openvino = None
             if plan.backend == "openvino":  # before place(): the UNet is still in f32
                 openvino, plan = self._prepare_openvino(pipe.unet, checkpoint_hash, plan, notes, on_status)
@@ -401,15 +401,17 @@ class ModelManager:
         precision = "bf16" if plan.unet_dtype == torch.bfloat16 else "f32"
         try:
             compiled = prepare_unet(unet, checkpoint_hash, cache, precision=precision, threads=plan.threads,
-                                    torch_dtype=plan.unet_dtype, on_convert=on_status)
+                                    torch_dtype=plan.unet_dtype, on_convert=on_status,
+                                    compression="int8" if plan.int8_weights else None)
         except Exception as error:  # noqa: BLE001 - any failure here must leave a model that runs
             detail = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
             note = f"OpenVINO could not prepare this model ({type(error).__name__}: {detail}); running on torch"
             logger.warning("%s", note)
             notes.append(note)
-            return None, replace(plan, backend="torch", notes=plan.notes + (note,))
+            return None, replace(plan, backend="torch", int8_weights=False, notes=plan.notes + (note,))
         if not compiled.from_cache:
-            notes.append(f"prepared this model for your CPU with OpenVINO in {compiled.seconds:.0f} s; "
+            weights = " with int8 weights" if compiled.compression else ""
+            notes.append(f"prepared this model for your CPU with OpenVINO{weights} in {compiled.seconds:.0f} s; "
                          "cached, so later loads skip it")
         return compiled, plan
 

@@ -33,8 +33,11 @@ is what the graph holds; a divisible example would bake in "double the size", wr
 Cache: one entry per converted part ("unet", "unet_reuse") and (checkpoint hash, the part's
 config, graph inputs, OpenVINO version, FORMAT), i.e. everything the converted graph depends on.
 The precision (f32 or bf16) is a compile-time hint on the same f32 graph, so it is not part of
-the key: one entry serves both. An entry is a folder written under a temp name and renamed into
-place (never seen half-written); its meta.json records the files' sizes and the xml's sha256, so
+the key: one entry serves both. Int8 weights (`--precision int8`: NNCF's weight compression)
+are other graphs, so entries of their own, with the compression (and NNCF's version) in the key;
+each part is made from the model's f32 (or f16) entry when that is cached, else converted afresh
+(no plain entry is written then: int8 is chosen to save room). An entry is a folder written under
+a temp name and renamed into place (never seen half-written); its meta.json records the files' sizes and the xml's sha256, so
 a truncated or damaged entry is found, removed and converted again. The least recently used
 entries go once the cache is over its size limit.
 """
@@ -219,13 +222,16 @@ def convert_unet_reuse(unet: torch.nn.Module):
 
 
 def cache_key(checkpoint_hash: str, part: str, module: torch.nn.Module, inputs: tuple[str, ...],
-              stored: str = "f32") -> str:
+              stored: str = "f32", compression: str | None = None) -> str:
     """Everything one converted part's graph depends on (see the module docstring), hashed. `part`
     names what was converted ("unet", ...): each part is an entry of its own; `stored` is how its
-    weights are saved ("f32", or "f16" for a bf16 plan: see stored_weights)."""
+    weights are saved ("f32", or "f16" for a bf16 plan: see stored_weights); `compression` how
+    they were compressed ("int8"), None for the converted graph as it is."""
     config = {k: v for k, v in dict(module.config).items() if not k.startswith("_")}
     parts = {"checkpoint": checkpoint_hash, "part": part, "config": config, "inputs": inputs,
              "weights": str(module.dtype), "stored": stored, "openvino": openvino_version(), "format": FORMAT}
+    if compression:  # only then: the other entries' keys stay what they were
+        parts["compression"] = {"mode": compression, **_compression_settings(compression)}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
@@ -320,6 +326,30 @@ class OpenVINOCache:
         return core.compile_model(str(xml), device, config)
 
 
+# NNCF's weight compression for `--precision int8`: its default 8-bit mode, asymmetric per output
+# channel, on every MatMul and Convolution (optimum-intel's choice for diffusion models too; 8 bits
+# need no calibration data). The UNet then computes in f32 or bf16 from weights decompressed on the fly.
+INT8_MODE = "int8_asym"
+
+
+def _compression_settings(compression: str) -> dict:
+    if compression != "int8":
+        raise ValueError(f"unknown weight compression {compression!r}")
+    import nncf
+
+    return {"nncf_mode": INT8_MODE, "nncf": nncf.__version__}
+
+
+def compress_int8(model):
+    """The openvino.Model with its weights compressed to int8 by NNCF (see INT8_MODE)."""
+    import nncf
+
+    # Its INFO table of bit widths per layer is for NNCF's users tuning mixed precision; Easel asks
+    # for one mode on every layer. (Set here: importing nncf resets its level to INFO.)
+    nncf.set_log_level(logging.WARNING)
+    return nncf.compress_weights(model, mode=nncf.CompressWeightsMode(INT8_MODE))
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -363,7 +393,7 @@ class _RunOnOpenVINO(ModelHook):
             # The inputs came uncast (manager._cast_unet_inputs leaves OpenVINO passes in f32).
             dtype = module.dtype
             return self.fn_ref.original_forward(*cast_floating(args, dtype), **cast_floating(kwargs, dtype))
-        self.record.used.add("openvino")
+        self.record.used.add(self.unet_model.label)
         sample = given["sample"]
         inputs = {**given, **added}
         if clock is None:
@@ -385,13 +415,19 @@ class OpenVINOUNet:
     convert_unet_reuse); `running(unet)` lends them to the torch UNet for one pass."""
 
     def __init__(self, compiled, compiled_reuse, names: tuple[str, ...], precision: str, from_cache: bool,
-                 seconds: float):
+                 seconds: float, compression: str | None = None):
         self.compiled = compiled              # the full graph: noise prediction and deep features
         self.compiled_reuse = compiled_reuse  # the reuse step's graph
         self.names = names
         self.precision = precision    # the compile hint: "f32" or "bf16"
         self.from_cache = from_cache  # False: converted by this load
         self.seconds = seconds        # converting (or reading) plus compiling
+        self.compression = compression  # "int8": NNCF-compressed weights; None: f32 (or f16) weights
+
+    @property
+    def label(self) -> str:
+        """What ran the UNet, as the infotext's Backend says it: "openvino" or "openvino int8"."""
+        return "openvino" + (f" {self.compression}" if self.compression else "")
 
     def _feed(self, inputs: dict) -> dict:
         sample = inputs["sample"]
@@ -487,29 +523,35 @@ def check_memory_for_conversion(unet: torch.nn.Module) -> None:
 def prepare_unet(unet: torch.nn.Module, checkpoint_hash: str, cache: OpenVINOCache, *,
                  precision: str = "f32", threads: int | None = None,
                  torch_dtype: torch.dtype | None = None,
-                 on_convert: Callable[[str], None] | None = None) -> OpenVINOUNet:
+                 on_convert: Callable[[str], None] | None = None, compression: str | None = None) -> OpenVINOUNet:
     """The UNet compiled for the CPU in its two parts (the full graph and the reuse step's, see
     convert_unet_reuse): each read from the cache, else converted (and cached). Raises whatever
     converting or compiling raises; the caller falls back to torch. With `torch_dtype`, the torch
     UNet's weights are parked (park_weights) in that dtype before compiling, so its in-RAM copy is
     gone before OpenVINO's is made: the load's peak memory holds one UNet, not two.
-    `on_convert` hears PREPARING before a conversion starts (the page shows it: it takes a minute)."""
+    `on_convert` hears PREPARING before a conversion starts (the page shows it: it takes a minute).
+    `compression` "int8": the weights compressed by NNCF, entries of their own (one for f32 and bf16
+    compute: the int8 weights are the same, and what stays uncompressed, norms and biases, is small)."""
     started = time.monotonic()
     names = input_names(unet.config)
-    stored = stored_weights(precision)
+    stored = "f32" if compression else stored_weights(precision)
     entries, from_cache = [], True  # (key, model.xml) per part
     for part, part_inputs, convert in (("unet", names, convert_unet),
                                        ("unet_reuse", (*names, "features"), convert_unet_reuse)):
-        key = cache_key(checkpoint_hash, part, unet, part_inputs, stored)
+        key = cache_key(checkpoint_hash, part, unet, part_inputs, stored, compression)
         xml = cache.load(key)
         if xml is None:
             if from_cache:  # said once, by the first part to convert
                 logger.warning(PREPARING)
                 if on_convert:
                     on_convert(PREPARING)
-                check_memory_for_conversion(unet)
             from_cache = False
-            model = convert(unet)
+            model = _plain_entry(cache, checkpoint_hash, part, unet, part_inputs) if compression else None
+            if model is None:
+                check_memory_for_conversion(unet)
+                model = convert(unet)
+            if compression:
+                model = compress_int8(model)
             xml = cache.store(key, model, stored)
             del model  # the graph holds its own copy of the weights until it goes
         entries.append((key, xml))
@@ -525,4 +567,16 @@ def prepare_unet(unet: torch.nn.Module, checkpoint_hash: str, cache: OpenVINOCac
         except RuntimeError:
             cache.remove(key)  # a damaged compiled blob or weights: convert afresh next time
             raise
-    return OpenVINOUNet(*compiled, names, precision, from_cache, time.monotonic() - started)
+    return OpenVINOUNet(*compiled, names, precision, from_cache, time.monotonic() - started, compression)
+
+
+def _plain_entry(cache: OpenVINOCache, checkpoint_hash: str, part: str, unet, inputs: tuple[str, ...]):
+    """The part's uncompressed graph read from its cached entry (f32, else a bf16 plan's f16: its
+    rounding, ~1/2048, is far below int8's 1/255 of a channel's range), or None when neither is cached."""
+    import openvino
+
+    for plain in ("f32", "f16"):
+        xml = cache.load(cache_key(checkpoint_hash, part, unet, inputs, plain))
+        if xml is not None:
+            return openvino.Core().read_model(str(xml))
+    return None
