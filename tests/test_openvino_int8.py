@@ -135,6 +135,16 @@ def test_int8_is_made_from_the_cached_f32_entry(tiny_models_dir, tmp_path, int8_
     assert len(entries(tmp_path)) == 2
 
 
+def test_int8_is_made_from_a_bf16_plans_f16_entry_too(tiny_models_dir, tmp_path, int8_cpu, monkeypatch):
+    bf16_cpu = replace(int8_cpu, cpu_bf16=True)  # its auto plan saves the UNet's entry in f16
+    assert engine_on(tiny_models_dir, tmp_path, bf16_cpu, "auto").manager.current.plan.unet_dtype.itemsize == 2
+    calls = []
+    monkeypatch.setattr(ovb, "convert_unet", lambda unet: calls.append("convert"))
+    eng = engine_on(tiny_models_dir, tmp_path, bf16_cpu, "int8")
+    assert calls == [] and eng.manager.current.openvino.compression == "int8"
+    assert "Backend: openvino int8" in run(eng).infotexts[0]
+
+
 def test_int8_without_an_f32_entry_converts_and_keeps_only_int8(tiny_models_dir, tmp_path, int8_cpu):
     eng = engine_on(tiny_models_dir, tmp_path, int8_cpu, "int8")
     assert not eng.manager.current.openvino.from_cache
