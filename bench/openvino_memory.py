@@ -7,7 +7,7 @@ Saves the converted graph (f32) and its NNCF int8 compression (engine/openvino_b
 compress_int8) once, then compiles each from its file in a process of its own (as Easel's cache
 does: the weights memory-mapped) for f32 and, where native, bf16 compute, runs two UNet steps, and
 reports the resident memory after compiling and after the steps (file-backed pages included: they
-are the weights) and the process's peak. bench/openvino_unet.py measures speed and exactness.
+are the weights) and the process's peak. bench/openvino_int8.py measures speed and exactness.
 """
 from __future__ import annotations
 

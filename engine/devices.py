@@ -30,7 +30,7 @@ class Precision(str, Enum):
     # The UNet's weights stored as 8-bit integers (NNCF's weight compression of the OpenVINO graph),
     # computed in fp32 or bf16 as auto would. SD 1.5's UNet (random weights): a quarter of the
     # saved graph, 1.1-1.4 GB less peak memory, 1.4% relative RMS per step from torch fp32 against
-    # f32's 2.5e-6 (bench/openvino_memory.py, bench/openvino_unet.py). OpenVINO on a CPU only.
+    # f32's 2.5e-6 (bench/openvino_memory.py, bench/openvino_int8.py). OpenVINO on a CPU only.
     INT8 = "int8"
 
 

@@ -70,9 +70,21 @@ def pixels(image) -> np.ndarray:
 
 
 def entries(root) -> dict:
-    """{cache entry: its model.bin's size}."""
+    """{cache entry: its model.bin's size}; each model has two parts ("unet", "unet_reuse")."""
     cache = root / "data" / "cache" / "openvino"
     return {p.name: (p / "model.bin").stat().st_size for p in cache.iterdir() if p.is_dir() and not p.name.startswith(".")}
+
+
+def unet_entry(engine, compression: str | None) -> str:
+    """The cache key of the loaded model's full UNet graph, f32-stored, plain or compressed."""
+    loaded = engine.manager.current
+    unet = loaded.pipe.unet
+    return ovb.cache_key(loaded.hash, "unet", unet, ovb.input_names(unet.config), "f32", compression)
+
+
+def no_conversion(monkeypatch, calls: list) -> None:
+    monkeypatch.setattr(ovb, "convert_unet", lambda unet: calls.append("convert"))
+    monkeypatch.setattr(ovb, "convert_unet_reuse", lambda unet: calls.append("convert"))
 
 
 # --- the plan -----------------------------------------------------------------------------------
@@ -109,14 +121,14 @@ def test_int8_where_it_cannot_run_falls_back_to_auto_and_says_why(int8_cpu, case
 def test_int8_is_its_own_cache_entry_beside_f32_and_smaller(int8_engine, root):
     assert int8_engine.manager.current.openvino.compression == "int8"
     sizes = entries(root)
-    assert len(sizes) == 2  # the f32 entry and the int8 one
-    small, large = sorted(sizes.values())
-    assert small < 0.35 * large  # int8 weights: a quarter of f32's, plus scales and zero points
+    assert len(sizes) == 4  # the f32 entries and the int8 ones, of both parts
+    int8, f32 = sizes[unet_entry(int8_engine, "int8")], sizes[unet_entry(int8_engine, None)]
+    assert int8 < 0.35 * f32  # int8 weights: a quarter of f32's, plus scales and zero points
 
 
 def test_second_int8_load_converts_and_compresses_nothing(int8_engine, tiny_models_dir, root, int8_cpu, monkeypatch):
     calls = []
-    monkeypatch.setattr(ovb, "convert_unet", lambda unet: calls.append("convert"))
+    no_conversion(monkeypatch, calls)
     monkeypatch.setattr(ovb, "compress_int8", lambda model: calls.append("compress"))
     again = engine_on(tiny_models_dir, root, int8_cpu, "int8")
     assert calls == [] and again.manager.current.openvino.from_cache
@@ -128,18 +140,18 @@ def test_int8_is_made_from_the_cached_f32_entry(tiny_models_dir, tmp_path, int8_
     engine_on(tiny_models_dir, tmp_path, int8_cpu, "fp32")
     calls = []
     real = ovb.compress_int8
-    monkeypatch.setattr(ovb, "convert_unet", lambda unet: calls.append("convert"))
+    no_conversion(monkeypatch, calls)
     monkeypatch.setattr(ovb, "compress_int8", lambda model: calls.append("compress") or real(model))
     eng = engine_on(tiny_models_dir, tmp_path, int8_cpu, "int8")
-    assert calls == ["compress"] and eng.manager.current.openvino.compression == "int8"
-    assert len(entries(tmp_path)) == 2
+    assert calls == ["compress", "compress"] and eng.manager.current.openvino.compression == "int8"  # both parts
+    assert len(entries(tmp_path)) == 4
 
 
 def test_int8_is_made_from_a_bf16_plans_f16_entry_too(tiny_models_dir, tmp_path, int8_cpu, monkeypatch):
     bf16_cpu = replace(int8_cpu, cpu_bf16=True)  # its auto plan saves the UNet's entry in f16
     assert engine_on(tiny_models_dir, tmp_path, bf16_cpu, "auto").manager.current.plan.unet_dtype.itemsize == 2
     calls = []
-    monkeypatch.setattr(ovb, "convert_unet", lambda unet: calls.append("convert"))
+    no_conversion(monkeypatch, calls)
     eng = engine_on(tiny_models_dir, tmp_path, bf16_cpu, "int8")
     assert calls == [] and eng.manager.current.openvino.compression == "int8"
     assert "Backend: openvino int8" in run(eng).infotexts[0]
@@ -148,7 +160,7 @@ def test_int8_is_made_from_a_bf16_plans_f16_entry_too(tiny_models_dir, tmp_path,
 def test_int8_without_an_f32_entry_converts_and_keeps_only_int8(tiny_models_dir, tmp_path, int8_cpu):
     eng = engine_on(tiny_models_dir, tmp_path, int8_cpu, "int8")
     assert not eng.manager.current.openvino.from_cache
-    assert len(entries(tmp_path)) == 1
+    assert len(entries(tmp_path)) == 2  # the int8 entries of both parts, no f32 ones
     assert any("with int8 weights" in note for note in run(eng).notes)
 
 
