@@ -2,8 +2,9 @@
 
 The plan for a checkpoint comes from `devices.plan_for`, with the user's overrides in this order:
 the command line's --device/--precision/--backend, then the precision and backend stored for that
-checkpoint, then auto. A plan whose backend is OpenVINO gets the UNet converted (or read from the
-cache) when the model loads; if that fails the model runs on torch and says why.
+checkpoint, then auto. A plan whose backend is OpenVINO gets the UNet, the VAE's decoder and encoder
+and the text encoder(s) converted (or read from the cache) when the model loads; a part that fails
+runs on torch and says why (the UNet failing puts the whole plan on torch).
 """
 from __future__ import annotations
 
@@ -381,7 +382,7 @@ class ModelManager:
             notes = list(plan.notes)  # what the plan could not honour (e.g. int8 without OpenVINO): said on the first job
             openvino = None
             if plan.backend == "openvino":  # before place(): the UNet is still in f32
-                openvino, plan = self._prepare_openvino(pipe.unet, checkpoint_hash, plan, notes, on_status)
+                openvino, plan = self._prepare_openvino(pipe, checkpoint_hash, plan, notes, on_status)
             _cast_unet_inputs(pipe.unet)
             place(pipe, plan)
             encoder = _prompt_encoder(pipe, plan)
@@ -389,18 +390,27 @@ class ModelManager:
                                        facts.distillation, notes=notes, own_vae=pipe.vae, openvino=openvino)
             return self.current
 
-    def _prepare_openvino(self, unet, checkpoint_hash: str, plan: DevicePlan, notes: list[str],
-                          on_status: Callable[[str], None] | None = None):
-        """(the UNet compiled by OpenVINO, plan), or (None, the plan on torch) when converting or
-        compiling fails: the model still runs, on torch, and the first job's notes say why."""
-        from engine.openvino_backend import OpenVINOCache, prepare_unet
+    def _openvino_cache(self):
+        from engine.openvino_backend import OpenVINOCache
 
         # No data folder (a bare ModelManager): a cache in the system's temp folder, shared by such runs.
-        cache = OpenVINOCache(self.cache_dir / "openvino" if self.cache_dir else
-                              Path(tempfile.gettempdir()) / "easel-openvino")
+        return OpenVINOCache(self.cache_dir / "openvino" if self.cache_dir else
+                             Path(tempfile.gettempdir()) / "easel-openvino")
+
+    def _prepare_openvino(self, pipe, checkpoint_hash: str, plan: DevicePlan, notes: list[str],
+                          on_status: Callable[[str], None] | None = None):
+        """(the UNet compiled by OpenVINO, plan), or (None, the plan on torch) when converting or
+        compiling it fails: the model still runs, on torch, and the first job's notes say why. The
+        VAE and text encoders are hooked onto OpenVINO too (engine.openvino_parts), each on its own:
+        one that fails stays on torch with a note, whatever the UNet did."""
+        from engine.openvino_backend import prepare_unet
+        from engine.openvino_parts import prepare_parts, text_encoder_parts, vae_parts
+
+        cache = self._openvino_cache()
         precision = "bf16" if plan.unet_dtype == torch.bfloat16 else "f32"
+        compiled = None
         try:
-            compiled = prepare_unet(unet, checkpoint_hash, cache, precision=precision, threads=plan.threads,
+            compiled = prepare_unet(pipe.unet, checkpoint_hash, cache, precision=precision, threads=plan.threads,
                                     torch_dtype=plan.unet_dtype, on_convert=on_status,
                                     compression="int8" if plan.int8_weights else None)
         except Exception as error:  # noqa: BLE001 - any failure here must leave a model that runs
@@ -408,10 +418,14 @@ class ModelManager:
             note = f"OpenVINO could not prepare this model ({type(error).__name__}: {detail}); running on torch"
             logger.warning("%s", note)
             notes.append(note)
-            return None, replace(plan, backend="torch", int8_weights=False, notes=plan.notes + (note,))
-        if not compiled.from_cache:
-            weights = " with int8 weights" if compiled.compression else ""
-            notes.append(f"prepared this model for your CPU with OpenVINO{weights} in {compiled.seconds:.0f} s; "
+            plan = replace(plan, backend="torch", int8_weights=False, notes=plan.notes + (note,))
+        # f32, as the plan keeps these parts on the CPU (engine.openvino_parts says why).
+        parts = prepare_parts(vae_parts(pipe.vae) + text_encoder_parts(pipe), checkpoint_hash, cache, notes,
+                              threads=plan.threads, on_convert=on_status)
+        prepared = [p for p in (compiled, *parts.values()) if p is not None]
+        if any(not p.from_cache for p in prepared):
+            weights = " with int8 weights" if compiled is not None and compiled.compression else ""
+            notes.append(f"prepared this model for your CPU with OpenVINO{weights} in {sum(p.seconds for p in prepared):.0f} s; "
                          "cached, so later loads skip it")
         return compiled, plan
 
@@ -435,6 +449,7 @@ class ModelManager:
                 module = load_vae(choice, loaded.own_vae)
                 hash_cache = self.cache_dir / "hashes.json" if self.cache_dir else None
                 vae_name, vae_hash = choice.name, model_hash(choice.path, hash_cache)
+                self._openvino_vae(loaded, module, vae_hash)
             pipe = loaded.pipe
             if loaded.plan.cpu_offload:
                 pipe.remove_all_hooks()  # place() below offloads again, the new VAE included
@@ -446,6 +461,21 @@ class ModelManager:
             loaded.vae_name, loaded.vae_hash, loaded.vae_key = vae_name, vae_hash, key
             if self.hardware.cuda:
                 torch.cuda.empty_cache()
+
+    def _openvino_vae(self, loaded: LoadedModel, module, vae_hash: str) -> None:
+        """A chosen VAE runs on OpenVINO when the checkpoint's own does: converted from its own
+        weights and cached under its file's hash (never the checkpoint's graph). One that fails
+        stays on torch, and the next job's notes say so."""
+        from engine.openvino_parts import attached, prepare_parts, vae_parts
+
+        own = loaded.own_vae
+        if own is None or (attached(own.decoder) is None and attached(own.encoder) is None):
+            return
+        parts = prepare_parts(vae_parts(module), vae_hash, self._openvino_cache(), loaded.notes,
+                              threads=loaded.plan.threads)
+        if any(not p.from_cache for p in parts.values()):
+            loaded.notes.append(f"prepared the VAE for your CPU with OpenVINO in "
+                                f"{sum(p.seconds for p in parts.values()):.0f} s; cached, so later uses skip it")
 
     @contextmanager
     def use(self, name: str, purpose: str = "generate",

@@ -3,8 +3,8 @@ on disk, and run in place of torch's forward for the sampling passes that can us
 
 Why: on a CPU, OpenVINO runs the same SD 1.5 UNet about 1.2x faster than torch fp32 at the same
 quality (3.9e-6 relative RMS), and twice as fast in bf16 on CPUs with native bf16 (issue 14's
-numbers; bench/openvino_unet.py measures it here). The UNet is ~all of a job's time, so it is
-converted first; the text encoder and the VAE still run on torch.
+numbers; bench/openvino_unet.py measures it here). The UNet is ~all of a job's time; the VAE
+and the text encoders are converted too, by engine/openvino_parts.py with this module's cache.
 
 How it plugs in: the torch UNet stays the pipeline's `unet` (its config, dtype, device and LoRA
 adapters all keep working), and for one sampling pass `OpenVINOUNet.running(unet)` replaces its
@@ -227,7 +227,9 @@ def cache_key(checkpoint_hash: str, part: str, module: torch.nn.Module, inputs: 
     names what was converted ("unet", ...): each part is an entry of its own; `stored` is how its
     weights are saved ("f32", or "f16" for a bf16 plan: see stored_weights); `compression` how
     they were compressed ("int8"), None for the converted graph as it is."""
-    config = {k: v for k, v in dict(module.config).items() if not k.startswith("_")}
+    config = module.config  # diffusers' FrozenDict, or a transformers PretrainedConfig (text encoders)
+    config = {k: v for k, v in (config.to_dict() if hasattr(config, "to_dict") else dict(config)).items()
+              if not k.startswith("_")}
     parts = {"checkpoint": checkpoint_hash, "part": part, "config": config, "inputs": inputs,
              "weights": str(module.dtype), "stored": stored, "openvino": openvino_version(), "format": FORMAT}
     if compression:  # only then: the other entries' keys stay what they were
@@ -557,16 +559,7 @@ def prepare_unet(unet: torch.nn.Module, checkpoint_hash: str, cache: OpenVINOCac
         entries.append((key, xml))
     if torch_dtype is not None:  # after converting: both parts are traced from the f32 UNet
         park_weights(unet, cache.entry(entries[0][0]), torch_dtype)
-    config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
-    if threads:
-        config["INFERENCE_NUM_THREADS"] = threads
-    compiled = []
-    for key, xml in entries:
-        try:
-            compiled.append(cache.compile(xml, "CPU", config))
-        except RuntimeError:
-            cache.remove(key)  # a damaged compiled blob or weights: convert afresh next time
-            raise
+    compiled = [compile_entry(cache, key, xml, precision, threads) for key, xml in entries]
     return OpenVINOUNet(*compiled, names, precision, from_cache, time.monotonic() - started, compression)
 
 
@@ -580,3 +573,35 @@ def _plain_entry(cache: OpenVINOCache, checkpoint_hash: str, part: str, unet, in
         if xml is not None:
             return openvino.Core().read_model(str(xml))
     return None
+
+
+def load_or_convert(cache: OpenVINOCache, key: str, module: torch.nn.Module, convert: Callable[[], object],
+                    message: str, stored: str = "f32", on_convert: Callable[[str], None] | None = None):
+    """(model.xml, from_cache) of the entry `key`: read, else made by `convert()` (an openvino.Model
+    of `module`; `message` is logged and told to `on_convert` first) and stored: one part's entry
+    (engine.openvino_parts' VAE and text encoders; prepare_unet does the same for its two graphs,
+    saying PREPARING once for both)."""
+    xml = cache.load(key)
+    if xml is not None:
+        return xml, True
+    logger.warning(message)
+    if on_convert:
+        on_convert(message)
+    check_memory_for_conversion(module)
+    model = convert()
+    xml = cache.store(key, model, stored)
+    del model  # the graph holds its own copy of the weights until it goes
+    return xml, False
+
+
+def compile_entry(cache: OpenVINOCache, key: str, xml: Path, precision: str = "f32", threads: int | None = None):
+    """The entry's model compiled for the CPU with the latency hint; a failure removes the entry
+    (a damaged compiled blob or weights: converted afresh next time) and raises."""
+    config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
+    try:
+        return cache.compile(xml, "CPU", config)
+    except RuntimeError:
+        cache.remove(key)
+        raise

@@ -70,9 +70,18 @@ def _cache_entries(root):
     return [p for p in cache.iterdir() if p.is_dir() and not p.name.startswith(".")]
 
 
-def _unet_entry(root):
+def _unet_entries(root, loaded):
+    """The UNet's two entries: the cache's but the VAE's and the text encoder's (tests/test_openvino_parts.py)."""
+    from engine.openvino_parts import text_encoder_parts, vae_parts
+
+    parts = {ovb.cache_key(loaded.hash, p.name, p.keyed_by, p.inputs)
+             for p in vae_parts(loaded.own_vae) + text_encoder_parts(loaded.pipe)}
+    return [entry for entry in _cache_entries(root) if entry.name not in parts]
+
+
+def _unet_entry(root, loaded):
     """The full UNet graph's entry of a model's two (the reuse step's graph holds a few layers)."""
-    return max(_cache_entries(root), key=lambda entry: (entry / "model.bin").stat().st_size)
+    return max(_unet_entries(root, loaded), key=lambda entry: (entry / "model.bin").stat().st_size)
 
 
 # --- the plan ---------------------------------------------------------------------------------
@@ -109,7 +118,7 @@ def test_cli_refuses_a_bad_backend_in_one_line(tiny_models_dir, tmp_path, capsys
 def test_load_converts_the_unet_and_the_first_job_says_so(ov_engine, ov_root):
     loaded = ov_engine.manager.current
     assert loaded.plan.backend == "openvino" and loaded.openvino is not None
-    assert len(_cache_entries(ov_root)) == 2  # the full graph and the reuse step's
+    assert len(_unet_entries(ov_root, loaded)) == 2  # the full graph and the reuse step's
     result = run(ov_engine)
     assert any("prepared this model for your CPU with OpenVINO" in note for note in result.notes)
     assert not any("OpenVINO" in note for note in run(ov_engine).notes)  # said once
@@ -135,11 +144,12 @@ def test_a_changed_checkpoint_is_converted_again(tmp_path, ov_cpu):
     models = tmp_path / "models"
     save_sd1_folder(models / "Stable-diffusion" / "tiny-sd1", seed=0)
     first = loaded_engine(models, tmp_path, ov_cpu)
+    entries = len(_cache_entries(tmp_path))
     before = run(first).images[0]
     save_sd1_folder(models / "Stable-diffusion" / "tiny-sd1", seed=1)  # new weights, same name
     second = loaded_engine(models, tmp_path, ov_cpu)
     assert not second.manager.current.openvino.from_cache
-    assert len(_cache_entries(tmp_path)) == 4  # two parts per checkpoint
+    assert len(_cache_entries(tmp_path)) == 2 * entries  # every part's entries, for each version
     after = run(second).images[0]
     assert np.abs(pixels(before) - pixels(after)).max() > 10  # the new weights' image, not the old graph's
     torch_engine = Engine(EngineConfig(models, tmp_path / "t-out", tmp_path / "t-data", backend="torch"), ov_cpu)
@@ -147,8 +157,7 @@ def test_a_changed_checkpoint_is_converted_again(tmp_path, ov_cpu):
 
 
 def test_a_damaged_cache_entry_is_rebuilt(tiny_models_dir, tmp_path, ov_cpu):
-    loaded_engine(tiny_models_dir, tmp_path, ov_cpu)
-    entry = _unet_entry(tmp_path)
+    entry = _unet_entry(tmp_path, loaded_engine(tiny_models_dir, tmp_path, ov_cpu).manager.current)
     weights = entry / "model.bin"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a half-written copy
     rebuilt = loaded_engine(tiny_models_dir, tmp_path, ov_cpu)
@@ -159,7 +168,7 @@ def test_a_damaged_cache_entry_is_rebuilt(tiny_models_dir, tmp_path, ov_cpu):
 
 
 def test_cache_keeps_to_its_size_limit(tmp_path, ov_engine, ov_root):
-    entry = _unet_entry(ov_root)
+    entry = _unet_entry(ov_root, ov_engine.manager.current)
     cache = ovb.OpenVINOCache(tmp_path / "cache", limit_bytes=1)  # room for the newest entry only
     for name in ("old", "new"):
         shutil.copytree(entry, cache.root / name)
@@ -274,7 +283,7 @@ def _mapped_files(address: int) -> set[str]:
 def test_the_torch_unets_weights_are_memory_mapped_from_the_cache(ov_engine, ov_root):
     """OpenVINO holds its own compiled copy; the torch UNet beside it must not be a second one in RAM."""
     unet = ov_engine.manager.current.pipe.unet
-    entry = _unet_entry(ov_root)
+    entry = _unet_entry(ov_root, ov_engine.manager.current)
     weights = [p for p in unet.parameters()]
     mapped = {f for p in (weights[0], weights[len(weights) // 2], weights[-1]) for f in _mapped_files(p.data_ptr())}
     assert mapped == {str(entry / "torch-float32.pt")}
@@ -305,8 +314,8 @@ def test_a_bf16_plan_keeps_f16_weights_in_its_own_entry(tiny_models_dir, tmp_pat
     bf16_cpu = replace(ov_cpu, cpu_bf16=True)
     eng = loaded_engine(tiny_models_dir, tmp_path, bf16_cpu)
     assert eng.manager.current.openvino.precision == "bf16"
-    f16_entry = _unet_entry(tmp_path)
-    f32_entry = _unet_entry(ov_root)
+    f16_entry = _unet_entry(tmp_path, eng.manager.current)
+    f32_entry = _unet_entry(ov_root, ov_engine.manager.current)
     assert f16_entry.name != f32_entry.name
     f16_size, f32_size = ((e / "model.bin").stat().st_size for e in (f16_entry, f32_entry))
     assert f16_size < 0.6 * f32_size
@@ -368,8 +377,12 @@ def test_a_conversion_that_would_not_fit_in_memory_runs_on_torch_and_says_so(tin
     monkeypatch.setattr(psutil, "virtual_memory", lambda: real._replace(available=1024))  # 1 kB free
     eng = loaded_engine(tiny_models_dir, tmp_path, ov_cpu)
     assert eng.manager.current.openvino is None and eng.manager.current.plan.backend == "torch"
-    (note,) = [n for n in run(eng).notes if "OpenVINO could not prepare" in n]
+    notes = run(eng).notes
+    (note,) = [n for n in notes if "OpenVINO could not prepare this model" in n]
     assert "converting needs about" in note and "running on torch" in note
+    # The VAE and text encoder could not either: one note names them together, for the same reason.
+    (parts,) = [n for n in notes if "OpenVINO could not prepare the" in n]
+    assert "VAE decoder, VAE encoder and text encoder" in parts and "converting needs about" in parts
 
 
 # --- the fast speed on OpenVINO ----------------------------------------------------------------
@@ -422,7 +435,7 @@ def test_the_reuse_graph_holds_only_the_layers_a_reuse_step_runs(ov_engine, ov_r
     runs = [unet.conv_in, unet.time_embedding, last.resnets[-1], unet.conv_norm_out, unet.conv_out,
             *(last.attentions[-1:] if getattr(last, "attentions", None) else [])]
     run_bytes = sum(p.numel() for module in runs for p in module.parameters()) * 4
-    entry = min(_cache_entries(ov_root), key=lambda entry: (entry / "model.bin").stat().st_size)
+    entry = min(_unet_entries(ov_root, ov_engine.manager.current), key=lambda entry: (entry / "model.bin").stat().st_size)
     assert 0.9 * run_bytes <= (entry / "model.bin").stat().st_size <= 1.05 * run_bytes
 
 

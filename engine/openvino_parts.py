@@ -1,0 +1,272 @@
+"""OpenVINO for the rest of the pipeline: the VAE's decoder and encoder and the text encoder(s),
+converted from the loaded modules and cached like the UNet (engine/openvino_backend.py: the same
+cache, one entry per part, f32 graphs compiled with OpenVINO's blob cache).
+
+Why: with the UNet on OpenVINO, the VAE decode is the next largest cost of a job on the CPU (a
+512² decode takes about as long as a UNet step), and the text encoder runs once per prompt.
+
+How each part plugs in: its torch submodule stays where it is and a diffusers `ModelHook` (the
+mechanism the UNet uses) makes its forward run the compiled model. Unlike the UNet's hook, which
+is lent for one sampling pass, these stay on for the model's life, since every caller of these
+modules can use them: the pipelines' init-image encode (img2img, inpaint, hires fix), Easel's own
+decode (`generator._vae_decode`) and the prompt encoder (`engine.prompts`). A call the graph does
+not cover runs the torch forward instead.
+
+- VAE decoder: `vae.decoder` (what `vae.decode` runs after the 1x1 `post_quant_conv`, kept in
+  torch). Tiled decoding calls it per tile, which dynamic sizes cover.
+- VAE encoder: `vae.encoder` only. `quant_conv` (1x1) and the seeded sampling from the latent
+  distribution stay in torch, so an init image gives the same latents for a seed as on torch.
+- Text encoder(s): the whole CLIP model except its token-embedding lookup, which stays in torch
+  and whose output goes in as an input. That is where textual-inversion embeddings write their
+  vectors (`engine.embeddings.embeddings_in_place` hooks the token embedding), so prompts with an
+  embedding run on OpenVINO too, with no second graph and no torch fallback for them. A LoRA puts
+  peft layers into the encoder; the graph holds the checkpoint's own weights, so an encoder with
+  LoRA layers runs on torch (as `generator._unet_backend` does for the UNet).
+
+A user-chosen VAE (engine/vae.py) is another module with other weights: `ModelManager.apply_vae`
+converts it too, keyed by its own file's hash; the checkpoint's VAE keeps its hooks for when
+Automatic is chosen again. Each part is converted and compiled on its own: one that fails stays
+on torch and says so, the others keep OpenVINO.
+
+Precision: f32. The plan keeps the text encoder and VAE in fp32 on the CPU (they run once per
+prompt and image; bf16 would cost quality where little time is spent): bench/openvino_parts.py
+measures both.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from engine import compat  # noqa: F401 - torchvision shim before transformers/diffusers
+from diffusers.hooks import HookRegistry, ModelHook
+from engine.openvino_backend import OpenVINOCache, _array, cache_key, compile_entry, load_or_convert, park_weights
+
+logger = logging.getLogger(__name__)
+
+HOOK_NAME = "easel_openvino_part"
+
+# Part name -> what users read in notes.
+LABELS = {"vae_decoder": "VAE decoder", "vae_encoder": "VAE encoder",
+          "text_encoder": "text encoder", "text_encoder_2": "second text encoder"}
+
+
+class OpenVINOPart:
+    """One compiled part; `calls` counts the forwards it ran (the rest ran on torch)."""
+
+    def __init__(self, name: str, compiled, from_cache: bool, seconds: float):
+        self.name = name
+        self.compiled = compiled
+        self.from_cache = from_cache  # False: converted by this load
+        self.seconds = seconds        # converting (or reading) plus compiling
+        self.calls = 0
+
+    def __call__(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
+        self.calls += 1
+        results = self.compiled([_array(t) if t.is_floating_point() else t.detach().cpu().numpy() for t in tensors])
+        return [torch.from_numpy(results[port].copy()) for port in self.compiled.outputs]
+
+
+# --- the VAE's encoder and decoder: one image tensor in, one out -----------------------------------
+class _ConvNetTraceable(torch.nn.Module):
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, sample):
+        return self.net(sample)
+
+
+def convert_vae_part(net: torch.nn.Module, channels: int):
+    """vae.decoder (channels = latent channels) or vae.encoder (3) as an openvino.Model with dynamic
+    batch and size. The example size is odd so nothing size-specific is baked in."""
+    import openvino
+
+    example = torch.randn(1, channels, 9, 11)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        model = openvino.convert_model(_ConvNetTraceable(net).eval(), example_input=(example,))
+    model.inputs[0].get_tensor().set_names({"sample"})
+    return model
+
+
+class _RunConvNet(ModelHook):
+    """vae.decoder / vae.encoder's forward on the compiled model (Decoder's `latent_embeds`, used
+    by no SD VAE, would run on torch)."""
+
+    def __init__(self, part: OpenVINOPart):
+        super().__init__()
+        self.part = part
+
+    def new_forward(self, module, *args, **kwargs):
+        sample = args[0] if args else kwargs.get("sample")
+        extra = [v for k, v in kwargs.items() if k != "sample" and v is not None] + [a for a in args[1:] if a is not None]
+        if extra or not torch.is_tensor(sample) or sample.dim() != 4:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        (out,) = self.part(sample)
+        return out.to(dtype=sample.dtype, device=sample.device)
+
+
+# --- the text encoders: token embeddings in (looked up in torch), hidden states out ----------------
+class _TextTraceable(torch.nn.Module):
+    """The CLIP text model with its token embedding's output replaced by an input (see the module
+    docstring). Out: last hidden state, the penultimate layer's (SDXL uses it), and the pooled
+    output (projected for CLIPTextModelWithProjection)."""
+
+    def __init__(self, encoder: torch.nn.Module):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, input_ids, token_embeds):
+        # input_ids still go in: the pooled output is taken at each row's EOS token.
+        handle = self.encoder.get_input_embeddings().register_forward_hook(lambda m, a, out: token_embeds)
+        try:
+            out = self.encoder(input_ids, output_hidden_states=True)
+        finally:
+            handle.remove()
+        pooled = out.text_embeds if hasattr(self.encoder, "text_projection") else out.pooler_output
+        return out.last_hidden_state, out.hidden_states[-2], pooled
+
+
+def convert_text_encoder(encoder: torch.nn.Module):
+    import openvino
+
+    config = encoder.config
+    ids = torch.full((2, config.max_position_embeddings), config.pad_token_id, dtype=torch.long)
+    ids[:, 0], ids[:, 1:5], ids[:, 5] = config.bos_token_id, 320, config.eos_token_id
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        token_embeds = encoder.get_input_embeddings()(ids)
+        model = openvino.convert_model(_TextTraceable(encoder).eval(), example_input=(ids, token_embeds))
+    for port, name in zip(model.inputs, ("input_ids", "token_embeds")):
+        port.get_tensor().set_names({name})
+    return model
+
+
+def has_lora_layers(module: torch.nn.Module) -> bool:
+    """Whether peft put LoRA layers into the module (diffusers' load_lora_weights does; unloading
+    takes them out again)."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:  # no peft: no LoRA can have been loaded
+        return False
+    return any(isinstance(m, BaseTunerLayer) for m in module.modules())
+
+
+_TEXT_KWARGS = {"input_ids", "output_hidden_states", "return_dict"}
+
+
+class _RunTextEncoder(ModelHook):
+    """The CLIP model's forward on the compiled model: the token embedding runs in torch first, so
+    a textual inversion's hook on it works. hidden_states holds only the last two layers' (the
+    penultimate is the one SDXL uses; indexing further back fails loudly rather than being wrong)."""
+
+    def __init__(self, part: OpenVINOPart):
+        super().__init__()
+        self.part = part
+
+    def new_forward(self, module, *args, **kwargs):
+        ids = args[0] if args else kwargs.get("input_ids")
+        others = {k: v for k, v in kwargs.items() if k not in _TEXT_KWARGS and v is not None and v is not False}
+        if len(args) > 1 or others or kwargs.get("return_dict") is False or not torch.is_tensor(ids) or \
+                ids.dim() != 2 or has_lora_layers(module):
+            return self.fn_ref.original_forward(*args, **kwargs)
+        token_embeds = module.get_input_embeddings()(ids)
+        last, penultimate, pooled = self.part(ids, token_embeds)
+        dtype, device = token_embeds.dtype, token_embeds.device
+        last, penultimate, pooled = (t.to(dtype=dtype, device=device) for t in (last, penultimate, pooled))
+        hidden = (penultimate, last) if kwargs.get("output_hidden_states") else None
+        if hasattr(module, "text_projection"):
+            from transformers.models.clip.modeling_clip import CLIPTextModelOutput
+
+            return CLIPTextModelOutput(text_embeds=pooled, last_hidden_state=last, hidden_states=hidden)
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        return BaseModelOutputWithPooling(last_hidden_state=last, pooler_output=pooled, hidden_states=hidden)
+
+
+# --- preparing and attaching -----------------------------------------------------------------------
+@dataclass(frozen=True)
+class PartPlan:
+    """One part to prepare: what is hooked, what its key is made of, how it is converted."""
+    name: str                         # a key of LABELS
+    target: torch.nn.Module           # the module whose forward the compiled model replaces
+    keyed_by: torch.nn.Module         # the module whose config goes into the cache key
+    inputs: tuple[str, ...]
+    convert: Callable[[], object]
+    hook: type
+
+
+def vae_parts(vae) -> list[PartPlan]:
+    return [
+        PartPlan("vae_decoder", vae.decoder, vae, ("sample",),
+                 lambda: convert_vae_part(vae.decoder, vae.config.latent_channels), _RunConvNet),
+        PartPlan("vae_encoder", vae.encoder, vae, ("sample",),
+                 lambda: convert_vae_part(vae.encoder, vae.config.in_channels), _RunConvNet),
+    ]
+
+
+def text_encoder_parts(pipe) -> list[PartPlan]:
+    plans = []
+    for name in ("text_encoder", "text_encoder_2"):
+        encoder = getattr(pipe, name, None)
+        if encoder is not None:
+            plans.append(PartPlan(name, encoder, encoder, ("input_ids", "token_embeds"),
+                                  lambda encoder=encoder: convert_text_encoder(encoder), _RunTextEncoder))
+    return plans
+
+
+def prepare_part(plan: PartPlan, weights_hash: str, cache: OpenVINOCache, *, threads: int | None = None,
+                 on_convert: Callable[[str], None] | None = None) -> OpenVINOPart:
+    """The part compiled (read from the cache, else converted and cached) and hooked onto its
+    module. Raises whatever converting or compiling raises; the module then stays on torch.
+
+    The torch module's weights are parked (openvino_backend.park_weights: memory-mapped from its
+    entry) as the UNet's are: they are still needed (the token lookup, a LoRA, an uncovered call)
+    but then cost RAM only for the pages those touch, not a second copy beside OpenVINO's
+    (SDXL's second text encoder alone is 2.8 GB in f32)."""
+    started = time.monotonic()
+    if plan.keyed_by.dtype != torch.float32:
+        raise TypeError(f"its weights are {plan.keyed_by.dtype}; OpenVINO converts it from f32 weights")
+    key = cache_key(weights_hash, plan.name, plan.keyed_by, plan.inputs)
+    message = f"Preparing the {LABELS[plan.name]} for your CPU with OpenVINO: once"
+    xml, from_cache = load_or_convert(cache, key, plan.target, plan.convert, message, on_convert=on_convert)
+    park_weights(plan.target, cache.entry(key), torch.float32)
+    compiled = compile_entry(cache, key, xml, "f32", threads)
+    part = OpenVINOPart(plan.name, compiled, from_cache, time.monotonic() - started)
+    registry = HookRegistry.check_if_exists_or_initialize(plan.target)
+    if registry.get_hook(HOOK_NAME) is not None:
+        registry.remove_hook(HOOK_NAME, recurse=False)
+    registry.register_hook(plan.hook(part), HOOK_NAME)
+    return part
+
+
+def prepare_parts(plans: list[PartPlan], weights_hash: str, cache: OpenVINOCache, notes: list[str], *,
+                  threads: int | None = None, on_convert: Callable[[str], None] | None = None) -> dict[str, OpenVINOPart]:
+    """Each part compiled and hooked; one that fails stays on torch with a note in `notes` (one
+    note per reason: parts that failed alike, e.g. all short of memory, are named together).
+    `on_convert` hears what is being converted (the page shows it while the model loads)."""
+    parts, failed = {}, {}
+    for plan in plans:
+        try:
+            parts[plan.name] = prepare_part(plan, weights_hash, cache, threads=threads, on_convert=on_convert)
+        except Exception as error:  # noqa: BLE001 - any failure must leave a part that runs (on torch)
+            detail = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+            failed.setdefault(f"{type(error).__name__}: {detail}", []).append(LABELS[plan.name])
+    for reason, labels in failed.items():
+        names = labels[0] if len(labels) == 1 else ", ".join(labels[:-1]) + " and " + labels[-1]
+        note = f"OpenVINO could not prepare the {names} ({reason}); {'it runs' if len(labels) == 1 else 'they run'} on torch"
+        logger.warning("%s", note)
+        notes.append(note)
+    return parts
+
+
+def attached(module: torch.nn.Module) -> OpenVINOPart | None:
+    """The compiled part hooked onto `module`, if any."""
+    registry = getattr(module, "_diffusers_hook", None)
+    hook = registry.get_hook(HOOK_NAME) if registry is not None else None
+    return hook.part if hook is not None else None
