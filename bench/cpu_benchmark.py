@@ -46,6 +46,18 @@ SD15_UNET = dict(
     norm_num_groups=32, norm_eps=1e-5, act_fn="silu", flip_sin_to_cos=True, freq_shift=0,
     downsample_padding=1, mid_block_scale_factor=1,
 )
+# SD 1.5's VAE and text encoder (their published configs); bench/openvino_parts.py uses them too.
+SD15_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
+    block_out_channels=(128, 256, 512, 512), norm_num_groups=32, act_fn="silu",
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    scaling_factor=0.18215,
+)
+SD15_TEXT_ENCODER = dict(
+    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+    num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+    projection_dim=768, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+)
 
 
 # --- model cache ------------------------------------------------------------------------------
@@ -64,17 +76,8 @@ def build_sd15_random(dest: Path) -> Path:
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**SD15_UNET)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
-        block_out_channels=(128, 256, 512, 512), norm_num_groups=32, act_fn="silu",
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        scaling_factor=0.18215,
-    )
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-        num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
-        projection_dim=768, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
-    ))
+    vae = AutoencoderKL(**SD15_VAE)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**SD15_TEXT_ENCODER))
     scheduler = PNDMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
         set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1,
