@@ -69,10 +69,12 @@ def pixels(image) -> np.ndarray:
     return np.asarray(image.convert("RGB"), dtype=np.int16)
 
 
-def entries(root) -> dict:
-    """{cache entry: its model.bin's size}; each model has two parts ("unet", "unet_reuse")."""
-    cache = root / "data" / "cache" / "openvino"
-    return {p.name: (p / "model.bin").stat().st_size for p in cache.iterdir() if p.is_dir() and not p.name.startswith(".")}
+def entries(root, engine) -> dict:
+    """{cache entry: its model.bin's size} of the UNet's entries (two parts, "unet" and
+    "unet_reuse", per stored form), not the VAE's and text encoder's (never compressed)."""
+    from tests.test_openvino import _unet_entries
+
+    return {p.name: (p / "model.bin").stat().st_size for p in _unet_entries(root, engine.manager.current)}
 
 
 def unet_entry(engine, compression: str | None) -> str:
@@ -120,7 +122,7 @@ def test_int8_where_it_cannot_run_falls_back_to_auto_and_says_why(int8_cpu, case
 # --- the cache ----------------------------------------------------------------------------------
 def test_int8_is_its_own_cache_entry_beside_f32_and_smaller(int8_engine, root):
     assert int8_engine.manager.current.openvino.compression == "int8"
-    sizes = entries(root)
+    sizes = entries(root, int8_engine)
     assert len(sizes) == 4  # the f32 entries and the int8 ones, of both parts
     int8, f32 = sizes[unet_entry(int8_engine, "int8")], sizes[unet_entry(int8_engine, None)]
     assert int8 < 0.35 * f32  # int8 weights: a quarter of f32's, plus scales and zero points
@@ -144,7 +146,7 @@ def test_int8_is_made_from_the_cached_f32_entry(tiny_models_dir, tmp_path, int8_
     monkeypatch.setattr(ovb, "compress_int8", lambda model: calls.append("compress") or real(model))
     eng = engine_on(tiny_models_dir, tmp_path, int8_cpu, "int8")
     assert calls == ["compress", "compress"] and eng.manager.current.openvino.compression == "int8"  # both parts
-    assert len(entries(tmp_path)) == 4
+    assert len(entries(tmp_path, eng)) == 4
 
 
 def test_int8_is_made_from_a_bf16_plans_f16_entry_too(tiny_models_dir, tmp_path, int8_cpu, monkeypatch):
@@ -160,7 +162,7 @@ def test_int8_is_made_from_a_bf16_plans_f16_entry_too(tiny_models_dir, tmp_path,
 def test_int8_without_an_f32_entry_converts_and_keeps_only_int8(tiny_models_dir, tmp_path, int8_cpu):
     eng = engine_on(tiny_models_dir, tmp_path, int8_cpu, "int8")
     assert not eng.manager.current.openvino.from_cache
-    assert len(entries(tmp_path)) == 2  # the int8 entries of both parts, no f32 ones
+    assert len(entries(tmp_path, eng)) == 2  # the int8 entries of both parts, no f32 ones
     assert any("with int8 weights" in note for note in run(eng).notes)
 
 
