@@ -69,19 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     if not hardware.cpu_bf16:
         wanted = tuple(v for v in wanted if "bf16" not in v)
     torch.set_num_threads(hardware.physical_cores)
-    if args.tiny:
-        from engine.tiny import tiny_unet
+    from bench.openvino_unet import unet_and_inputs
 
-        unet, factor = tiny_unet(), 2
-    else:
-        from bench.openvino_unet import sd15_unet
-
-        unet, factor = sd15_unet(torch), 8
-    side = args.size // factor
-    g = torch.Generator().manual_seed(0)
-    sample = torch.randn(2, unet.config.in_channels, side, side, generator=g)  # CFG: batch 2
-    context = torch.randn(2, 77, unet.config.cross_attention_dim, generator=g)
-    timestep = torch.tensor([999.0, 999.0])
+    unet, sample, context, timestep = unet_and_inputs(torch, args.tiny, args.size)
 
     rss_before = peak_rss_gb()
     started = time.perf_counter()

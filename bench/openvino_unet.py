@@ -41,6 +41,22 @@ def sd15_unet(torch):
     return UNet2DConditionModel(**SD15_UNET).eval()
 
 
+def unet_and_inputs(torch, tiny: bool, size: int):
+    """(unet, sample, context, timestep): SD 1.5's UNet (or the tests' tiny one) and one CFG step's
+    inputs (batch 2, 77 tokens) for a `size`² image, seeded."""
+    if tiny:
+        from engine.tiny import tiny_unet
+
+        unet, factor = tiny_unet(), 2
+    else:
+        unet, factor = sd15_unet(torch), 8
+    side = size // factor
+    g = torch.Generator().manual_seed(0)
+    sample = torch.randn(2, unet.config.in_channels, side, side, generator=g)  # CFG: batch 2
+    context = torch.randn(2, 77, unet.config.cross_attention_dim, generator=g)
+    return unet, sample, context, torch.tensor([999.0, 999.0])
+
+
 def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
 
@@ -63,17 +79,7 @@ def main(argv: list[str] | None = None) -> int:
 
     hardware = Hardware.detect()
     torch.set_num_threads(hardware.physical_cores)
-    if args.tiny:
-        from engine.tiny import tiny_unet
-
-        unet, factor = tiny_unet(), 2
-    else:
-        unet, factor = sd15_unet(torch), 8
-    side = args.size // factor
-    g = torch.Generator().manual_seed(0)
-    sample = torch.randn(2, unet.config.in_channels, side, side, generator=g)  # CFG: batch 2
-    context = torch.randn(2, 77, unet.config.cross_attention_dim, generator=g)
-    timestep = torch.tensor([999.0, 999.0])
+    unet, sample, context, timestep = unet_and_inputs(torch, args.tiny, args.size)
 
     rss_before = peak_rss_gb()
     started = time.perf_counter()

@@ -26,11 +26,11 @@ from engine.engine import Engine, EngineConfig  # noqa: E402
 from engine.openvino_parts import attached  # noqa: E402
 from engine.prompts import PromptEncoder  # noqa: E402
 from tests.test_lora import kohya_lora  # noqa: E402
+from tests.test_openvino import assert_close, pixels  # noqa: E402 - the same tolerance as the UNet's
 from tests.tiny_models import tiny_sdxl_pipeline, tiny_vae  # noqa: E402
 
 BASE = {"prompt": "a red fox in the snow", "negative_prompt": "blurry", "steps": 3, "width": 64, "height": 48,
         "seed": 77, "save_images": False}
-MAX_LEVELS, MEAN_LEVELS = 2, 0.1
 EMBED_ATOL = 1e-5
 # Prompts here carry no (word:1.3) weights: A1111's emphasis rescales each chunk by the ratio of
 # its means before and after weighting, and the tiny model's final LayerNorm (bias 0) makes the
@@ -95,14 +95,6 @@ def embedding(models, ov_engine):
 def run(engine, **fields):
     return engine.generate(engine.make_request({**BASE, **fields}))
 
-
-def pixels(image) -> np.ndarray:
-    return np.asarray(image.convert("RGB"), dtype=np.int16)
-
-
-def assert_close(a, b):
-    diff = np.abs(pixels(a) - pixels(b))
-    assert diff.max() <= MAX_LEVELS and diff.mean() < MEAN_LEVELS, (diff.max(), diff.mean())
 
 
 def modules(loaded) -> dict:
