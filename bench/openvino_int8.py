@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     if not hardware.cpu_bf16:
         wanted = tuple(v for v in wanted if "bf16" not in v)
     torch.set_num_threads(hardware.physical_cores)
-    from bench.openvino_unet import unet_and_inputs
+    from bench.openvino_unet import interleaved, torch_bf16_step, unet_and_inputs
 
     unet, sample, context, timestep = unet_and_inputs(torch, args.tiny, args.size)
 
@@ -131,23 +131,8 @@ def main(argv: list[str] | None = None) -> int:
 
     variants = {"torch fp32": torch_step, **{f"openvino {p}": ov_step(p) for p in compiled}}
     if "torch bf16" in wanted:  # what Easel's torch plan runs on such a CPU (engine/devices.py): a bf16 UNet
-        import copy
-
-        unet_bf16 = copy.deepcopy(unet).to(torch.bfloat16)
-        sample_bf16, context_bf16 = sample.to(torch.bfloat16), context.to(torch.bfloat16)
-
-        def torch_bf16_step():
-            with torch.inference_mode():
-                return unet_bf16(sample_bf16, timestep, encoder_hidden_states=context_bf16).sample.float()
-
-        variants["torch bf16"] = torch_bf16_step
-    outputs = {name: run() for name, run in variants.items()}  # warm-up, and the outputs compared
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(args.rounds):
-        for name, run in variants.items():
-            started = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - started)
+        variants["torch bf16"] = torch_bf16_step(torch, unet, sample, timestep, context)
+    outputs, times = interleaved(variants, args.rounds)
 
     reference = outputs["torch fp32"]
     results = {

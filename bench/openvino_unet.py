@@ -57,6 +57,33 @@ def unet_and_inputs(torch, tiny: bool, size: int):
     return unet, sample, context, torch.tensor([999.0, 999.0])
 
 
+def torch_bf16_step(torch, unet, sample, timestep, context):
+    """One UNet step in bf16, as Easel's torch plan runs it on a CPU with native bf16 (a copy of `unet`)."""
+    import copy
+
+    unet_bf16 = copy.deepcopy(unet).to(torch.bfloat16)
+    sample_bf16, context_bf16 = sample.to(torch.bfloat16), context.to(torch.bfloat16)
+
+    def step():
+        with torch.inference_mode():
+            return unet_bf16(sample_bf16, timestep, encoder_hidden_states=context_bf16).sample.float()
+
+    return step
+
+
+def interleaved(variants: dict, rounds: int) -> tuple[dict, dict]:
+    """(outputs, times): each variant run once (warm-up; its output kept for comparing), then
+    `rounds` rounds of all of them in turn, so a change in the machine's load touches each alike."""
+    outputs = {name: run() for name, run in variants.items()}
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, run in variants.items():
+            started = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - started)
+    return outputs, times
+
+
 def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
 
@@ -117,23 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     variants = {"torch fp32": torch_step, **{f"openvino {p}": ov_step(p) for p in precisions},
                 **{f"openvino {p} reuse": ov_reuse_step(p) for p in precisions}}
     if hardware.cpu_bf16:  # what Easel's torch plan runs on such a CPU (engine/devices.py): a bf16 UNet
-        import copy
-
-        unet_bf16 = copy.deepcopy(unet).to(torch.bfloat16)
-        sample_bf16, context_bf16 = sample.to(torch.bfloat16), context.to(torch.bfloat16)
-
-        def torch_bf16_step():
-            with torch.inference_mode():
-                return unet_bf16(sample_bf16, timestep, encoder_hidden_states=context_bf16).sample.float()
-
-        variants["torch bf16"] = torch_bf16_step
-    outputs = {name: run() for name, run in variants.items()}  # warm-up, and the outputs compared
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(args.rounds):
-        for name, run in variants.items():
-            started = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - started)
+        variants["torch bf16"] = torch_bf16_step(torch, unet, sample, timestep, context)
+    outputs, times = interleaved(variants, args.rounds)
 
     # torch's reuse step, on its own: one full step that every skipped part remembers, then reuse steps.
     with FeatureReuse(unet, interval=2**62) as reuse:
