@@ -29,10 +29,10 @@ Automatic is chosen again. Each part is converted and compiled on its own: one t
 on torch and says so, the others keep OpenVINO.
 
 Precision: f32, as the plan keeps the text encoder and VAE in fp32 on the CPU. Measured with
-bench/openvino_parts.py on a Zen 4 EPYC with native bf16 (busy machine): a 512² decode took 8.7 s
-on torch, 5.5 s in OpenVINO f32 (identical 8-bit pixels) and 2.9 s in bf16, but bf16 was up to 11
-levels off; the text encoder's chunk took 0.6 s on torch and 0.07 s in f32, too little to trade
-any precision for.
+bench/openvino_parts.py on a quiet Zen 4 EPYC with native bf16 (docs/benchmarks.md): a 512² decode
+took 9.9 s on torch, 5.5 s in OpenVINO f32 (identical 8-bit pixels) and 2.9 s in bf16, but bf16 was
+up to 11 levels off; the text encoder's chunk took 0.15 s on torch and 0.07 s in f32, too little
+to trade any precision for.
 """
 from __future__ import annotations
 
