@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from tests.browser_helpers import chromium, start_server
-from tests.test_browser import WAIT_MS, generate, record_progress, saved_pngs, wait_for_state
+from tests.test_browser import generate, open_page, record_progress, saved_pngs, wait_for_state
 
 pytest.importorskip("openvino")
 pytestmark = pytest.mark.browser
@@ -31,10 +31,7 @@ def server(browser, tmp_path_factory):
 def test_the_first_job_shows_the_model_being_prepared_then_runs_on_openvino(browser, server):
     from engine.openvino_backend import PREPARING
 
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    page.set_default_timeout(WAIT_MS)
-    page.goto(server.url)
-    page.wait_for_selector("#txt2img-prompt textarea")
+    page = open_page(browser, server)
     record_progress(page, "txt2img")
     generate(page, "txt2img", "a lighthouse at dusk")
     assert wait_for_state(page, "txt2img", "done").startswith("Done: 1 image")
