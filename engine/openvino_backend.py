@@ -64,6 +64,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from engine.devices import cast_floating
 from engine.feature_cache import HOOK_NAME as REUSE_HOOK_NAME
 from engine.feature_cache import FeatureReuse, ReuseClock, feature_part, step_key
+from engine.mapped_pages import returning_pages
 
 logger = logging.getLogger(__name__)
 
@@ -463,6 +464,8 @@ class OpenVINOUNet:
         finally:
             unet._easel_openvino_pass = False
             registry.remove_hook(HOOK_NAME, recurse=False)  # the hook goes, and the features with it
+            for compiled in (self.compiled, self.compiled_reuse):  # the steps' activations go too,
+                compiled.release_memory()                       # before the VAE decodes
 
 
 def _array(tensor: torch.Tensor):
@@ -594,14 +597,40 @@ def load_or_convert(cache: OpenVINOCache, key: str, module: torch.nn.Module, con
     return xml, False
 
 
-def compile_entry(cache: OpenVINOCache, key: str, xml: Path, precision: str = "f32", threads: int | None = None):
+class CompiledPart:
+    """A compiled model of one cache entry. Called like OpenVINO's CompiledModel; while it compiles
+    and runs, the entry's memory-mapped weights that OpenVINO has read and repacked are handed back
+    (engine.mapped_pages), so they do not stay resident beside its own copy."""
+
+    def __init__(self, compiled, folder: Path):
+        self.compiled = compiled
+        self.folder = folder
+
+    @property
+    def outputs(self):
+        return self.compiled.outputs
+
+    def __call__(self, inputs):
+        with returning_pages(self.folder):
+            return self.compiled(inputs)
+
+    def release_memory(self) -> None:
+        """Free the activations OpenVINO keeps between calls (allocated again by the next call):
+        done when a part's work for a job is over, so a part idle while another runs (the UNet
+        during the VAE decode, the VAE during the next job's steps) holds no working memory."""
+        self.compiled.release_memory()
+
+
+def compile_entry(cache: OpenVINOCache, key: str, xml: Path, precision: str = "f32",
+                  threads: int | None = None) -> CompiledPart:
     """The entry's model compiled for the CPU with the latency hint; a failure removes the entry
     (a damaged compiled blob or weights: converted afresh next time) and raises."""
     config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads
     try:
-        return cache.compile(xml, "CPU", config)
+        with returning_pages(xml.parent):  # an f32 compile repacks the weights there and then
+            return CompiledPart(cache.compile(xml, "CPU", config), xml.parent)
     except RuntimeError:
         cache.remove(key)
         raise

@@ -69,8 +69,13 @@ class OpenVINOPart:
 
     def __call__(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
         self.calls += 1
-        results = self.compiled([_array(t) if t.is_floating_point() else t.detach().cpu().numpy() for t in tensors])
-        return [torch.from_numpy(results[port].copy()) for port in self.compiled.outputs]
+        try:
+            results = self.compiled([_array(t) if t.is_floating_point() else t.detach().cpu().numpy() for t in tensors])
+            return [torch.from_numpy(results[port].copy()) for port in self.compiled.outputs]
+        finally:
+            # A part runs once or twice a job: its activations (a 512² decode's ~1 GB) are not
+            # kept while the UNet runs. Allocating them again costs <1% of a decode (benchmarks.md).
+            self.compiled.release_memory()
 
 
 # --- the VAE's encoder and decoder: one image tensor in, one out -----------------------------------

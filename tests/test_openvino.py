@@ -11,6 +11,8 @@ import json
 import shutil
 from dataclasses import replace
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -287,6 +289,24 @@ def test_the_torch_unets_weights_are_memory_mapped_from_the_cache(ov_engine, ov_
     weights = [p for p in unet.parameters()]
     mapped = {f for p in (weights[0], weights[len(weights) // 2], weights[-1]) for f in _mapped_files(p.data_ptr())}
     assert mapped == {str(entry / "torch-float32.pt")}
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/maps"), reason="reads Linux /proc/self/maps")
+def test_openvinos_mapped_weights_are_handed_back_after_a_job_and_read_again_alike(ov_engine, ov_root):
+    """OpenVINO repacks the weights it maps from the cache; the pages it read must not stay resident
+    beside its copy (engine.mapped_pages), and reading them again must give the same image."""
+    from engine.mapped_pages import read_only_mappings
+    from tests.test_mapped_pages import resident_bytes
+
+    first = run(ov_engine, prompt="a lighthouse at dusk", seed=11).images[0]
+    cache = (ov_root / "data" / "cache" / "openvino").resolve()
+    spans = read_only_mappings(cache)
+    mapped = {name for _, _, name in spans}
+    assert any(name.endswith((".blob", "model.bin")) for name in mapped)  # its weights, mapped
+    size = sum(end - start for start, end, _ in spans)
+    assert sum(resident_bytes(Path(name)) for name in mapped) < size // 10
+    again = run(ov_engine, prompt="a lighthouse at dusk", seed=11).images[0]
+    assert np.array_equal(pixels(first), pixels(again))
 
 
 def test_a_lora_runs_on_the_parked_torch_unet_like_on_torch(tiny_models_dir, tmp_path, ov_cpu, plain_cpu):
