@@ -23,6 +23,7 @@ from engine.inpaint import InpaintJob
 from engine.jobs import GenerationResult, Job, ProgressUpdate, check_cancelled
 from engine.lora import Loras, strip_loras
 from engine.manager import LoadedModel, ModelManager
+from engine.openvino_parts import unload_before_steps
 from engine.publish import Publisher
 from engine.preview import latents_to_preview
 from engine.request import MAX_SEED, GenerationRequest, hires_size, size_multiple
@@ -270,6 +271,7 @@ class Generator:
         the model has one and the pass can use it (yielding its PassRecord), else torch's (yielding
         None), with feature_cache's hooks on it for a `fast` pass."""
         interval = self.reuse_interval if reuse else None
+        unload_before_steps(run.model.pipe)  # the prompts (and any init image) are encoded by now
         compiled = run.model.openvino
         lora = compiled is not None and any(unet_weight for _, _, unet_weight in run.model.lora_weights)
         if lora:

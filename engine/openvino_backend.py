@@ -598,27 +598,49 @@ def load_or_convert(cache: OpenVINOCache, key: str, module: torch.nn.Module, con
 
 
 class CompiledPart:
-    """A compiled model of one cache entry. Called like OpenVINO's CompiledModel; while it compiles
-    and runs, the entry's memory-mapped weights that OpenVINO has read and repacked are handed back
-    (engine.mapped_pages), so they do not stay resident beside its own copy."""
+    """A compiled model of one cache entry, called like OpenVINO's CompiledModel.
 
-    def __init__(self, compiled, folder: Path):
-        self.compiled = compiled
+    While it compiles and runs, the entry's memory-mapped weights that OpenVINO has read and
+    repacked are handed back (engine.mapped_pages), so they do not stay resident beside its copy.
+    `unload()` drops the compiled model (its repacked weights and activations) until the next call
+    compiles it again from the entry's blob: for parts that are idle most of a job (the text
+    encoders during the steps and the decode)."""
+
+    def __init__(self, compile: Callable[[], object], folder: Path):
+        self._compile = compile
         self.folder = folder
+        self.compiled = None
+        self.load()
+
+    def load(self):
+        """The compiled model, compiled again first if it was unloaded (raises what compiling raises)."""
+        if self.compiled is None:
+            with returning_pages(self.folder):  # an f32 compile repacks the weights there and then
+                self.compiled = self._compile()
+        return self.compiled
+
+    @property
+    def loaded(self) -> bool:
+        return self.compiled is not None
+
+    def unload(self) -> None:
+        self.compiled = None
 
     @property
     def outputs(self):
-        return self.compiled.outputs
+        return self.load().outputs
 
     def __call__(self, inputs):
+        compiled = self.load()
         with returning_pages(self.folder):
-            return self.compiled(inputs)
+            return compiled(inputs)
 
     def release_memory(self) -> None:
         """Free the activations OpenVINO keeps between calls (allocated again by the next call):
         done when a part's work for a job is over, so a part idle while another runs (the UNet
         during the VAE decode, the VAE during the next job's steps) holds no working memory."""
-        self.compiled.release_memory()
+        if self.compiled is not None:
+            self.compiled.release_memory()
 
 
 def compile_entry(cache: OpenVINOCache, key: str, xml: Path, precision: str = "f32",
@@ -629,8 +651,7 @@ def compile_entry(cache: OpenVINOCache, key: str, xml: Path, precision: str = "f
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads
     try:
-        with returning_pages(xml.parent):  # an f32 compile repacks the weights there and then
-            return CompiledPart(cache.compile(xml, "CPU", config), xml.parent)
+        return CompiledPart(lambda: cache.compile(xml, "CPU", config), xml.parent)
     except RuntimeError:
         cache.remove(key)
         raise

@@ -66,6 +66,23 @@ class OpenVINOPart:
         self.from_cache = from_cache  # False: converted by this load
         self.seconds = seconds        # converting (or reading) plus compiling
         self.calls = 0
+        self.failed = False           # compiling again after unload() failed: warned once
+
+    def ready(self) -> bool:
+        """Whether the compiled model can run: compiled again here if it was unloaded. A part that
+        cannot be (its cache entry removed meanwhile) runs on torch: warned once, never a failed job."""
+        try:
+            self.compiled.load()
+            return True
+        except Exception as error:  # noqa: BLE001 - the torch module is still there to run it
+            if not self.failed:
+                logger.warning("OpenVINO could not compile the %s again (%s); it runs on torch",
+                               LABELS[self.name], error)
+            self.failed = True
+            return False
+
+    def unload(self) -> None:
+        self.compiled.unload()
 
     def __call__(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
         self.calls += 1
@@ -112,7 +129,7 @@ class _RunConvNet(ModelHook):
     def new_forward(self, module, *args, **kwargs):
         sample = args[0] if args else kwargs.get("sample")
         extra = [v for k, v in kwargs.items() if k != "sample" and v is not None] + [a for a in args[1:] if a is not None]
-        if extra or not torch.is_tensor(sample) or sample.dim() != 4:
+        if extra or not torch.is_tensor(sample) or sample.dim() != 4 or not self.part.ready():
             return self.fn_ref.original_forward(*args, **kwargs)
         (out,) = self.part(sample)
         return out.to(dtype=sample.dtype, device=sample.device)
@@ -180,7 +197,7 @@ class _RunTextEncoder(ModelHook):
         ids = args[0] if args else kwargs.get("input_ids")
         others = {k: v for k, v in kwargs.items() if k not in _TEXT_KWARGS and v is not None and v is not False}
         if len(args) > 1 or others or kwargs.get("return_dict") is False or not torch.is_tensor(ids) or \
-                ids.dim() != 2 or has_lora_layers(module):
+                ids.dim() != 2 or has_lora_layers(module) or not self.part.ready():
             return self.fn_ref.original_forward(*args, **kwargs)
         token_embeds = module.get_input_embeddings()(ids)
         last, penultimate, pooled = self.part(ids, token_embeds)
@@ -277,3 +294,19 @@ def attached(module: torch.nn.Module) -> OpenVINOPart | None:
     registry = getattr(module, "_diffusers_hook", None)
     hook = registry.get_hook(HOOK_NAME) if registry is not None else None
     return hook.part if hook is not None else None
+
+
+def unload_before_steps(pipe) -> None:
+    """Unload the compiled parts that run before the sampling steps (the text encoders and the VAE
+    encoder): called when the steps begin. They are idle from then to the job's end, and their
+    repacked weights would stay in RAM through the steps and the decode, when the UNet's and the
+    decoder's are there too (SD 1.5's f32 text encoder: 0.33 GB; SDXL's two: 3.3 GB). The next
+    call compiles them again from the cache's blob: ~0.3 s for SD 1.5's text encoder, per job
+    (docs/benchmarks.md, `openvino-memory`)."""
+    vae = getattr(pipe, "vae", None)
+    modules = [getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None),
+               getattr(vae, "encoder", None)]
+    for module in modules:
+        part = attached(module) if module is not None else None
+        if part is not None:
+            part.unload()

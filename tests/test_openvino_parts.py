@@ -178,6 +178,39 @@ def test_img2img_encodes_the_init_image_on_openvino_and_agrees(ov_engine, torch_
     assert_close(ov.images[0], run(torch_engine, **fields).images[0])
 
 
+# --- idle parts ------------------------------------------------------------------------------------
+def test_the_encoders_are_unloaded_for_the_steps_and_compiled_again_for_the_next_job(ov_engine, torch_engine):
+    """Their repacked weights are not held through the steps and the decode (the memory target of
+    issue 14); the next job's new prompt compiles the text encoder again and runs it on OpenVINO."""
+    loaded = ov_engine.manager.current
+    parts = {name: attached(module) for name, module in modules(loaded).items()}
+    run(ov_engine, prompt="a harbour at noon")
+    assert not parts["text_encoder"].compiled.loaded and not parts["vae_encoder"].compiled.loaded
+    assert parts["vae_decoder"].compiled.loaded  # it runs after the steps
+    before = calls(loaded)["text_encoder"]
+    again = run(ov_engine, prompt="a harbour at night")
+    assert calls(loaded)["text_encoder"] > before  # on OpenVINO again, not torch
+    assert_close(again.images[0], run(torch_engine, prompt="a harbour at night").images[0])
+
+
+def test_a_part_that_cannot_compile_again_runs_on_torch_and_the_job_finishes(ov_engine, torch_engine, monkeypatch,
+                                                                             caplog):
+    loaded = ov_engine.manager.current
+    part = attached(loaded.pipe.text_encoder)
+    part.unload()
+
+    def entry_gone():
+        raise RuntimeError("Cannot open model.xml")
+
+    monkeypatch.setattr(part.compiled, "_compile", entry_gone)
+    monkeypatch.setattr(part, "failed", False)
+    before = calls(loaded)["text_encoder"]
+    ov = run(ov_engine, prompt="a windmill in fog")  # a prompt no job encoded before
+    assert calls(loaded)["text_encoder"] == before
+    assert "could not compile the text encoder again" in caplog.text
+    assert_close(ov.images[0], run(torch_engine, prompt="a windmill in fog").images[0])
+
+
 def test_prompt_embeddings_agree_with_torch(ov_engine, torch_engine):
     prompt, negative = "a blue house BREAK by the sea", "ugly, " * 40
     ov = ov_engine.manager.current.encoder.encode_pair(prompt, negative)
