@@ -53,7 +53,6 @@ class Hardware:
     physical_cores: int = 1
     openvino: bool = False  # the openvino package imports (installed only on x86-64: pyproject.toml)
     intel_gpus: tuple[str, ...] = ()  # Intel GPUs OpenVINO sees, by name (torch cannot use them)
-    ram_gb: float = 0.0  # physical memory; 0: unknown (then nothing is decided by it)
     nncf: bool = False      # NNCF is installed: it compresses the OpenVINO UNet's weights to int8
 
     @classmethod
@@ -68,7 +67,7 @@ class Hardware:
         return cls(cuda=cuda, cuda_name=name, cuda_vram_gb=round(vram, 1), cuda_bf16=cuda_bf16, mps=mps,
                    cpu_bf16=_cpu_has_native_bf16(), physical_cores=_physical_cores(),
                    openvino=_openvino_imports(), intel_gpus=_intel_gpus(),
-                   nncf=importlib.util.find_spec("nncf") is not None, ram_gb=_ram_gb())
+                   nncf=importlib.util.find_spec("nncf") is not None)
 
 
 def _openvino_imports() -> bool:
@@ -77,12 +76,6 @@ def _openvino_imports() -> bool:
     except Exception:  # noqa: BLE001 - a broken install is the same as none: torch runs
         return False
     return True
-
-
-def _ram_gb() -> float:
-    import psutil
-
-    return round(psutil.virtual_memory().total / 2**30, 1)
 
 
 def _intel_gpus() -> tuple[str, ...]:
@@ -241,25 +234,9 @@ def _backend(hardware: Hardware, device: str, backend: str, notes: list[str]) ->
         # Named so the user knows: OpenVINO could run the model there, but Easel has not been
         # measured on one (no Intel GPU on the machines it is built on), so it compiles for the CPU.
         notes.append(f"Intel GPU found ({', '.join(hardware.intel_gpus)}); OpenVINO runs the model on the CPU")
-    return "openvino"
-
-
-# Peak RSS of a cached 20-step 512² run per UNet parameter, measured on SD 1.5 (0.86e9; whole
-# process, docs/benchmarks.md `openvino-full`): OpenVINO keeps the graph's weights and its own
-# repacked copy, so it needs more than torch (5.3 GB there).
-OPENVINO_PEAK_GB_PER_PARAM = {torch.bfloat16: 6.41 / 0.86e9, torch.float32: 9.94 / 0.86e9}
-# The share of the machine's RAM a plan may expect to use (the OS, the browser and the page need the rest).
-RAM_SHARE = 0.8
-
-
-def _openvino_if_it_fits(family: FamilyInfo, hardware: Hardware, compute: torch.dtype, notes: list[str]) -> str:
-    """"openvino", or "torch" (noted) when OpenVINO's measured memory would not fit this machine's
-    RAM: auto must not pick what would swap or be killed where torch would run."""
-    need = OPENVINO_PEAK_GB_PER_PARAM[compute] * family.unet_params
-    if hardware.ram_gb and need > hardware.ram_gb * RAM_SHARE:
-        notes.append(f"OpenVINO would need about {need:.0f} GB of this machine's {hardware.ram_gb:.0f} GB RAM; "
-                     "running on torch (--backend openvino uses it anyway)")
-        return "torch"
+    # RAM decides nothing here: a cached OpenVINO run peaks below torch's (engine/mapped_pages.py,
+    # docs/benchmarks.md `openvino-memory`), and converting is checked against the free memory
+    # first (openvino_backend.check_memory_for_conversion: torch, with a note, where it won't fit).
     return "openvino"
 
 
@@ -279,7 +256,6 @@ def plan_for(family: FamilyInfo, hardware: Hardware, device: str = "auto",
     dev = resolve_device(hardware, device)
     wanted = _parse_precision(precision)
     notes: list[str] = []
-    asked_backend = backend
     backend = _backend(hardware, dev, backend, notes)
     int8 = wanted is Precision.INT8
     if int8:
@@ -298,8 +274,6 @@ def plan_for(family: FamilyInfo, hardware: Hardware, device: str = "auto",
             # it is far slower than fp32 (docs/benchmarks.md).
             wanted = Precision.BF16 if hardware.cpu_bf16 else Precision.FP32
         compute = _DTYPES[wanted]
-        if backend == "openvino" and asked_backend == "auto" and not int8:
-            backend = _openvino_if_it_fits(family, hardware, compute, notes)
         # The text encoder runs once per prompt and the VAE once per image: fp32 keeps them clean.
         # Channels-last stays off and the attention default stays: both measured no faster, and
         # channels-last costs memory (docs/benchmarks.md).

@@ -79,7 +79,6 @@ class FamilyInfo:
     size_conditioning: bool = False  # SDXL's UNet takes size/crop conditioning (addition_embed_type text_time)
     latent_preview: str = "sd"  # which latent -> RGB approximation the live preview uses ("sd" | "sdxl")
     upscaler: bool = False  # it upscales an image (latent = the input image) instead of generating one
-    unet_params: float = 0.86e9  # its UNet's parameter count (what memory estimates scale with)
 
     @property
     def text_encoders(self) -> int:
@@ -100,7 +99,7 @@ FAMILIES: Mapping[Family, FamilyInfo] = types.MappingProxyType({
     Family.SDXL: FamilyInfo(Family.SDXL, "SDXL base", "epsilon", 1024, False, SDXL_ENCODERS,
                             "sd_xl_base.yaml", "StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline",
                             pipeline_extras=_SDXL_EXTRAS, fp16_vae_overflows=True, size_conditioning=True,
-                            latent_preview="sdxl", unet_params=2.57e9),
+                            latent_preview="sdxl"),
     Family.SD1_INPAINT: FamilyInfo(Family.SD1_INPAINT, "SD 1.x inpainting", "epsilon", 512, False, (CLIP_L,),
                                    "v1-inpainting-inference.yaml", "StableDiffusionInpaintPipeline",
                                    "StableDiffusionInpaintPipeline", inpaint_unet=True),
@@ -109,7 +108,7 @@ FAMILIES: Mapping[Family, FamilyInfo] = types.MappingProxyType({
                                    "StableDiffusionInpaintPipeline", inpaint_unet=True),
     Family.SD_X4_UPSCALER: FamilyInfo(Family.SD_X4_UPSCALER, "SD x4 upscaler", "v_prediction", 128, False,
                                       (OPEN_CLIP_H,), "x4-upscaling.yaml", "StableDiffusionUpscalePipeline",
-                                      pipeline_extras=_UPSCALER_EXTRAS, upscaler=True, unet_params=0.47e9),
+                                      pipeline_extras=_UPSCALER_EXTRAS, upscaler=True),
 })
 
 _ARCH_BY_CHANNELS = {  # (text encoder kind, UNet input channels) -> family

@@ -509,19 +509,3 @@ def test_an_sdxl_unets_reuse_steps_compute_torchs(tmp_path):
     assert record.used == {"openvino"} and record.clock.reused_steps == 2
     for a, b in zip(got, expected):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-4), (a - b).abs().max()
-
-
-def test_auto_keeps_torch_where_openvinos_memory_would_not_fit(ov_cpu):
-    """OpenVINO's measured peak (SD 1.5 f32: 9.9 GB, torch 5.3) against 80% of the machine's RAM."""
-    sd1, sdxl = FAMILIES[Family.SD1], FAMILIES[Family.SDXL]
-    small = replace(ov_cpu, ram_gb=8.0)
-    plan = plan_for(sd1, small)
-    assert plan.backend == "torch"
-    (note,) = [n for n in plan.notes if "OpenVINO would need" in n]
-    assert "8 GB RAM" in note and "--backend openvino" in note
-    assert plan_for(sd1, small, backend="openvino").backend == "openvino"  # asked for by name: honoured
-    big = replace(ov_cpu, ram_gb=24.0)
-    assert plan_for(sd1, big).backend == "openvino"
-    assert plan_for(sdxl, big).backend == "torch"  # SDXL's UNet is 3x SD 1.5's
-    assert plan_for(sdxl, replace(big, cpu_bf16=True)).backend == "openvino"  # bf16 halves what it holds
-    assert plan_for(sd1, replace(ov_cpu, ram_gb=0.0)).backend == "openvino"  # unknown RAM: nothing decided by it
