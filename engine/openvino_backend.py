@@ -40,6 +40,13 @@ each part is made from the model's f32 (or f16) entry when that is cached, else 
 a temp name and renamed into place (never seen half-written); its meta.json records the files' sizes and the xml's sha256, so
 a truncated or damaged entry is found, removed and converted again. The least recently used
 entries go once the cache is over its size limit.
+
+Memory: OpenVINO's CPU plugin reads the weights memory-mapped from the entry and repacks them into
+a copy of its own. `CompiledPart` hands the mapped pages back as it goes (engine.mapped_pages), the
+UNet's activations are freed after each pass and the other parts' after each call, and the parts
+that run before the steps are unloaded when the steps begin (engine.openvino_parts), so a cached
+run holds one copy of each part's weights: its peak is below stock diffusers' (docs/benchmarks.md,
+`openvino-memory`).
 """
 from __future__ import annotations
 
