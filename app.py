@@ -40,7 +40,7 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
                    help="models folder (A1111 layout: Stable-diffusion/, VAE/, ESRGAN/ ...)")
     p.add_argument("--outdir", type=Path, default=ROOT / "outputs", help="where images are saved")
     p.add_argument("--data-dir", type=Path, default=ROOT / "data", help="settings and caches")
-    p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
+    p.add_argument("--device", default="auto", help="auto, cuda, mps, cpu or intel-gpu (OpenVINO on an Intel GPU)")
     p.add_argument("--precision", default="auto", help="auto, fp32, fp16, bf16, or int8 (OpenVINO on a CPU: the "
                    "UNet's weights in 8 bits, slightly less exact; wins over per-model settings)")
     p.add_argument("--backend", default="auto", help="what runs the UNet: auto (OpenVINO on a CPU where it is "

@@ -34,7 +34,7 @@ class Precision(str, Enum):
     INT8 = "int8"
 
 
-DEVICES = ("auto", "cuda", "mps", "cpu")
+DEVICES = ("auto", "cuda", "mps", "cpu", "intel-gpu")
 # What runs the UNet. "auto": OpenVINO on a CPU plan where it is installed (1.2x torch fp32 at the
 # same quality, 2.8x with native bf16: issue 14's numbers), torch everywhere else.
 BACKENDS = ("auto", "torch", "openvino")
@@ -53,6 +53,7 @@ class Hardware:
     physical_cores: int = 1
     openvino: bool = False  # the openvino package imports (installed only on x86-64: pyproject.toml)
     intel_gpus: tuple[str, ...] = ()  # Intel GPUs OpenVINO sees, by name (torch cannot use them)
+    openvino_gpu: str = ""  # OpenVINO's name for the first of them ("GPU.0"): what --device intel-gpu uses
     nncf: bool = False      # NNCF is installed: it compresses the OpenVINO UNet's weights to int8
 
     @classmethod
@@ -66,7 +67,7 @@ class Hardware:
         mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
         return cls(cuda=cuda, cuda_name=name, cuda_vram_gb=round(vram, 1), cuda_bf16=cuda_bf16, mps=mps,
                    cpu_bf16=_cpu_has_native_bf16(), physical_cores=_physical_cores(),
-                   openvino=_openvino_imports(), intel_gpus=_intel_gpus(),
+                   openvino=_openvino_imports(), **_intel_gpus(),
                    nncf=importlib.util.find_spec("nncf") is not None)
 
 
@@ -78,15 +79,18 @@ def _openvino_imports() -> bool:
     return True
 
 
-def _intel_gpus() -> tuple[str, ...]:
-    """The names of the GPUs OpenVINO can drive (Intel's; it lists them as GPU, GPU.0, ...)."""
+def _intel_gpus() -> dict:
+    """The GPUs OpenVINO can drive (Intel's; it lists them as GPU, GPU.0, ...): their names, and
+    OpenVINO's device name for the first."""
     try:
         import openvino
 
         core = openvino.Core()
-        return tuple(core.get_property(d, "FULL_DEVICE_NAME") for d in core.available_devices if d.startswith("GPU"))
+        ids = [d for d in core.available_devices if d.startswith("GPU")]
+        return {"intel_gpus": tuple(core.get_property(d, "FULL_DEVICE_NAME") for d in ids),
+                "openvino_gpu": ids[0] if ids else ""}
     except Exception:  # noqa: BLE001 - no OpenVINO, or no GPU driver: none to name
-        return ()
+        return {}
 
 
 def _cpu_has_native_bf16() -> bool:
@@ -130,6 +134,10 @@ class DevicePlan:
     channels_last: bool = False  # UNet and VAE weights in NHWC (measured, not a win on the CPUs tried so far)
     threads: int | None = None
     backend: str = "torch"  # what runs the UNet: "torch" or "openvino" (CPU only)
+    # Where OpenVINO compiles the model: "CPU", or an Intel GPU by OpenVINO's name ("GPU.0"); torch
+    # (device "cpu") keeps what it runs: the token lookup, the scheduler, passes OpenVINO does not cover.
+    openvino_device: str = "CPU"
+    gpu_f16: bool = True  # on an Intel GPU: the UNet computes in f16 (fp32 asked for: f32)
     int8_weights: bool = False  # OpenVINO's UNet weights compressed to int8 (unet_dtype: its compute)
     rung: str = "full"
     notes: tuple[str, ...] = field(default=())
@@ -145,10 +153,24 @@ class DevicePlan:
         dtypes = {self.unet_dtype, self.text_encoder_dtype, self.vae_dtype}
         return dtypes.pop() if len(dtypes) == 1 else torch.float32
 
+    @property
+    def on_intel_gpu(self) -> bool:
+        return self.backend == "openvino" and self.openvino_device != "CPU"
+
+    @property
+    def openvino_precision(self) -> str:
+        """The UNet's compile hint: f16 (or f32) on an Intel GPU; on the CPU, bf16 where the plan's
+        UNet is bf16 (native there), else f32. The VAE and text encoders compile in f32 everywhere."""
+        if self.on_intel_gpu:
+            return "f16" if self.gpu_f16 else "f32"
+        return "bf16" if self.unet_dtype == torch.bfloat16 else "f32"
+
     def describe(self) -> str:
-        unet = f"unet int8 weights ({_DTYPE_NAMES[self.unet_dtype]} compute)" if self.int8_weights else \
-            f"unet {_DTYPE_NAMES[self.unet_dtype]}"
-        parts = [f"{self.device}" + (" (OpenVINO)" if self.backend == "openvino" else ""), unet,
+        compute = {"f16": "fp16", "f32": "fp32", "bf16": "bf16"}[self.openvino_precision] if self.on_intel_gpu \
+            else _DTYPE_NAMES[self.unet_dtype]
+        unet = f"unet int8 weights ({compute} compute)" if self.int8_weights else f"unet {compute}"
+        where = f"intel-gpu {self.openvino_device}" if self.on_intel_gpu else self.device
+        parts = [where + (" (OpenVINO)" if self.backend == "openvino" else ""), unet,
                  f"text encoder {_DTYPE_NAMES[self.text_encoder_dtype]}", f"vae {_DTYPE_NAMES[self.vae_dtype]}"]
         if self.upcast_attention:
             parts.append("attention upcast")
@@ -158,7 +180,7 @@ class DevicePlan:
             parts.append("model CPU offload")
         if self.channels_last:
             parts.append("channels-last")
-        if self.threads:
+        if self.threads and not self.on_intel_gpu:
             parts.append(f"{self.threads} threads")
         return ", ".join(parts)
 
@@ -205,6 +227,10 @@ def resolve_device(hardware: Hardware, device: str) -> str:
         raise RequestError("device", "cuda was asked for but no CUDA GPU is available (use auto or cpu)")
     if device == "mps" and not hardware.mps:
         raise RequestError("device", "mps was asked for but Apple's Metal backend is not available (use auto or cpu)")
+    if device == "intel-gpu":
+        if not hardware.openvino_gpu:
+            raise RequestError("device", "intel-gpu was asked for but OpenVINO sees no Intel GPU (use auto or cpu)")
+        return "cpu"  # torch's side of such a plan runs on the CPU; plan_for compiles for the GPU
     return device
 
 
@@ -216,11 +242,14 @@ def _parse_precision(precision: str | Precision) -> Precision:
         raise RequestError("precision", f"must be one of {allowed}, got {precision!r}") from None
 
 
-def _backend(hardware: Hardware, device: str, backend: str, notes: list[str]) -> str:
-    """"torch" or "openvino" for a plan on `device`; a request it cannot honour is noted."""
+def _backend(hardware: Hardware, device: str, backend: str, notes: list[str], intel_gpu: bool = False) -> str:
+    """"torch" or "openvino" for a plan on `device`; a request it cannot honour is noted.
+    `intel_gpu`: --device intel-gpu, which only OpenVINO can run."""
     if backend not in BACKENDS:
         raise RequestError("backend", f"must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if backend == "torch":
+        if intel_gpu:
+            notes.append("the Intel GPU runs models with OpenVINO only; --backend torch runs on the CPU")
         return "torch"
     if device != "cpu":
         if backend == "openvino":
@@ -230,14 +259,27 @@ def _backend(hardware: Hardware, device: str, backend: str, notes: list[str]) ->
         if backend == "openvino":
             notes.append("OpenVINO is not installed (it is for x86-64 CPUs); using torch")
         return "torch"
-    if hardware.intel_gpus:
-        # Named so the user knows: OpenVINO could run the model there, but Easel has not been
-        # measured on one (no Intel GPU on the machines it is built on), so it compiles for the CPU.
-        notes.append(f"Intel GPU found ({', '.join(hardware.intel_gpus)}); OpenVINO runs the model on the CPU")
+    if hardware.intel_gpus and not intel_gpu:
+        # Not chosen by auto: Easel has not been measured on one (no Intel GPU on the machines it
+        # is built on), so auto keeps the CPU, whose figures are known; the user can opt in.
+        notes.append(f"Intel GPU found ({', '.join(hardware.intel_gpus)}); OpenVINO runs the model on the CPU "
+                     "(--device intel-gpu runs it there)")
     # RAM decides nothing here: a cached OpenVINO run peaks below torch's (engine/mapped_pages.py,
     # docs/benchmarks.md `openvino-memory`), and converting is checked against the free memory
     # first (openvino_backend.check_memory_for_conversion: torch, with a note, where it won't fit).
     return "openvino"
+
+
+def _intel_gpu_plan(hardware: Hardware, wanted: Precision, int8: bool, notes: list[str]) -> DevicePlan:
+    """--device intel-gpu: OpenVINO compiles the model for the GPU, the UNet in f16 unless fp32 is
+    asked for (what OpenVINO's GPU plugin computes in by default; it has no bf16), the VAE and text
+    encoders in f32 (SDXL's VAE overflows f16). The torch modules beside them (the token lookup,
+    passes OpenVINO does not cover) stay on the CPU in fp32."""
+    if wanted is Precision.BF16:
+        notes.append("the Intel GPU computes in fp16 or fp32 with OpenVINO, not bf16; using fp16")
+    return DevicePlan("cpu", torch.float32, torch.float32, torch.float32, threads=hardware.physical_cores,
+                      backend="openvino", int8_weights=int8, openvino_device=hardware.openvino_gpu,
+                      gpu_f16=wanted is not Precision.FP32, notes=tuple(notes))
 
 
 def _no_int8(hardware: Hardware, device: str, backend: str) -> str | None:
@@ -256,7 +298,8 @@ def plan_for(family: FamilyInfo, hardware: Hardware, device: str = "auto",
     dev = resolve_device(hardware, device)
     wanted = _parse_precision(precision)
     notes: list[str] = []
-    backend = _backend(hardware, dev, backend, notes)
+    intel_gpu = device == "intel-gpu"
+    backend = _backend(hardware, dev, backend, notes, intel_gpu)
     int8 = wanted is Precision.INT8
     if int8:
         why = _no_int8(hardware, dev, backend)
@@ -264,6 +307,8 @@ def plan_for(family: FamilyInfo, hardware: Hardware, device: str = "auto",
             int8, wanted = False, Precision.AUTO
             notes.append(f"int8 {why}; using the auto precision")
 
+    if dev == "cpu" and intel_gpu and backend == "openvino":
+        return _intel_gpu_plan(hardware, wanted, int8, notes)
     if dev == "cpu":
         # fp16 has no CPU kernels for conv ("slow_conv2d_cpu" not implemented for 'Half'): never.
         if wanted is Precision.FP16:

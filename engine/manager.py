@@ -402,17 +402,38 @@ class ModelManager:
         """(the UNet compiled by OpenVINO, plan), or (None, the plan on torch) when converting or
         compiling it fails: the model still runs, on torch, and the first job's notes say why. The
         VAE and text encoders are hooked onto OpenVINO too (engine.openvino_parts), each on its own:
-        one that fails stays on torch with a note, whatever the UNet did."""
+        one that fails stays on torch with a note, whatever the UNet did. On an Intel GPU, any
+        failure moves the whole model to OpenVINO on the CPU, with a note."""
+        if plan.on_intel_gpu:
+            gpu_notes: list[str] = []
+            try:
+                compiled, gpu_plan = self._prepare_openvino_on(pipe, checkpoint_hash, plan, gpu_notes, on_status)
+                failed = [n for n in gpu_notes if n.startswith("OpenVINO could not")]
+                if compiled is not None and not failed:
+                    notes.extend(gpu_notes)
+                    return compiled, gpu_plan
+                why = failed[0] if failed else "it did not compile"
+            except Exception as error:  # noqa: BLE001 - the CPU is still there to run it
+                why = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+            note = f"the Intel GPU could not run this model ({why}); OpenVINO runs it on the CPU"
+            logger.warning("%s", note)
+            notes.append(note)
+            plan = replace(plan, openvino_device="CPU", notes=plan.notes + (note,))
+        return self._prepare_openvino_on(pipe, checkpoint_hash, plan, notes, on_status)
+
+    def _prepare_openvino_on(self, pipe, checkpoint_hash: str, plan: DevicePlan, notes: list[str],
+                             on_status: Callable[[str], None] | None = None):
+        """_prepare_openvino on the plan's OpenVINO device."""
         from engine.openvino_backend import prepare_unet
         from engine.openvino_parts import prepare_parts, text_encoder_parts, vae_parts
 
         cache = self._openvino_cache()
-        precision = "bf16" if plan.unet_dtype == torch.bfloat16 else "f32"
+        device = plan.openvino_device
         compiled = None
         try:
-            compiled = prepare_unet(pipe.unet, checkpoint_hash, cache, precision=precision, threads=plan.threads,
-                                    torch_dtype=plan.unet_dtype, on_convert=on_status,
-                                    compression="int8" if plan.int8_weights else None)
+            compiled = prepare_unet(pipe.unet, checkpoint_hash, cache, precision=plan.openvino_precision,
+                                    threads=plan.threads, device=device, torch_dtype=plan.unet_dtype,
+                                    on_convert=on_status, compression="int8" if plan.int8_weights else None)
         except Exception as error:  # noqa: BLE001 - any failure here must leave a model that runs
             detail = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
             note = f"OpenVINO could not prepare this model ({type(error).__name__}: {detail}); running on torch"
@@ -421,11 +442,12 @@ class ModelManager:
             plan = replace(plan, backend="torch", int8_weights=False, notes=plan.notes + (note,))
         # f32, as the plan keeps these parts on the CPU (engine.openvino_parts says why).
         parts = prepare_parts(vae_parts(pipe.vae) + text_encoder_parts(pipe), checkpoint_hash, cache, notes,
-                              threads=plan.threads, on_convert=on_status)
+                              threads=plan.threads, device=device, on_convert=on_status)
         prepared = [p for p in (compiled, *parts.values()) if p is not None]
         if any(not p.from_cache for p in prepared):
             weights = " with int8 weights" if compiled is not None and compiled.compression else ""
-            notes.append(f"prepared this model for your CPU with OpenVINO{weights} in {sum(p.seconds for p in prepared):.0f} s; "
+            where = "Intel GPU" if plan.on_intel_gpu else "CPU"
+            notes.append(f"prepared this model for your {where} with OpenVINO{weights} in {sum(p.seconds for p in prepared):.0f} s; "
                          "cached, so later loads skip it")
         return compiled, plan
 
@@ -472,7 +494,7 @@ class ModelManager:
         if own is None or (attached(own.decoder) is None and attached(own.encoder) is None):
             return
         parts = prepare_parts(vae_parts(module), vae_hash, self._openvino_cache(), loaded.notes,
-                              threads=loaded.plan.threads)
+                              threads=loaded.plan.threads, device=loaded.plan.openvino_device)
         if any(not p.from_cache for p in parts.values()):
             loaded.notes.append(f"prepared the VAE for your CPU with OpenVINO in "
                                 f"{sum(p.seconds for p in parts.values()):.0f} s; cached, so later uses skip it")

@@ -5,6 +5,8 @@ Why: on a CPU, OpenVINO runs the same SD 1.5 UNet about 1.2x faster than torch f
 quality (3.9e-6 relative RMS), and twice as fast in bf16 on CPUs with native bf16 (issue 14's
 numbers; bench/openvino_unet.py measures it here). The UNet is ~all of a job's time; the VAE
 and the text encoders are converted too, by engine/openvino_parts.py with this module's cache.
+With `--device intel-gpu` the same cached graphs are compiled for an Intel GPU (engine.devices'
+plan says where and in what precision; a GPU that fails to compile leaves the model on the CPU).
 
 How it plugs in: the torch UNet stays the pipeline's `unet` (its config, dtype, device and LoRA
 adapters all keep working), and for one sampling pass `OpenVINOUNet.running(unet)` replaces its
@@ -425,7 +427,7 @@ class OpenVINOUNet:
     convert_unet_reuse); `running(unet)` lends them to the torch UNet for one pass."""
 
     def __init__(self, compiled, compiled_reuse, names: tuple[str, ...], precision: str, from_cache: bool,
-                 seconds: float, compression: str | None = None):
+                 seconds: float, compression: str | None = None, device: str = "CPU"):
         self.compiled = compiled              # the full graph: noise prediction and deep features
         self.compiled_reuse = compiled_reuse  # the reuse step's graph
         self.names = names
@@ -433,11 +435,14 @@ class OpenVINOUNet:
         self.from_cache = from_cache  # False: converted by this load
         self.seconds = seconds        # converting (or reading) plus compiling
         self.compression = compression  # "int8": NNCF-compressed weights; None: f32 (or f16) weights
+        self.device = device            # where it was compiled: "CPU" or an Intel GPU ("GPU.0")
 
     @property
     def label(self) -> str:
-        """What ran the UNet, as the infotext's Backend says it: "openvino" or "openvino int8"."""
-        return "openvino" + (f" {self.compression}" if self.compression else "")
+        """What ran the UNet, as the infotext's Backend says it: "openvino", "openvino int8",
+        "openvino intel-gpu" (on an Intel GPU), ..."""
+        return "openvino" + (f" {self.compression}" if self.compression else "") + \
+            ("" if self.device == "CPU" else " intel-gpu")
 
     def _feed(self, inputs: dict) -> dict:
         sample = inputs["sample"]
@@ -486,7 +491,7 @@ def stored_weights(precision: str) -> str:
     weights end up bf16 anyway, and f16 holds more mantissa bits than bf16: the step's difference
     from torch fp32 went from 2.3% to 2.7% relative RMS on the full-size SD 1.5 UNet (random weights),
     bf16's own rounding being the most of it. An f32 plan keeps f32: exact is its point."""
-    return "f16" if precision == "bf16" else "f32"
+    return "f16" if precision in ("bf16", "f16") else "f32"  # f16: an Intel GPU's compute
 
 
 def park_weights(module: torch.nn.Module, folder: Path, dtype: torch.dtype) -> None:
@@ -533,7 +538,7 @@ def check_memory_for_conversion(unet: torch.nn.Module) -> None:
 
 
 def prepare_unet(unet: torch.nn.Module, checkpoint_hash: str, cache: OpenVINOCache, *,
-                 precision: str = "f32", threads: int | None = None,
+                 precision: str = "f32", threads: int | None = None, device: str = "CPU",
                  torch_dtype: torch.dtype | None = None,
                  on_convert: Callable[[str], None] | None = None, compression: str | None = None) -> OpenVINOUNet:
     """The UNet compiled for the CPU in its two parts (the full graph and the reuse step's, see
@@ -569,8 +574,8 @@ def prepare_unet(unet: torch.nn.Module, checkpoint_hash: str, cache: OpenVINOCac
         entries.append((key, xml))
     if torch_dtype is not None:  # after converting: both parts are traced from the f32 UNet
         park_weights(unet, cache.entry(entries[0][0]), torch_dtype)
-    compiled = [compile_entry(cache, key, xml, precision, threads) for key, xml in entries]
-    return OpenVINOUNet(*compiled, names, precision, from_cache, time.monotonic() - started, compression)
+    compiled = [compile_entry(cache, key, xml, precision, threads, device) for key, xml in entries]
+    return OpenVINOUNet(*compiled, names, precision, from_cache, time.monotonic() - started, compression, device)
 
 
 def _plain_entry(cache: OpenVINOCache, checkpoint_hash: str, part: str, unet, inputs: tuple[str, ...]):
@@ -651,14 +656,16 @@ class CompiledPart:
 
 
 def compile_entry(cache: OpenVINOCache, key: str, xml: Path, precision: str = "f32",
-                  threads: int | None = None) -> CompiledPart:
-    """The entry's model compiled for the CPU with the latency hint; a failure removes the entry
-    (a damaged compiled blob or weights: converted afresh next time) and raises."""
+                  threads: int | None = None, device: str = "CPU") -> CompiledPart:
+    """The entry's model compiled for `device` (the CPU, or an Intel GPU: "GPU.0") with the latency
+    hint. A failure on the CPU removes the entry (a damaged compiled blob or weights: converted
+    afresh next time) and raises; on a GPU it only raises (its driver, not the entry, may be why)."""
     config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
-    if threads:
+    if threads and device == "CPU":
         config["INFERENCE_NUM_THREADS"] = threads
     try:
-        return CompiledPart(lambda: cache.compile(xml, "CPU", config), xml.parent)
+        return CompiledPart(lambda: cache.compile(xml, device, config), xml.parent)
     except RuntimeError:
-        cache.remove(key)
+        if device == "CPU":
+            cache.remove(key)
         raise

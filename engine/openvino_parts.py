@@ -245,6 +245,7 @@ def text_encoder_parts(pipe) -> list[PartPlan]:
 
 
 def prepare_part(plan: PartPlan, weights_hash: str, cache: OpenVINOCache, *, threads: int | None = None,
+                 device: str = "CPU",
                  on_convert: Callable[[str], None] | None = None) -> OpenVINOPart:
     """The part compiled (read from the cache, else converted and cached) and hooked onto its
     module. Raises whatever converting or compiling raises; the module then stays on torch.
@@ -260,7 +261,7 @@ def prepare_part(plan: PartPlan, weights_hash: str, cache: OpenVINOCache, *, thr
     message = f"Preparing the {LABELS[plan.name]} for your CPU with OpenVINO: once"
     xml, from_cache = load_or_convert(cache, key, plan.target, plan.convert, message, on_convert=on_convert)
     park_weights(plan.target, cache.entry(key), torch.float32)
-    compiled = compile_entry(cache, key, xml, "f32", threads)
+    compiled = compile_entry(cache, key, xml, "f32", threads, device)
     part = OpenVINOPart(plan.name, compiled, from_cache, time.monotonic() - started)
     registry = HookRegistry.check_if_exists_or_initialize(plan.target)
     if registry.get_hook(HOOK_NAME) is not None:
@@ -270,14 +271,16 @@ def prepare_part(plan: PartPlan, weights_hash: str, cache: OpenVINOCache, *, thr
 
 
 def prepare_parts(plans: list[PartPlan], weights_hash: str, cache: OpenVINOCache, notes: list[str], *,
-                  threads: int | None = None, on_convert: Callable[[str], None] | None = None) -> dict[str, OpenVINOPart]:
+                  threads: int | None = None, device: str = "CPU",
+                  on_convert: Callable[[str], None] | None = None) -> dict[str, OpenVINOPart]:
     """Each part compiled and hooked; one that fails stays on torch with a note in `notes` (one
     note per reason: parts that failed alike, e.g. all short of memory, are named together).
     `on_convert` hears what is being converted (the page shows it while the model loads)."""
     parts, failed = {}, {}
     for plan in plans:
         try:
-            parts[plan.name] = prepare_part(plan, weights_hash, cache, threads=threads, on_convert=on_convert)
+            parts[plan.name] = prepare_part(plan, weights_hash, cache, threads=threads, device=device,
+                                            on_convert=on_convert)
         except Exception as error:  # noqa: BLE001 - any failure must leave a part that runs (on torch)
             detail = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
             failed.setdefault(f"{type(error).__name__}: {detail}", []).append(LABELS[plan.name])
