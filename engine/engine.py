@@ -197,6 +197,18 @@ class Engine:
         """The VAE remembered for a checkpoint ("Automatic" unless one was chosen)."""
         return self.manager.settings.vae(self.library.resolve(self._model_name(name)).name)
 
+    def find_vae(self, name: str) -> str | None:
+        """The VAE picker's name for `name` as an infotext records it (A1111 writes the file name,
+        Easel the picker's name), or None when models/VAE holds no such file."""
+        from engine.errors import RequestError
+        from engine.vae import AUTOMATIC, resolve_vae
+
+        try:
+            found = resolve_vae(self.library, name)
+        except RequestError:
+            return None
+        return AUTOMATIC if found is None else found.name
+
     def set_model_vae(self, name: str | None, vae: str) -> None:
         """Remember a VAE for a checkpoint (the page's VAE picker); used from its next job on. The
         name must be a file in models/VAE (RequestError naming `vae`); a VAE of the wrong kind for

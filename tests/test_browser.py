@@ -237,6 +237,29 @@ def test_png_info_reads_a_saved_image_and_sends_it_to_both_tabs(page, server):
     assert page.input_value("#img2img-prompt textarea") == "a (green:1.1) teapot"
 
 
+def test_png_info_sends_the_vae_an_image_was_made_with_to_the_vae_picker(page, server, tmp_path):
+    from PIL.PngImagePlugin import PngInfo
+
+    vae = server.outdir.parent / "data" / "demo-models" / "VAE" / "vae-ft-mse-840000-ema-pruned.safetensors"
+    vae.parent.mkdir(parents=True, exist_ok=True)
+    vae.write_bytes(b"{}")  # named after the page was built: the picker's choices must follow
+    info = PngInfo()
+    info.add_text("parameters", "a lighthouse\nNegative prompt: fog\nSteps: 5, Sampler: Euler, CFG scale: 7, Seed: 3, "
+                                "Size: 64x64, VAE hash: 735e4c3a44, VAE: vae-ft-mse-840000-ema-pruned.safetensors")
+    Image.new("RGB", (64, 64), (90, 90, 200)).save(tmp_path / "a1111.png", pnginfo=info)
+    try:
+        assert page.input_value("#vae-select input") == "Automatic"
+        page.get_by_role("tab", name="PNG info").click()
+        page.set_input_files("#pnginfo-image input[type=file]", str(tmp_path / "a1111.png"))
+        page.wait_for_function("() => document.querySelector('#pnginfo-parameters textarea').value.includes('lighthouse')")
+        page.click("#pnginfo-send-txt2img")
+        page.wait_for_function("() => document.querySelector('#txt2img-prompt textarea').value === 'a lighthouse'")
+        page.wait_for_function("() => document.querySelector('#vae-select input').value.startsWith('vae-ft-mse')")
+        assert page.input_value("#vae-select input") == vae.name
+    finally:
+        vae.unlink()
+
+
 def test_two_pages_at_once_each_get_their_own_result(browser, server, page):
     other = open_page(browser, server)
     try:

@@ -200,6 +200,18 @@ def test_unknown_sampler_from_infotext_is_left_out(studio):
                       "enable_hr": False}
 
 
+def test_an_infotexts_vae_is_sent_as_the_pickers_name_when_models_vae_has_it(tmp_path):
+    engine = Engine.demo(EngineConfig(tmp_path / "models", tmp_path / "outputs", tmp_path / "data"))
+    (engine.config.models_dir / "VAE").mkdir(parents=True)
+    (engine.config.models_dir / "VAE" / "vae-ft-mse-840000-ema-pruned.safetensors").write_bytes(b"{}")
+    studio = create_ui(engine).studio
+    a1111 = {"Prompt": "x", "VAE hash": "735e4c3a44", "VAE": "vae-ft-mse-840000-ema-pruned.safetensors"}
+    assert studio.fields_from_infotext(a1111)["vae"] == "vae-ft-mse-840000-ema-pruned.safetensors"
+    without_extension = {**a1111, "VAE": "vae-ft-mse-840000-ema-pruned"}
+    assert studio.fields_from_infotext(without_extension)["vae"] == "vae-ft-mse-840000-ema-pruned.safetensors"
+    assert "vae" not in studio.fields_from_infotext({**a1111, "VAE": "kl-f8-anime2.ckpt"})  # not in models/VAE
+
+
 def test_a_fast_image_sends_its_speed_back(studio):
     last = run(studio, ("s1", "txt2img"), {"mode": "txt2img", "prompt": "a kite", **SMALL, "steps": 10, "speed": "fast"})[-1]
     _, _, parsed = studio.png_info(last.images[0][0].filename)

@@ -543,13 +543,16 @@ def create_ui(engine, settings: SettingsStore | None = None, *, listen: bool = F
                     values["init_image"] = path
                 if not values:
                     gr.Warning("No generation parameters to send: drop an image made by Easel or A1111 first.")
-                return {**tab.fill(values), tabs: gr.Tabs(selected=target)}
+                # The page's one VAE picker (its choices again: the file may be newer than the page).
+                picked = {tab.vae: gr.update(choices=engine.vae_names(), value=values["vae"])} if "vae" in values else {}
+                if (parsed or {}).get("VAE") and not picked:
+                    gr.Warning(f"VAE {parsed['VAE']!r} is not in models/VAE; the VAE picker keeps its choice.")
+                return {**tab.fill(values), **picked, tabs: gr.Tabs(selected=target)}
             return send
 
-        targets = [tabs, *txt2img.fields.values()]
-        send_txt.click(send_to(txt2img, "txt2img", False), [png_fields, png_image], targets, queue=False,
-                       api_visibility="private")
-        send_img.click(send_to(img2img, "img2img", True), [png_fields, png_image], [tabs, *img2img.fields.values()],
+        send_txt.click(send_to(txt2img, "txt2img", False), [png_fields, png_image], [tabs, vae, *txt2img.fields.values()],
+                       queue=False, api_visibility="private")
+        send_img.click(send_to(img2img, "img2img", True), [png_fields, png_image], [tabs, vae, *img2img.fields.values()],
                        queue=False, api_visibility="private")
 
         def send_to_upscale(images, index):

@@ -337,11 +337,17 @@ class Studio:
 
     def fields_from_infotext(self, parsed: dict) -> dict[str, Any]:
         """Request field values from parsed A1111 parameters (the two-way table in engine.infotext);
-        values that do not parse, and names this Easel does not know, are left out."""
+        values that do not parse, and names this Easel does not know, are left out. `vae` is the
+        VAE picker's name for the file the image was made with, when models/VAE has it."""
         values = values_from_params(parsed)
         known = {"sampler": self.engine.samplers, "schedule_type": self.engine.schedule_types,
                  "speed": self.engine.limits.speeds}
-        return {k: v for k, v in values.items() if k not in known or v in known[k]}
+        values = {k: v for k, v in values.items() if k not in known or v in known[k]}
+        if "vae" in values:
+            vae = self.engine.find_vae(str(values.pop("vae")))
+            if vae is not None:
+                values["vae"] = vae
+        return values
 
     # --- output settings ------------------------------------------------------------------------
     def apply_saved_outputs(self, keep_command_line: frozenset[str] = frozenset()) -> None:
