@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import os
+import re
 import threading
 from pathlib import Path
 
@@ -312,6 +313,19 @@ def test_the_openapi_document_lists_the_routes(server):
     assert "swagger" in requests.get(server.url + "/docs", timeout=60).text.lower()
 
 
+def test_the_api_page_loads_swagger_ui_from_easel_not_a_cdn(server):
+    """Offline, a CDN does not answer and the page stays blank: every file it loads is served here."""
+    page = requests.get(server.url + "/docs", timeout=60).text
+    linked = re.findall(r"""(?:src|href)\s*=\s*['"]([^'"]+)""", page) + re.findall(r"""url:\s*['"]([^'"]+)""", page)
+    assert linked and all(link.startswith("/") for link in linked), linked
+    for name, kind in (("swagger-ui-bundle.js", "javascript"), ("swagger-ui.css", "text/css"), ("favicon.png", "image/png")):
+        response = requests.get(f"{server.url}/docs/{name}", timeout=60)
+        assert response.status_code == 200 and kind in response.headers["content-type"] and len(response.content) > 1000
+    assert "SwaggerUIBundle" in requests.get(server.url + "/docs/swagger-ui-bundle.js", timeout=60).text
+    refused = requests.get(server.url + "/docs/core.py", timeout=60)  # only the page's files, by name
+    assert refused.status_code == 404 and "name:" in refused.text
+
+
 # --- the guard still stands in front ---------------------------------------------------------------
 def test_a_foreign_origin_is_refused_on_api_routes(server):
     response = post(server, "txt2img", SMALL, headers={"Origin": "https://evil.example"})
@@ -336,6 +350,7 @@ def test_listen_with_auth_refuses_the_api_without_credentials(auth_server):
     response = get(auth_server, "sd-models")
     assert response.status_code == 401 and response.headers["www-authenticate"] == "Basic"
     assert requests.get(auth_server.url + "/openapi.json", timeout=60).status_code == 401
+    assert requests.get(auth_server.url + "/docs/swagger-ui.css", timeout=60).status_code == 401
 
 
 def test_a_wrong_api_password_is_refused(auth_server):

@@ -287,3 +287,17 @@ def test_png_info_sends_its_image_to_upscale(page, server, tmp_path):
     assert wait_for_state(page, "upscale", "done") == "Done: 120x90"
     saved = Image.open(saved_pngs(server, "upscale")[-1])
     assert saved.getpixel((60, 45)) != (0, 0, 0) and saved.size == (120, 90)
+
+
+def test_the_api_page_renders_with_no_internet(browser, tmp_path):
+    """Swagger UI's files come from Easel, not a CDN: this Chromium reaches nothing outside."""
+    api = start_server(tmp_path, "--demo", "--api")
+    page = browser.new_page()
+    try:
+        page.set_default_timeout(WAIT_MS)
+        page.goto(api.url + "/docs")
+        page.locator(".opblock-summary-path", has_text="/sdapi/v1/txt2img").first.wait_for()
+        assert "Easel API" in page.title()
+    finally:
+        page.close()
+        api.stop()

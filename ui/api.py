@@ -29,11 +29,12 @@ import math
 import secrets
 import threading
 from datetime import datetime
+from importlib import resources
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from pydantic import BaseModel, ConfigDict, SkipValidation
 
@@ -422,6 +423,10 @@ class ModelChoice:
         return name
 
 
+# Swagger UI's files that /docs loads (from fastapi-offline's package), by name: nothing else is read.
+DOCS_FILES = {"swagger-ui-bundle.js": "text/javascript", "swagger-ui.css": "text/css", "favicon.png": "image/png"}
+
+
 # --- the router ------------------------------------------------------------------------------------
 def create_api(engine, *, logins=(), limiter=None, queue_size: int = 16) -> APIRouter:
     """The /sdapi/v1 routes (and /docs, /openapi.json) on `engine`. `logins`: (user, password) pairs
@@ -674,7 +679,18 @@ def create_api(engine, *, logins=(), limiter=None, queue_size: int = 16) -> APIR
 
     @router.get("/docs", include_in_schema=False)
     def docs():
-        return get_swagger_ui_html(openapi_url="/openapi.json", title="Easel API (A1111-compatible)")
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="Easel API (A1111-compatible)",
+                                   swagger_js_url="/docs/swagger-ui-bundle.js", swagger_css_url="/docs/swagger-ui.css",
+                                   swagger_favicon_url="/docs/favicon.png")
+
+    @router.get("/docs/{name}", include_in_schema=False)
+    def docs_file(name: str):
+        """Swagger UI's files, served here: FastAPI's page loads them from a CDN, which a machine
+        offline cannot reach (the page stayed blank). fastapi-offline keeps a current copy."""
+        if name not in DOCS_FILES:
+            raise HTTPException(404, f"name: not one of the API page's files ({', '.join(DOCS_FILES)})")
+        data = (resources.files("fastapi_offline") / "static" / name).read_bytes()
+        return Response(data, media_type=DOCS_FILES[name], headers={"Cache-Control": "max-age=86400"})
 
     return router
 
