@@ -626,10 +626,11 @@ class CompiledPart:
 
     def load(self):
         """The compiled model, compiled again first if it was unloaded (raises what compiling raises)."""
-        if self.compiled is None:
+        compiled = self.compiled  # one read: an unload() meanwhile must not make this return None
+        if compiled is None:
             with returning_pages(self.folder):  # an f32 compile repacks the weights there and then
-                self.compiled = self._compile()
-        return self.compiled
+                compiled = self.compiled = self._compile()
+        return compiled
 
     @property
     def loaded(self) -> bool:
@@ -651,8 +652,13 @@ class CompiledPart:
         """Free the activations OpenVINO keeps between calls (allocated again by the next call):
         done when a part's work for a job is over, so a part idle while another runs (the UNet
         during the VAE decode, the VAE during the next job's steps) holds no working memory."""
-        if self.compiled is not None:
-            self.compiled.release_memory()
+        compiled = self.compiled
+        if compiled is None:
+            return
+        try:
+            compiled.release_memory()
+        except RuntimeError as error:  # a device whose plugin lacks it (not the CPU's): memory as before
+            logger.debug("release_memory: %s", error)
 
 
 def compile_entry(cache: OpenVINOCache, key: str, xml: Path, precision: str = "f32",

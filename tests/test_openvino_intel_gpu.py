@@ -30,6 +30,20 @@ def gpu_machine(plain_cpu):
     return replace(plain_cpu, openvino=True, intel_gpus=(ARC,), openvino_gpu="GPU.0")
 
 
+class _GPUModel:
+    """The CPU's compiled model standing in for a GPU's, whose plugin may lack release_memory."""
+
+    def __init__(self, compiled):
+        self.compiled = compiled
+        self.outputs = compiled.outputs
+
+    def __call__(self, inputs):
+        return self.compiled(inputs)
+
+    def release_memory(self):
+        raise RuntimeError("[GPU] release_memory is not implemented")
+
+
 def stand_in(monkeypatch, fail: bool = False) -> list[tuple[str, str, dict]]:
     """Compiles for GPU.0 are recorded, then run on the CPU in f32 (or fail, as a driver would)."""
     compiled = []
@@ -40,7 +54,7 @@ def stand_in(monkeypatch, fail: bool = False) -> list[tuple[str, str, dict]]:
         if device == "GPU.0":
             if fail:
                 raise RuntimeError("[GPU] clGetPlatformIDs error -1001")
-            return real(self, xml, "CPU", {**config, "INFERENCE_PRECISION_HINT": "f32"})
+            return _GPUModel(real(self, xml, "CPU", {**config, "INFERENCE_PRECISION_HINT": "f32"}))
         return real(self, xml, device, config)
 
     monkeypatch.setattr(ovb.OpenVINOCache, "compile", compile)
