@@ -618,9 +618,10 @@ class CompiledPart:
     compiles it again from the entry's blob: for parts that are idle most of a job (the text
     encoders during the steps and the decode)."""
 
-    def __init__(self, compile: Callable[[], object], folder: Path):
+    def __init__(self, compile: Callable[[], object], folder: Path, device: str = "CPU"):
         self._compile = compile
         self.folder = folder
+        self.device = device  # "CPU", or an Intel GPU ("GPU.0")
         self.compiled = None
         self.load()
 
@@ -670,7 +671,7 @@ def compile_entry(cache: OpenVINOCache, key: str, xml: Path, precision: str = "f
     if threads and device == "CPU":
         config["INFERENCE_NUM_THREADS"] = threads
     try:
-        return CompiledPart(lambda: cache.compile(xml, device, config), xml.parent)
+        return CompiledPart(lambda: cache.compile(xml, device, config), xml.parent, device)
     except RuntimeError:
         if device == "CPU":
             cache.remove(key)

@@ -15,6 +15,7 @@ import pytest
 pytest.importorskip("openvino")
 
 import engine.openvino_backend as ovb  # noqa: E402
+import engine.openvino_parts as ovp  # noqa: E402
 from engine.devices import plan_for  # noqa: E402
 from engine.engine import Engine, EngineConfig  # noqa: E402
 from engine.errors import RequestError  # noqa: E402
@@ -115,6 +116,7 @@ def test_every_part_is_compiled_for_the_gpu_and_images_say_so(tiny_models_dir, t
     assert hints == ["f16", "f16", "f32", "f32", "f32"]  # the UNet's two graphs in f16, the rest f32
     result = run(engine)
     assert "Backend: openvino intel-gpu" in result.infotexts[0]
+    assert ovp.attached(loaded.pipe.text_encoder).compiled.loaded  # kept on a GPU: see unload_before_steps
     assert_close(result.images[0], run(sd_engine).images[0])  # the stand-in computes in f32
 
 
