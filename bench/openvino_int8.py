@@ -21,10 +21,8 @@ spread differently, is not this number. Run it on a quiet machine; it prints the
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import resource
 import shutil
 import sys
 import tempfile
@@ -34,21 +32,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.openvino_unet import bench_parser, peak_rss_gb, timed_conversion  # noqa: E402
+
 
 # What can be measured beside torch fp32; the bf16 ones only on a CPU with native bf16.
 VARIANTS = ("openvino f32", "openvino bf16", "openvino int8 f32", "openvino int8 bf16", "torch bf16")
 
 
-def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tiny", action="store_true", help="the tests' tiny UNet (a check of the script)")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
-    parser.add_argument("--size", type=int, default=512, help="image side in pixels (default 512)")
-    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser = bench_parser(__doc__)
     parser.add_argument("--only", default=None, help=f"a comma-separated subset of {', '.join(VARIANTS)} "
                         "(torch fp32, the reference, always runs): the full-size UNet with every variant "
                         "compiled at once needs ~20 GB")
@@ -74,10 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     unet, sample, context, timestep = unet_and_inputs(torch, args.tiny, args.size)
 
     rss_before = peak_rss_gb()
-    started = time.perf_counter()
-    model = convert_unet(unet)
-    convert_s = time.perf_counter() - started
-    convert_peak = peak_rss_gb()
+    model, convert_s, convert_peak = timed_conversion(convert_unet, unet)
 
     core = openvino.Core()
     precisions = ["f32"] + (["bf16"] if hardware.cpu_bf16 else [])

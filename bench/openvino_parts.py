@@ -16,7 +16,6 @@ for the decode also the largest difference in 8-bit levels), and the load averag
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -25,6 +24,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench.openvino_unet import bench_parser  # noqa: E402
 
 PROMPT = "a photograph of an astronaut riding a horse on the moon, detailed, 8k"
 NEGATIVE = "blurry, low quality"
@@ -51,12 +52,7 @@ def rel_rms(out, reference) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tiny", action="store_true", help="the tests' tiny modules (a check of the script)")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
-    parser.add_argument("--size", type=int, default=512, help="decoded image side in pixels (default 512)")
-    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
-    args = parser.parse_args(argv)
+    args = bench_parser(__doc__, tiny="modules", size="decoded image side").parse_args(argv)
 
     import torch
 

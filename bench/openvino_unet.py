@@ -88,13 +88,25 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tiny", action="store_true", help="the tests' tiny UNet (a check of the script)")
+def bench_parser(doc: str, tiny: str = "UNet", size: str = "image side") -> argparse.ArgumentParser:
+    """The options the OpenVINO bench scripts share: --tiny, --rounds, --size, --json."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help=f"the tests' tiny {tiny} (a check of the script)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
-    parser.add_argument("--size", type=int, default=512, help="image side in pixels (default 512)")
+    parser.add_argument("--size", type=int, default=512, help=f"{size} in pixels (default 512)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def timed_conversion(convert, unet):
+    """(converted model, seconds, peak RSS GB after) of `convert(unet)`."""
+    started = time.perf_counter()
+    model = convert(unet)
+    return model, time.perf_counter() - started, peak_rss_gb()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = bench_parser(__doc__).parse_args(argv)
 
     import torch
 
@@ -109,14 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     unet, sample, context, timestep = unet_and_inputs(torch, args.tiny, args.size)
 
     rss_before = peak_rss_gb()
-    started = time.perf_counter()
-    model = convert_unet(unet)
-    convert_s = time.perf_counter() - started
-    convert_peak = peak_rss_gb()
-    started = time.perf_counter()
-    model_reuse = convert_unet_reuse(unet)
-    convert_reuse_s = time.perf_counter() - started
-    convert_reuse_peak = peak_rss_gb()  # above convert_peak only if the reuse graph's conversion needs more
+    model, convert_s, convert_peak = timed_conversion(convert_unet, unet)
+    # convert_reuse_peak is above convert_peak only if the reuse graph's conversion needs more.
+    model_reuse, convert_reuse_s, convert_reuse_peak = timed_conversion(convert_unet_reuse, unet)
 
     core = openvino.Core()
     precisions = ["f32"] + (["bf16"] if hardware.cpu_bf16 else [])
