@@ -30,7 +30,7 @@ import secrets
 import threading
 from datetime import datetime
 from importlib import resources
-from typing import Annotated, Any
+from typing import Annotated, Any, NamedTuple
 
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.openapi.docs import get_swagger_ui_html
@@ -428,19 +428,67 @@ DOCS_FILES = {"swagger-ui-bundle.js": "text/javascript", "swagger-ui.css": "text
 
 
 # --- the router ------------------------------------------------------------------------------------
-def create_api(engine, *, logins=(), limiter=None, queue_size: int = 16) -> APIRouter:
-    """The /sdapi/v1 routes (and /docs, /openapi.json) on `engine`. `logins`: (user, password) pairs
-    accepted as HTTP Basic credentials (none: open, as the page is); `limiter`: the request
-    guard's LoginLimiter, so wrong API passwords count with wrong page logins; `queue_size`: API
-    jobs that may wait for their turn besides the running one."""
-    logins = tuple(logins)
-    basic = HTTPBasic(auto_error=False)
+class Route(NamedTuple):
+    method: str
+    path: str
+    handler: str  # the name of an Api method
+    response_model: type[BaseModel] | None = None
+    # The A1111 names of engine fields, for refusals. None: not wrapped in `answering`, which takes
+    # sync handlers only; the async ones and those with nothing to refuse answer as FastAPI does.
+    names: dict[str, str] | None = None
+    in_schema: bool = True  # False: served, but not an A1111 route, so left out of the OpenAPI document
 
-    def credentials(request: Request, given: HTTPBasicCredentials | None = Depends(basic)) -> None:
-        if not logins:
+
+class Api:
+    """The /sdapi/v1 routes (and /docs, /openapi.json) on `engine`; `router` has them, each route a
+    method, registered from ROUTES. `logins`: (user, password) pairs accepted as HTTP Basic
+    credentials (none: open, as the page is); `limiter`: the request guard's LoginLimiter, so wrong
+    API passwords count with wrong page logins; `queue_size`: API jobs that may wait for their turn
+    besides the running one."""
+
+    ROUTES = (
+        Route("POST", f"{PREFIX}/txt2img", "txt2img", ImagesResponse, GENERATION_NAMES),
+        Route("POST", f"{PREFIX}/img2img", "img2img", ImagesResponse, GENERATION_NAMES),
+        Route("POST", f"{PREFIX}/extra-single-image", "extra_single_image", ExtrasSingleResponse, EXTRAS_NAMES),
+        Route("POST", f"{PREFIX}/extra-batch-images", "extra_batch_images", ExtrasBatchResponse, EXTRAS_NAMES),
+        Route("POST", f"{PREFIX}/png-info", "png_info", PngInfoResponse, {}),
+        Route("GET", f"{PREFIX}/progress", "progress"),
+        Route("POST", f"{PREFIX}/interrupt", "interrupt"),
+        Route("POST", f"{PREFIX}/skip", "skip"),
+        Route("GET", f"{PREFIX}/sd-models", "sd_models", names={}),
+        Route("POST", f"{PREFIX}/refresh-checkpoints", "refresh_checkpoints", names={}),
+        Route("GET", f"{PREFIX}/options", "get_options", names={}),
+        Route("POST", f"{PREFIX}/options", "set_options", names=EXTRAS_NAMES),
+        Route("GET", f"{PREFIX}/samplers", "samplers"),
+        Route("GET", f"{PREFIX}/schedulers", "schedulers"),
+        Route("GET", f"{PREFIX}/upscalers", "upscalers", names={}),
+        Route("GET", f"{PREFIX}/scripts", "scripts"),
+        # The OpenAPI document and its page, behind the same credentials.
+        Route("GET", "/openapi.json", "openapi", in_schema=False),
+        Route("GET", "/docs", "docs", in_schema=False),
+        Route("GET", "/docs/{name}", "docs_file", in_schema=False),
+    )
+
+    def __init__(self, engine, *, logins=(), limiter=None, queue_size: int = 16):
+        self.engine = engine
+        self.logins = tuple(logins)
+        self.limiter = limiter
+        self.jobs = ApiJobs(queue_size + 1)
+        self.choice = ModelChoice(engine)
+        self.router = APIRouter(dependencies=[Depends(self.credentials)])
+        for route in self.ROUTES:
+            handler = getattr(self, route.handler)
+            if route.names is not None:
+                handler = answering(route.names)(handler)
+            self.router.add_api_route(route.path, handler, methods=[route.method], response_model=route.response_model,
+                                      tags=["sdapi"] if route.in_schema else None, include_in_schema=route.in_schema)
+
+    def credentials(self, request: Request,
+                    given: HTTPBasicCredentials | None = Depends(HTTPBasic(auto_error=False))) -> None:
+        if not self.logins:
             return
         address = request.client.host if request.client else "unknown"
-        wait = limiter.wait_left(address) if limiter else 0
+        wait = self.limiter.wait_left(address) if self.limiter else 0
         if wait > 0:
             raise HTTPException(429, f"login: too many wrong passwords from {address}; try again in "
                                      f"{math.ceil(wait)} s", headers={"Retry-After": str(math.ceil(wait))})
@@ -448,172 +496,119 @@ def create_api(engine, *, logins=(), limiter=None, queue_size: int = 16) -> APIR
             raise HTTPException(401, "Not authenticated", headers={"WWW-Authenticate": "Basic"})
         user, password = given.username.encode(), given.password.encode()
         if not any(secrets.compare_digest(user, u.encode()) & secrets.compare_digest(password, p.encode())
-                   for u, p in logins):
-            if limiter:
-                limiter.failed(address)
+                   for u, p in self.logins):
+            if self.limiter:
+                self.limiter.failed(address)
             raise HTTPException(401, "Incorrect username or password", headers={"WWW-Authenticate": "Basic"})
 
-    router = APIRouter(dependencies=[Depends(credentials)])
-    jobs = ApiJobs(queue_size + 1)
-    choice = ModelChoice(engine)
-
     # --- generation ---
-    def generate(body, mode: str, used: frozenset[str]) -> dict:
+    def txt2img(self, body: Txt2ImgRequest):
+        return self.generate(body, "txt2img", USED_TXT2IMG)
+
+    def img2img(self, body: Img2ImgRequest):
+        return self.generate(body, "img2img", USED_IMG2IMG)
+
+    def generate(self, body, mode: str, used: frozenset[str]) -> dict:
+        override = self.model_override(body)
+        model = override or self.choice.current()
+        fields, sources, ignored = generation_fields(body, mode, used)
+        try:
+            request = self.engine.make_request(fields, model=model)  # the one validation, naming the field
+        except RequestError as e:
+            if e.field in sources:
+                raise renamed(e, sources[e.field]) from None
+            raise
+        result, interrupted = self.run(request, model)
+        if override and body.override_settings_restore_afterwards is False:
+            self.choice.name = self.engine.library.resolve(override).name
+        return images_answer(body, mode, request, result, ignored, interrupted)
+
+    def model_override(self, body) -> str | None:
+        """override_settings.sd_model_checkpoint, the model for this request only."""
         overrides = body.override_settings if isinstance(body.override_settings, dict) else {}
         override = overrides.get("sd_model_checkpoint")
         if override is not None and not isinstance(override, str):
             raise RequestError("model", f"must be a model name, got {type(override).__name__}")
         if override:
-            choice.keep()
-        model = override or choice.current()
-        fields = {
-            "mode": mode, "prompt": body.prompt, "negative_prompt": body.negative_prompt, "seed": body.seed,
-            "sampler": body.sampler_name or body.sampler_index, "schedule_type": scheduler_label(body.scheduler),
-            "steps": body.steps, "cfg_scale": body.cfg_scale, "width": body.width, "height": body.height,
-            "batch_size": body.batch_size, "batch_count": body.n_iter, "save_images": body.save_images,
-            "speed": body.speed, "denoising_strength": body.denoising_strength,
-        }
-        ignored = ignored_fields(body, used)
-        sources: dict[str, str] = {}  # engine field -> the A1111 field its value came from, for errors
-        if mode == "txt2img":
-            fields.update(enable_hr=body.enable_hr, hr_scale=body.hr_scale, hr_upscaler=body.hr_upscaler,
-                          hr_second_pass_steps=body.hr_second_pass_steps)
-            resize = hires_resize_scale(body.width, body.height, body.hr_resize_x, body.hr_resize_y) \
-                if body.enable_hr is True else None
-            if resize:
-                fields["hr_scale"], sources["hr_scale"] = resize
-        else:
-            images = body.init_images
-            if not isinstance(images, list) or not images:
-                raise RequestError("init_image", "img2img needs one base64 image in init_images")
-            fields["init_image"] = decode_base64_image(images[0], "init_images")
-            if len(images) > 1:
-                ignored.append("init_images[1:]")
-            if body.resize_mode not in RESIZE_MODES or isinstance(body.resize_mode, bool):
-                raise RequestError("resize_mode", f"must be 0 (just resize), 1 (crop and resize) or 2 (resize and "
-                                                  f"fill), got {body.resize_mode!r}")
-            fields["resize_mode"] = RESIZE_MODES[body.resize_mode]
-            if body.mask is not None and body.mask != "":  # A1111: an empty mask is none
-                inpaint, from_fields = inpaint_fields(body)
-                fields.update(inpaint)
-                sources.update(from_fields)
-        if not isinstance(fields["sampler"], str):
-            raise RequestError("sampler", f"must be a sampler name, got {type(fields['sampler']).__name__}")
-        try:
-            request = engine.make_request(fields, model=model)  # the one validation, naming the field
-        except RequestError as e:
-            if e.field in sources:
-                raise renamed(e, sources[e.field]) from None
-            raise
+            self.choice.keep()
+        return override
 
-        job = jobs.open(request.steps)
-        interrupted = False
+    def run(self, request, model) -> tuple[Any, bool]:
+        """The result (None if interrupted) and whether the job was interrupted."""
+        job = self.jobs.open(request.steps)
         try:
-            result = engine.generate(request, job, model=model)
+            return self.engine.generate(request, job, model=model), False
         except CancelledError:
-            result, interrupted = None, True
+            return None, True
         finally:
-            jobs.close(job)
-        if override and body.override_settings_restore_afterwards is False:
-            choice.name = engine.library.resolve(override).name
-
-        parameters = body.model_dump(exclude=set(body.model_extra or {}))
-        if mode == "img2img" and not body.include_init_images:
-            parameters.update(init_images=None, mask=None)
-        images = [png_base64(i, t) for i, t in zip(result.images, result.infotexts)] if result else []
-        info = generation_info(request, result, ignored, interrupted)
-        return {"images": images if body.send_images else [], "parameters": parameters, "info": json.dumps(info)}
-
-    @router.post(f"{PREFIX}/txt2img", response_model=ImagesResponse, tags=["sdapi"])
-    @answering(GENERATION_NAMES)
-    def txt2img(body: Txt2ImgRequest):
-        return generate(body, "txt2img", USED_TXT2IMG)
-
-    @router.post(f"{PREFIX}/img2img", response_model=ImagesResponse, tags=["sdapi"])
-    @answering(GENERATION_NAMES)
-    def img2img(body: Img2ImgRequest):
-        return generate(body, "img2img", USED_IMG2IMG)
+            self.jobs.close(job)
 
     # --- extras (the upscalers) ---
-    def upscale(body: ExtrasSingleRequest, image_b64, field: str):
+    def extra_single_image(self, body: ExtrasSingleRequest):
+        image, infotext = self.upscale(body, body.image, "image")
+        return {"html_info": extras_info(infotext, body), "image": image}
+
+    def extra_batch_images(self, body: ExtrasBatchRequest):
+        entries = body.imageList
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            raise RequestError("imageList", "must be a list of {\"data\": base64 image, \"name\": text}")
+        done = [self.upscale(body, entry.get("data"), f"imageList.{i}.data") for i, entry in enumerate(entries)]
+        return {"html_info": extras_info(done[0][1] if done else "", body), "images": [d[0] for d in done]}
+
+    def upscale(self, body: ExtrasSingleRequest, image_b64, field: str) -> tuple[str, str]:
         if body.resize_mode != 0:
             raise RequestError("resize_mode", f"only 0 (scale by upscaling_resize) is supported, got {body.resize_mode!r}")
         upscaler = body.upscaler_1
         if upscaler is None or upscaler == NO_UPSCALER:
             upscaler = "Lanczos"
         image = decode_base64_image(image_b64, field)
-        job = jobs.open()
+        job = self.jobs.open()
         try:
-            result = engine.upscale(image, upscaler, body.upscaling_resize, job=job, save=False)
+            result = self.engine.upscale(image, upscaler, body.upscaling_resize, job=job, save=False)
         finally:
-            jobs.close(job)
+            self.jobs.close(job)
         return png_base64(result.images[0], result.infotexts[0]), result.infotexts[0]
 
-    def extras_info(infotext: str, body) -> str:
-        ignored = ignored_fields(body, USED_EXTRAS | {"show_extras_results"})
-        return printable(infotext) + (f"\nIgnored by Easel: {', '.join(ignored)}" if ignored else "")
-
-    @router.post(f"{PREFIX}/extra-single-image", response_model=ExtrasSingleResponse, tags=["sdapi"])
-    @answering(EXTRAS_NAMES)
-    def extra_single_image(body: ExtrasSingleRequest):
-        image, infotext = upscale(body, body.image, "image")
-        return {"html_info": extras_info(infotext, body), "image": image}
-
-    @router.post(f"{PREFIX}/extra-batch-images", response_model=ExtrasBatchResponse, tags=["sdapi"])
-    @answering(EXTRAS_NAMES)
-    def extra_batch_images(body: ExtrasBatchRequest):
-        entries = body.imageList
-        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
-            raise RequestError("imageList", "must be a list of {\"data\": base64 image, \"name\": text}")
-        done = [upscale(body, entry.get("data"), f"imageList.{i}.data") for i, entry in enumerate(entries)]
-        return {"html_info": extras_info(done[0][1] if done else "", body), "images": [d[0] for d in done]}
-
     # --- PNG info ---
-    @router.post(f"{PREFIX}/png-info", response_model=PngInfoResponse, tags=["sdapi"])
-    @answering({})
-    def png_info(body: PngInfoRequest):
+    def png_info(self, body: PngInfoRequest):
         image = decode_base64_image(body.image, "image")
-        info = engine.png_info(image)
+        info = self.engine.png_info(image)
         items = {k: printable(v) for k, v in image.info.items() if isinstance(v, str) and k != "parameters"}
         return {"info": info.parameters or "", "items": items, "parameters": dict(info.fields)}
 
     # --- progress and interrupt (async: answered at once, even while every worker thread waits) ---
-    @router.get(f"{PREFIX}/progress", tags=["sdapi"])
-    async def progress(skip_current_image: bool = False):
-        job, update = engine.turns.running()
-        preview = jobs.preview(job) if jobs.owns(job) and not skip_current_image else None
+    async def progress(self, skip_current_image: bool = False):
+        job, update = self.engine.turns.running()
+        ours = self.jobs.owns(job)
+        preview = self.jobs.preview(job) if ours and not skip_current_image else None
         state = {"skipped": False, "interrupted": bool(job and job.cancelled.is_set()), "stopping_generation": False,
-                 "job": "" if job is None else ("api" if jobs.owns(job) else "page"),
+                 "job": "" if job is None else ("api" if ours else "page"),
                  "job_count": (update.batches if update else 1) if job else 0,
                  "job_timestamp": "0", "job_no": update.batch if update else 0,
                  "sampling_step": update.step if update else 0, "sampling_steps": update.steps if update else 0,
-                 "queued": engine.turns.waiting()}
+                 "queued": self.engine.turns.waiting()}
         return {"progress": update.fraction if update else 0.0,
                 "eta_relative": (update.eta or 0.0) if update else 0.0,
                 "state": state, "current_image": png_base64(preview) if preview is not None else None,
                 "textinfo": None, "current_task": None}
 
-    @router.post(f"{PREFIX}/interrupt", tags=["sdapi"])
-    async def interrupt():
+    async def interrupt(self):
         """Stops the running job if the API started it (a page user's job is theirs to cancel)."""
-        job, _ = engine.turns.running()
-        if jobs.owns(job):
+        job, _ = self.engine.turns.running()
+        if self.jobs.owns(job):
             job.cancel()
         return {}
 
-    @router.post(f"{PREFIX}/skip", tags=["sdapi"])
-    async def skip():
+    async def skip(self):
         """A1111 skips the current image of a batch; Easel's jobs have no per-image skip, so this
         stops the running API job as interrupt does (a page user's job is left alone)."""
-        return await interrupt()
+        return await self.interrupt()
 
     # --- models and settings ---
-    @router.get(f"{PREFIX}/sd-models", tags=["sdapi"])
-    @answering({})
-    def sd_models():
+    def sd_models(self):
         rows = []
-        for entry in engine.library.entries():
-            title = choice.title(entry.name)
+        for entry in self.engine.library.entries():
+            title = self.choice.title(entry.name)
             config = entry.path.with_suffix(".yaml")
             rows.append({"title": title, "model_name": entry.stem,
                          "hash": title.rsplit(" [", 1)[1][:-1] if title.endswith("]") else None, "sha256": None,
@@ -622,69 +617,55 @@ def create_api(engine, *, logins=(), limiter=None, queue_size: int = 16) -> APIR
                          "config": f"Stable-diffusion/{config.name}" if config.is_file() else None})
         return rows
 
-    @router.post(f"{PREFIX}/refresh-checkpoints", tags=["sdapi"])
-    @answering({})
-    def refresh_checkpoints():
-        engine.library.refresh()
+    def refresh_checkpoints(self):
+        self.engine.library.refresh()
         return None
 
-    @router.get(f"{PREFIX}/options", tags=["sdapi"])
-    @answering({})
-    def get_options():
-        title = choice.title(choice.current())
+    def get_options(self):
+        title = self.choice.title(self.choice.current())
         return {"sd_model_checkpoint": title, "sd_checkpoint_hash": None,
-                "samples_format": "png", "samples_save": engine.outputs.outdir is not None}
+                "samples_format": "png", "samples_save": self.engine.outputs.outdir is not None}
 
-    @router.post(f"{PREFIX}/options", tags=["sdapi"])
-    @answering(EXTRAS_NAMES)
-    def set_options(body: dict[str, Any]):
+    def set_options(self, body: dict[str, Any]):
         """Only sd_model_checkpoint means something to Easel: it loads that model (other keys are
         accepted and ignored)."""
         name = body.get("sd_model_checkpoint")
         if name is not None:
             if not isinstance(name, str):
                 raise RequestError("model", f"must be a model name, got {type(name).__name__}")
-            entry = engine.library.resolve(name)
-            engine.load_model(entry.name)
-            choice.name = entry.name
+            entry = self.engine.library.resolve(name)
+            self.engine.load_model(entry.name)
+            self.choice.name = entry.name
         return None
 
-    @router.get(f"{PREFIX}/samplers", tags=["sdapi"])
-    def samplers():
-        return [{"name": name, "aliases": [], "options": {}} for name in engine.samplers]
+    def samplers(self):
+        return [{"name": name, "aliases": [], "options": {}} for name in self.engine.samplers]
 
-    @router.get(f"{PREFIX}/schedulers", tags=["sdapi"])
-    def schedulers():
+    def schedulers(self):
         return [{"name": label.lower().replace(" ", "_"), "label": label, "aliases": None, "default_rho": -1,
-                 "need_inner_model": False} for label in engine.schedule_types]
+                 "need_inner_model": False} for label in self.engine.schedule_types]
 
-    @router.get(f"{PREFIX}/upscalers", tags=["sdapi"])
-    @answering({})
-    def upscalers():
+    def upscalers(self):
         rows = [{"name": NO_UPSCALER, "model_name": None, "model_path": None, "model_url": None, "scale": 4}]
-        for name in engine.upscaler_names():
+        for name in self.engine.upscaler_names():
             rows.append({"name": name, "model_name": None if name == "Lanczos" else name, "model_path": None,
                          "model_url": None, "scale": 4})
         return rows
 
-    @router.get(f"{PREFIX}/scripts", tags=["sdapi"])
-    def scripts():
+    def scripts(self):
         """Easel runs no A1111 scripts; clients (webuiapi) ask to see which extensions exist."""
         return {"txt2img": [], "img2img": []}
 
-    # --- the OpenAPI document and its page, behind the same credentials ---
-    @router.get("/openapi.json", include_in_schema=False)
-    def openapi(request: Request):
+    # --- the OpenAPI document and its page ---
+    def openapi(self, request: Request):
         return request.app.openapi()
 
-    @router.get("/docs", include_in_schema=False)
-    def docs():
+    def docs(self):
         return get_swagger_ui_html(openapi_url="/openapi.json", title="Easel API (A1111-compatible)",
                                    swagger_js_url="/docs/swagger-ui-bundle.js", swagger_css_url="/docs/swagger-ui.css",
                                    swagger_favicon_url="/docs/favicon.png")
 
-    @router.get("/docs/{name}", include_in_schema=False)
-    def docs_file(name: str):
+    def docs_file(self, name: str):
         """Swagger UI's files, served here: FastAPI's page loads them from a CDN, which a machine
         offline cannot reach (the page stayed blank). fastapi-offline keeps a current copy."""
         if name not in DOCS_FILES:
@@ -692,7 +673,72 @@ def create_api(engine, *, logins=(), limiter=None, queue_size: int = 16) -> APIR
         data = (resources.files("fastapi_offline") / "static" / name).read_bytes()
         return Response(data, media_type=DOCS_FILES[name], headers={"Cache-Control": "max-age=86400"})
 
-    return router
+
+def create_api(engine, *, logins=(), limiter=None, queue_size: int = 16) -> APIRouter:
+    """The API's router (see Api for the arguments)."""
+    return Api(engine, logins=logins, limiter=limiter, queue_size=queue_size).router
+
+
+# --- mapping A1111's generation fields and answers -------------------------------------------------
+def generation_fields(body, mode: str, used: frozenset[str]) -> tuple[dict[str, Any], dict[str, str], list[str]]:
+    """The engine's fields for a txt2img or img2img body; engine field -> the A1111 field its value
+    came from where they differ, for errors; and the fields Easel ignored."""
+    fields = {
+        "mode": mode, "prompt": body.prompt, "negative_prompt": body.negative_prompt, "seed": body.seed,
+        "sampler": body.sampler_name or body.sampler_index, "schedule_type": scheduler_label(body.scheduler),
+        "steps": body.steps, "cfg_scale": body.cfg_scale, "width": body.width, "height": body.height,
+        "batch_size": body.batch_size, "batch_count": body.n_iter, "save_images": body.save_images,
+        "speed": body.speed, "denoising_strength": body.denoising_strength,
+    }
+    ignored = ignored_fields(body, used)
+    own, sources, own_ignored = (txt2img_fields if mode == "txt2img" else img2img_fields)(body)
+    fields.update(own)
+    if not isinstance(fields["sampler"], str):
+        raise RequestError("sampler", f"must be a sampler name, got {type(fields['sampler']).__name__}")
+    return fields, sources, ignored + own_ignored
+
+
+def txt2img_fields(body: Txt2ImgRequest) -> tuple[dict[str, Any], dict[str, str], list[str]]:
+    fields = {"enable_hr": body.enable_hr, "hr_scale": body.hr_scale, "hr_upscaler": body.hr_upscaler,
+              "hr_second_pass_steps": body.hr_second_pass_steps}
+    sources: dict[str, str] = {}
+    resize = hires_resize_scale(body.width, body.height, body.hr_resize_x, body.hr_resize_y) \
+        if body.enable_hr is True else None
+    if resize:
+        fields["hr_scale"], sources["hr_scale"] = resize
+    return fields, sources, []
+
+
+def img2img_fields(body: Img2ImgRequest) -> tuple[dict[str, Any], dict[str, str], list[str]]:
+    images = body.init_images
+    if not isinstance(images, list) or not images:
+        raise RequestError("init_image", "img2img needs one base64 image in init_images")
+    fields = {"init_image": decode_base64_image(images[0], "init_images")}
+    ignored = ["init_images[1:]"] if len(images) > 1 else []
+    if body.resize_mode not in RESIZE_MODES or isinstance(body.resize_mode, bool):
+        raise RequestError("resize_mode", f"must be 0 (just resize), 1 (crop and resize) or 2 (resize and "
+                                          f"fill), got {body.resize_mode!r}")
+    fields["resize_mode"] = RESIZE_MODES[body.resize_mode]
+    sources: dict[str, str] = {}
+    if body.mask is not None and body.mask != "":  # A1111: an empty mask is none
+        inpaint, sources = inpaint_fields(body)
+        fields.update(inpaint)
+    return fields, sources, ignored
+
+
+def images_answer(body, mode: str, request, result, ignored: list[str], interrupted: bool) -> dict:
+    """txt2img's and img2img's answer, ImagesResponse."""
+    parameters = body.model_dump(exclude=set(body.model_extra or {}))
+    if mode == "img2img" and not body.include_init_images:
+        parameters.update(init_images=None, mask=None)
+    images = [png_base64(i, t) for i, t in zip(result.images, result.infotexts)] if result else []
+    info = generation_info(request, result, ignored, interrupted)
+    return {"images": images if body.send_images else [], "parameters": parameters, "info": json.dumps(info)}
+
+
+def extras_info(infotext: str, body) -> str:
+    ignored = ignored_fields(body, USED_EXTRAS | {"show_extras_results"})
+    return printable(infotext) + (f"\nIgnored by Easel: {', '.join(ignored)}" if ignored else "")
 
 
 def generation_info(request, result, ignored: list[str], interrupted: bool) -> dict:
