@@ -13,6 +13,10 @@ through here. Two formats:
   refused before they are read, and only a file that names nothing but tensors and plain
   containers reaches `torch.load(weights_only=True)`, torch's own restricted unpickler.
 
+Weights one level down are found the same way for every kind (`unwrap_weights`): BasicSR's
+`params_ema`/`params`, Lightning's `state_dict`, `model`, DeepSpeed's `module`, and DataParallel's
+`module.` key prefix (safetensors files too).
+
 Bad files raise `UnsafeCheckpointError` (it would run code) or `UnknownCheckpointError` (cannot be
 read), each one line naming the file; `inspect_weights` turns those into a reason, for listings.
 """
@@ -127,7 +131,7 @@ def _safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            return _strip_parallel_prefix({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
     except (SafetensorError, OSError, ValueError) as e:
         raise _safetensors_error(path, e) from None
 
@@ -138,7 +142,7 @@ def _safetensors_tensors(path: Path) -> dict:
     from safetensors.torch import load_file
 
     try:
-        return load_file(str(path), device="cpu")
+        return _strip_parallel_prefix(load_file(str(path), device="cpu"))
     except (SafetensorError, OSError, ValueError) as e:
         raise _safetensors_error(path, e) from None
 
@@ -364,15 +368,67 @@ def _pickle_object(path: Path):
     return obj
 
 
+# Where releases keep their weights one level down, best first at each level: BasicSR's releases
+# (RealESRGAN, RealESRNet, SwinIR, many OpenModelDB files) hold `params_ema` and/or `params`, and
+# BasicSR itself loads `params_ema` when both are there; Lightning and the original LDM checkpoints
+# nest `state_dict` (beside `global_step`, `epoch`, optimizer states); some trainers save
+# `{"model": ...}` or DeepSpeed's `{"module": ...}`.
+WRAPPER_KEYS = ("params_ema", "params", "state_dict", "model", "module")
+_MAX_WRAPPERS = 4
+# torch.nn.DataParallel / DistributedDataParallel saves every key with this prefix.
+_PARALLEL_PREFIX = "module."
+
+
+def _wrapper_key(obj) -> str | None:
+    """The key whose dict holds this dict's weights, or None when the weights are here."""
+    if not isinstance(obj, dict):
+        return None
+    for key in WRAPPER_KEYS:
+        if isinstance(obj.get(key), dict) and obj[key]:
+            return key
+    return None
+
+
+def unwrap_weights(obj, name: str, *, nested: bool = False):
+    """The dict of weights inside a loaded file's object: wrappers (WRAPPER_KEYS) opened, best
+    first, and a DataParallel `module.` prefix taken off every key when all keys carry it.
+
+    Inside a wrapper, every value must be a tensor (or, with `nested`, dicts of tensors: an
+    embedding's `string_to_param`); anything else is refused by name, since a wrapper of weights
+    that holds other things is not a file Easel understands. Beside a wrapper (Lightning's
+    `global_step`, optimizer states) is ignored; at the top of an unwrapped file, non-tensors are
+    skipped as before (an A1111 embedding's `name` and `step`)."""
+    import torch
+
+    path: list[str] = []
+    while (key := _wrapper_key(obj)) is not None and len(path) < _MAX_WRAPPERS:
+        path.append(key)
+        obj = obj[key]
+    if not isinstance(obj, dict):
+        raise UnknownCheckpointError(f"{name}: holds a {type(obj).__name__}, not a state dict")
+    if path:
+        where = "".join(f"[{k!r}]" for k in path)
+        for k, v in obj.items():
+            if not isinstance(k, str):
+                raise UnknownCheckpointError(f"{name}: its {where} has a {type(k).__name__} key ({k!r}), not a weight name")
+            if isinstance(v, torch.Tensor) or nested and isinstance(v, dict):
+                continue
+            raise UnknownCheckpointError(
+                f"{name}: its {where} holds a {type(v).__name__} at {k!r}, not a tensor; "
+                f"not a weights file Easel reads")
+    return _strip_parallel_prefix(obj)
+
+
+def _strip_parallel_prefix(weights: dict) -> dict:
+    if weights and all(isinstance(k, str) and k.startswith(_PARALLEL_PREFIX) for k in weights):
+        return {k[len(_PARALLEL_PREFIX):]: v for k, v in weights.items()}
+    return weights
+
+
 def _pickle_tensors(path: Path) -> dict:
     import torch
 
-    obj = _pickle_object(path)
-    # Lightning checkpoints nest the weights under "state_dict".
-    while isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict):
-        raise UnknownCheckpointError(f"{path.name}: holds a {type(obj).__name__}, not a state dict")
+    obj = unwrap_weights(_pickle_object(path), path.name)
     return {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
 
 
@@ -399,7 +455,7 @@ def read_nested_tensors(path: Path) -> dict:
     "string_to_param.*"): pickles through the same scan and restricted unpickler as read_tensors."""
     path = Path(path)
     if weight_format(path) == "pickle":
-        return dict(_nested_tensors(_pickle_object(path)))
+        return dict(_nested_tensors(unwrap_weights(_pickle_object(path), path.name, nested=True)))
     return _safetensors_tensors(path)
 
 
@@ -448,7 +504,8 @@ def inspect_weights(path: Path) -> WeightsInfo:
     path = Path(path)
     try:
         if weight_format(path) == "pickle":
-            shapes = {k: tuple(v.shape) for k, v in _nested_tensors(_pickle_object(path))}
+            obj = unwrap_weights(_pickle_object(path), path.name, nested=True)
+            shapes = {k: tuple(v.shape) for k, v in _nested_tensors(obj)}
         else:
             shapes = _safetensors_shapes(path)
     except EaselError as e:

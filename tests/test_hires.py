@@ -110,7 +110,7 @@ def esrgan_engine(tmp_path_factory, plain_cpu):
 
     from engine.tiny import save_sd1_folder
     from tests.conftest import loaded_engine
-    from tests.test_upscale import rrdb_state_dict
+    from tests.field_files import rrdb_state_dict
 
     models = tmp_path_factory.mktemp("hires-esrgan-models")
     save_sd1_folder(models / "Stable-diffusion" / "tiny-sd1")

@@ -1,5 +1,5 @@
 """Upscaling (engine/upscalers.py, Engine.upscale, `app.py upscale`) with tiny random ESRGAN models
-built here in Real-ESRGAN's key layout (RRDBNet: conv_first, body.N.rdbM.convK, conv_body,
+built in Real-ESRGAN's key layout (tests/field_files.py) (RRDBNet: conv_first, body.N.rdbM.convK, conv_body,
 conv_up1/2, conv_hr, conv_last), saved as .safetensors and as a plain-tensor .pth."""
 import io
 import os
@@ -17,30 +17,7 @@ from engine.errors import CancelledError, RequestError, UnknownCheckpointError, 
 from engine.infotext import read_infotext, write_png_with_infotext
 from engine.jobs import Job
 from engine.upscalers import load_model, run_tiled, upscale_infotext
-
-FEAT, GROW = 8, 32  # spandrel's RRDB fixes the growth channels at 32
-
-
-def rrdb_state_dict(seed: int = 0, blocks: int = 1, feat: int = FEAT, up_convs: int = 2) -> dict:
-    """A random RRDBNet in Real-ESRGAN's layout; 2 upsampling convs = 4x, 1 = 2x."""
-    gen = torch.Generator().manual_seed(seed)
-    sd = {}
-
-    def conv(name, cout, cin, bias=0.0):
-        sd[f"{name}.weight"] = torch.randn(cout, cin, 3, 3, generator=gen) * (1.0 / (cin * 9)) ** 0.5
-        sd[f"{name}.bias"] = torch.full((cout,), bias)
-
-    conv("conv_first", feat, 3)
-    for b in range(blocks):
-        for r in (1, 2, 3):
-            for k in range(1, 6):
-                conv(f"body.{b}.rdb{r}.conv{k}", feat if k == 5 else GROW, feat + (k - 1) * GROW)
-    conv("conv_body", feat, feat)
-    for u in range(1, up_convs + 1):
-        conv(f"conv_up{u}", feat, feat)
-    conv("conv_hr", feat, feat)
-    conv("conv_last", 3, feat, bias=0.5)
-    return sd
+from tests.field_files import rrdb_state_dict
 
 
 @pytest.fixture(scope="module")
