@@ -30,6 +30,7 @@ from engine.families import (
     detect_family,
     needs_prediction_test,
     resolve_prediction,
+    sgm_sd2_as_ldm,
     with_prediction,
 )
 from engine.safe_files import WEIGHT_SUFFIXES, read_shapes, read_tensors
@@ -70,13 +71,14 @@ def read_ldm_yaml(yaml_path: Path) -> dict:
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """All tensors of a single-file checkpoint; safetensors memory-mapped, pickles only if plain
-    tensors (see `engine.safe_files`: nothing in the file runs, sizes are checked before reading)."""
-    return read_tensors(path)
+    tensors (see `engine.safe_files`: nothing in the file runs, sizes are checked before reading).
+    An SD 2.x file in generative-models' layout (SD-Turbo) comes back in the LDM one."""
+    return sgm_sd2_as_ldm(read_tensors(path))
 
 
 def read_keys_and_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """Key names and tensor shapes, cheaply: only the safetensors header is read."""
-    return read_shapes(path)
+    return sgm_sd2_as_ldm(read_shapes(path))
 
 
 # --- identification ------------------------------------------------------------------------------

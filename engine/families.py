@@ -125,6 +125,18 @@ def _has_prefix(keys: Mapping[str, tuple[int, ...]], prefix: str) -> bool:
     return any(k.startswith(prefix) for k in keys)
 
 
+def sgm_sd2_as_ldm(keys: Mapping) -> Mapping:
+    """An SD 2.x checkpoint saved by Stability's generative-models trainer ("sgm" layout: SD-Turbo's
+    own sd_turbo.safetensors) keeps its OpenCLIP under `conditioner.embedders.0.model.`, the prefix
+    the SDXL refiner uses too. Its UNet tells them apart: the refiner has SDXL's size-conditioning
+    MLP (label_emb), SD 2.x has none. Returns the same mapping with the SD 2.x text encoder under the
+    LDM prefix the rest of Easel reads (values untouched: shapes or tensors); anything else as it is."""
+    if SDXL_ADM_KEY in keys or _has_prefix(keys, SDXL_OPEN_CLIP_PREFIX) or not _has_prefix(keys, SDXL_REFINER_PREFIX):
+        return keys
+    cut = len(SDXL_REFINER_PREFIX)
+    return {OPEN_CLIP_PREFIX + k[cut:] if k.startswith(SDXL_REFINER_PREFIX) else k: v for k, v in keys.items()}
+
+
 def text_encoder_kind(keys: Mapping[str, tuple[int, ...]]) -> str | None:
     """'clip' (SD 1.x), 'open_clip' (SD 2.x), 'sdxl' (both, SDXL base), 'sdxl_refiner', or None."""
     if _has_prefix(keys, SDXL_CLIP_PREFIX) and _has_prefix(keys, SDXL_OPEN_CLIP_PREFIX):

@@ -193,3 +193,37 @@ def test_shipped_config_builds_the_released_architecture(family):
     for name in ("text_encoder", "text_encoder_2"):
         if hasattr(released, name):
             assert _differences(getattr(released, name).config.to_dict(), encoders[name].config.to_dict()) == {}, name
+
+
+# --- SD 2.x in generative-models' layout (SD-Turbo's own file) -------------------------------------
+
+def _sgm(state: dict) -> dict:
+    from engine.families import OPEN_CLIP_PREFIX, SDXL_REFINER_PREFIX
+
+    return {SDXL_REFINER_PREFIX + k[len(OPEN_CLIP_PREFIX):] if k.startswith(OPEN_CLIP_PREFIX) else k: v
+            for k, v in state.items()}
+
+
+def test_sd2_with_its_text_encoder_under_the_sgm_prefix_is_sd2_not_a_refiner(pipes, workdir):
+    from safetensors.torch import save_file
+
+    from tests.ldm_export import pipeline_to_ldm
+
+    path = workdir / "sgm-sd2.safetensors"
+    save_file(_sgm(pipeline_to_ldm(pipes[Family.SD2], Family.SD2)), str(path))
+    keys = read_keys_and_shapes(path)
+    assert detect_family(keys, path, None) in (Family.SD2, Family.SD2_V)
+    assert not any(k.startswith("conditioner.") for k in keys)
+
+
+def test_a_refiner_shaped_file_is_still_refused_as_a_refiner(pipes, workdir):
+    """The same prefix with SDXL's size-conditioning MLP in the UNet: the SDXL refiner."""
+    from safetensors.torch import save_file
+
+    from engine.families import SDXL_ADM_KEY
+    from tests.ldm_export import pipeline_to_ldm
+
+    path = workdir / "refiner-like.safetensors"
+    save_file({**_sgm(pipeline_to_ldm(pipes[Family.SD2], Family.SD2)), SDXL_ADM_KEY: torch.zeros(4, 8)}, str(path))
+    with pytest.raises(UnknownCheckpointError, match="an SDXL refiner"):
+        detect_family(read_keys_and_shapes(path), path, None)
