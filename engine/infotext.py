@@ -27,8 +27,14 @@ NEGATIVE_PREFIX = "Negative prompt:"
 # fewer it is the end of the prompt (a prompt line such as "style: ink" must stay a prompt).
 MIN_PARAM_PAIRS = 3
 
+# The longest infotext parsed, in characters. A1111's are a few kB (Easel's own at most two
+# prompts of MAX_PROMPT_CHARS plus a parameter line); a text over this is not one, and reading
+# it would only cost time: it gets no fields (it is still shown as it is).
+MAX_PARSED_CHARS = 64 * 1024
+
 # A key as A1111 writes them: starts with a word character, then words, spaces, '-' or '/'.
 _KEY = re.compile(r"\s*(\w[\w \-/]*):\s*")
+_SPACES = re.compile(r"\s*")
 _SIZE = re.compile(r"^(\d+)x(\d+)$")
 
 # EXIF tags: the Exif sub-IFD pointer and UserComment inside it (where A1111 puts the text in
@@ -178,7 +184,8 @@ def build_infotext(prompt: str, negative_prompt: str, params: Mapping[str, objec
 
 
 def _scan_pairs(line: str) -> list[tuple[str, str]]:
-    """`Key: value` pairs of a parameters line; quoted values are decoded, bare words skipped."""
+    """`Key: value` pairs of a parameters line; quoted values are decoded, bare words skipped.
+    Linear in the line's length: it moves forward through one string and copies only values."""
     pairs = []
     decoder = json.JSONDecoder()
     pos = 0
@@ -198,10 +205,10 @@ def _scan_pairs(line: str) -> list[tuple[str, str]]:
                 decoded, end = decoder.raw_decode(line, pos)
             except ValueError:
                 decoded = None
-            rest = line[end:].lstrip() if decoded is not None else ""
-            if isinstance(decoded, str) and (rest == "" or rest.startswith(",")):
-                value = decoded
-                pos = len(line) - len(rest) + 1
+            if isinstance(decoded, str):
+                after = _SPACES.match(line, end).end()  # no copy of the rest of the line
+                if after == len(line) or line.startswith(",", after):
+                    value, pos = decoded, after + 1
         if value is None:
             comma = line.find(",", pos)
             end = len(line) if comma < 0 else comma
@@ -222,7 +229,10 @@ def _split_old_sampler(result: dict[str, object]) -> None:
 
 def parse_infotext(text: str) -> dict[str, object]:
     """Fields of an infotext: Prompt, Negative prompt, then each key as written (values are
-    strings); `Size: WxH` becomes Size-1/Size-2 as A1111 does."""
+    strings); `Size: WxH` becomes Size-1/Size-2 as A1111 does. A text over MAX_PARSED_CHARS is
+    not read: {} (no fields)."""
+    if len(text) > MAX_PARSED_CHARS:
+        return {}
     *lines, last = text.strip().split("\n")
     pairs = _scan_pairs(last)
     if len(pairs) < MIN_PARAM_PAIRS:

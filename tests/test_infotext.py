@@ -159,3 +159,49 @@ def test_read_jpeg_without_exif_is_none(tmp_path):
     path = tmp_path / "b.jpg"
     Image.new("RGB", (8, 8)).save(path, "JPEG")
     assert read_infotext(path) is None
+
+
+# --- bounded, linear parsing (issue 20): a crafted parameters chunk cannot stall PNG info -----------
+class CountingStr(str):
+    """A line that counts the characters every slice of it copies (the work a scan does besides
+    its forward regex and JSON steps, which never go back)."""
+    copied = 0
+
+    def __getitem__(self, key):
+        part = super().__getitem__(key)
+        CountingStr.copied += len(part)
+        return part
+
+
+def test_scanning_a_long_parameter_line_copies_only_its_values():
+    from engine.infotext import MAX_PARSED_CHARS, _scan_pairs
+
+    line = ", ".join(f'Key {i % 7}: "v, {i}"' for i in range(3600))  # quoted pairs, as in the probe
+    assert MAX_PARSED_CHARS // 2 < len(line) <= MAX_PARSED_CHARS
+    CountingStr.copied = 0
+    pairs = _scan_pairs(CountingStr(line))
+    assert len(pairs) == 3600 and pairs[-1] == ("Key 1", "v, 3599")
+    # Linear: at most the line once over. Copying the rest of the line after each quoted value
+    # (what made a 5 MB chunk take 51 s) is ~3600 * len(line) / 2 characters here.
+    assert CountingStr.copied <= len(line)
+
+
+def test_text_over_the_parsing_bound_gets_no_fields():
+    from engine.infotext import MAX_PARSED_CHARS
+
+    params = "Steps: 20, Sampler: Euler a, Seed: 1234, Size: 512x512"
+    at_bound = "x" * (MAX_PARSED_CHARS - len(params) - 1) + "\n" + params
+    assert len(at_bound) == MAX_PARSED_CHARS and parse_infotext(at_bound)["Seed"] == "1234"
+    assert parse_infotext("x" + at_bound) == {}
+    # The probe's shape: quoted pairs far past the bound (4 x 64 KiB), the real keys at the end.
+    flood = ", ".join(f'k{i}: "v,{i}"' for i in range(20000)) + ", " + params
+    assert len(flood) > 4 * MAX_PARSED_CHARS
+    assert parse_infotext(flood) == {}
+
+
+def test_png_info_on_a_flooded_parameters_chunk_shows_the_text_without_fields():
+    from engine.engine import read_png_info
+
+    flood = ", ".join(f'k{i}: "v,{i}"' for i in range(20000)) + ", Steps: 20, Seed: 7, Size: 8x8"
+    info = read_png_info(write_png_with_infotext(Image.new("RGB", (8, 8)), flood))
+    assert info.parameters == flood and info.fields == {}
