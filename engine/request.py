@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import math
+import re
 import unicodedata
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -144,6 +145,11 @@ class GenerationRequest:
         unknown = sorted(set(fields) - set(cls.field_names()))
         if unknown:
             raise RequestError(unknown[0], f"unknown field; known fields: {', '.join(cls.field_names())}")
+        for name in cls.field_names():  # any text field, before it is compared or echoed
+            value = fields.get(name)
+            problem = unpaired_surrogate(value) if isinstance(value, str) else None
+            if problem:
+                raise RequestError(name, problem)
         defaults = cls()
         raw = {name: fields.get(name) for name in cls.field_names()}
         raw = {k: (getattr(defaults, k) if v is None else v) for k, v in raw.items()}
@@ -290,14 +296,33 @@ def _size(name: str, value: Any, multiple: int) -> int:
     return result
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def unpaired_surrogate(value: str) -> str | None:
+    """Why `value` is not valid Unicode text (one phrase), or None. A lone UTF-16 surrogate
+    (U+D800-U+DFFF) reaches a str through JSON's "\\ud800" escape or argv's surrogateescape
+    (a byte that is not UTF-8); it cannot be encoded, so tokenizers, PNG text chunks and JSON
+    answers all fail on it. Positions count from 1, as the other text refusals do."""
+    found = _SURROGATE.search(value)
+    if found is None:
+        return None
+    return (f"contains an unpaired surrogate U+{ord(found.group()):04X} at position {found.start() + 1}; "
+            f"text must be valid Unicode")
+
+
 def _text(name: str, value: Any) -> str:
-    """A prompt: text of at most MAX_PROMPT_CHARS characters, line ends made "\n", no control
-    characters but tab and newline (they would be stored in the PNG and reach whoever prints its
-    parameters in a terminal), weights in range (see engine.prompts.weight_problem)."""
+    """A prompt: text of at most MAX_PROMPT_CHARS characters, valid Unicode (no lone surrogate),
+    line ends made "\n", no control characters but tab and newline (they would be stored in the
+    PNG and reach whoever prints its parameters in a terminal), weights in range (see
+    engine.prompts.weight_problem)."""
     if not isinstance(value, str):
         raise RequestError(name, f"must be text, got {type(value).__name__}")
     if len(value) > MAX_PROMPT_CHARS:
         raise RequestError(name, f"is {len(value)} characters long; at most {MAX_PROMPT_CHARS} are allowed")
+    surrogate_problem = unpaired_surrogate(value)
+    if surrogate_problem:
+        raise RequestError(name, surrogate_problem)
     value = value.replace("\r\n", "\n").replace("\r", "\n")
     for position, char in enumerate(value):
         if char not in "\t\n" and unicodedata.category(char) == "Cc":

@@ -114,6 +114,31 @@ def test_a_base64_image_over_the_upload_limit_is_refused_before_it_is_read(serve
     assert response.status_code == 413
 
 
+@pytest.mark.parametrize("endpoint, body, field", [
+    # What the probe sent: HTTP 500 (the tokenizer's TypeError) before issue 20's fix.
+    ("txt2img", '{"prompt": "a\\ud800b", "steps": 1, "width": 64, "height": 64}', "prompt"),
+    # Fields Easel does not read, but echoes back in the answer's "parameters".
+    ("txt2img", '{"prompt": "a", "styles": ["\\udc00"]}', "styles.0"),
+    ("txt2img", '{"prompt": "a", "hr_prompt": "x\\ud800"}', "hr_prompt"),
+    ("txt2img", '{"prompt": "a", "comments": {"note": "\\udfff"}}', "comments.note"),
+    ("txt2img", '{"prompt": "a", "override_settings": {"sd_model_checkpoint": "\\ud800"}}',
+     "override_settings.sd_model_checkpoint"),
+    ("img2img", '{"prompt": "a", "script_name": "\\ud800"}', "script_name"),
+    ("png-info", '{"image": "\\ud800"}', "image"),
+    ("extra-single-image", '{"image": "", "upscaler_1": "\\ud800"}', "upscaler_1"),
+])
+def test_api_refuses_a_lone_surrogate_in_any_text_field_with_422(server, endpoint, body, field):
+    before = saved(server)
+    response = requests.post(f"{server.url}/sdapi/v1/{endpoint}", data=body, timeout=120,
+                             headers={"Content-Type": "application/json"})
+    assert response.status_code == 422, response.text[:500]
+    detail = response.json()["detail"][0]
+    assert detail["loc"] == ["body", *field.split(".")], detail
+    assert detail["msg"].startswith(f"{field}: contains an unpaired surrogate U+D"), detail
+    assert detail["msg"].endswith("; text must be valid Unicode") and detail["msg"].isprintable()
+    assert saved(server) == before
+
+
 def test_the_server_still_generates_after_the_bad_requests(server):
     response = requests.post(f"{server.url}/sdapi/v1/txt2img", json=SMALL, timeout=120)
     assert response.status_code == 200 and json.loads(response.json()["info"])["all_seeds"] == [SMALL["seed"]]

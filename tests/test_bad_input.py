@@ -260,6 +260,11 @@ REQUEST_CASES = [
     ("negative-huge", {"negative_prompt": "b" * (MAX_PROMPT_CHARS + 1)}, "negative_prompt"),
     ("negative-esc", {"negative_prompt": "\x1b]0;owned\x07"}, "negative_prompt"),
     ("negative-weight-overflows", {"negative_prompt": "(blurry:1" + "0" * 320 + ")"}, "negative_prompt"),
+    # not valid Unicode: a lone UTF-16 surrogate (JSON's "\ud800"; argv's surrogateescape gives U+DC80-U+DCFF)
+    ("prompt-lone-surrogate", {"prompt": "a\ud800b"}, "prompt"),
+    ("prompt-escaped-byte", {"prompt": "a cat \udcff"}, "prompt"),
+    ("negative-lone-surrogate", {"negative_prompt": "\udfffblurry"}, "negative_prompt"),
+    ("sampler-lone-surrogate", {"sampler": "Euler\ud800"}, "sampler"),
     # img2img fields
     ("img2img-without-image", {"mode": "img2img"}, "init_image"),
     ("txt2img-with-image", {"init_image": INIT}, "init_image"),
@@ -395,6 +400,8 @@ CLI_CASES = [
     ("prompt-nul", {"--prompt": "a\x00cat"}, "prompt"),
     ("prompt-huge", {"--prompt": "a" * (MAX_PROMPT_CHARS + 1)}, "prompt"),
     ("negative-esc", {"--negative-prompt": "\x1b[2J"}, "negative_prompt"),
+    ("prompt-not-utf8", {"--prompt": "a\udcffb"}, "prompt"),   # argv byte 0xff, by surrogateescape
+    ("negative-not-utf8", {"--negative-prompt": "\udc80"}, "negative_prompt"),
     ("missing-prompt", {"--prompt": None}, "the following arguments are required: --prompt"),
     ("unknown-option", {"--frobnicate": "1"}, "unrecognized arguments"),
 ]
@@ -456,6 +463,16 @@ def test_cli_subprocess_header_bomb_is_exit_2_one_line(cli_dirs, tmp_path, bad_f
     assert done.returncode == 2, done.stderr
     assert done.stderr.count("\n") == 1 and done.stderr.startswith("error: init_image: ")
     assert "DecompressionBombError" not in done.stderr
+
+
+def test_cli_subprocess_prompt_bytes_not_utf8_is_exit_2_one_line(cli_dirs, tmp_path):
+    # argv as bytes: Python reads the 0xff byte as U+DCFF (surrogateescape), as from a real shell.
+    done = subprocess.run([sys.executable, str(ROOT / "app.py"), "txt2img", *cli_dirs, "--prompt", b"a\xffb",
+                           "--steps", "1", "--width", "64", "--height", "64"], capture_output=True, text=True)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == ("error: prompt: contains an unpaired surrogate U+DCFF at position 2; "
+                           "text must be valid Unicode\n")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*"))
 
 
 # --- bombs are refused before any pixel is decoded -------------------------------------------------

@@ -86,3 +86,31 @@ def test_request_is_frozen():
     r = validate(prompt="x")
     with pytest.raises(AttributeError):
         r.steps = 3
+
+
+# --- text that is not valid Unicode (issue 20): a lone UTF-16 surrogate -------------------------
+@pytest.mark.parametrize("field, value, where", [
+    ("prompt", "a\ud800b", "U+D800 at position 2"),                 # JSON's "a\ud800b"
+    ("negative_prompt", "blurry \udcff", "U+DCFF at position 8"),   # a non-UTF-8 argv byte (surrogateescape)
+    ("prompt", "\udfff", "U+DFFF at position 1"),
+    ("sampler", "Euler\ud800", "U+D800 at position 6"),
+    ("hr_upscaler", "\ud83d", "U+D83D at position 1"),               # half of a pair, alone
+    ("vae", "x\udc80.safetensors", "U+DC80 at position 2"),
+])
+def test_a_lone_surrogate_is_refused_naming_the_field(field, value, where):
+    with pytest.raises(RequestError) as err:
+        validate(**{field: value})
+    message = str(err.value)
+    assert err.value.field == field
+    assert message == f"{field}: contains an unpaired surrogate {where}; text must be valid Unicode"
+    message.encode("utf-8")  # the refusal itself can be sent or printed
+
+
+def test_a_character_outside_the_bmp_is_not_a_surrogate():
+    assert validate(prompt="a cat 😀, \U0001f431").prompt == "a cat 😀, \U0001f431"
+
+
+def test_an_echoed_surrogate_is_escaped_in_any_refusal():
+    # Refusals that quote a value (a LoRA or model name) must stay sendable as JSON and printable.
+    error = RequestError("prompt", "<lora:x\ud800>: no such LoRA; é stays")
+    assert str(error) == "prompt: <lora:x\\ud800>: no such LoRA; é stays"
