@@ -22,7 +22,7 @@ from urllib.parse import quote
 
 import pytest
 
-from tests.browser_helpers import REPO, start_server_on
+from tests.browser_helpers import REPO, Server, serve_command, start_server_on
 
 USER, PASSWORD = "user", "pass"
 SECRET = f"EASEL-LAN-SECRET-{uuid.uuid4().hex}"
@@ -246,3 +246,80 @@ def test_no_file_route_reads_outside_the_allowed_folders(lan, login):
         assert status in (400, 401, 403, 404), (path, status, body[:200])
         if path.startswith("/gradio_api/file"):
             assert status in ((403, 404, 400) if login else (401,)), (path, status, body[:200])
+
+
+# --- a Host header without a port (issue 20): Easel on port 80 ---------------------------------------
+# Runs inside the namespace, against its own loopback: waits for the server on 127.0.0.1:80, then
+# sends each [method, path, headers] with exactly those headers (Host included), no body.
+PORT_80_CLIENT = r"""
+import http.client, json, sys, time
+spec = json.load(sys.stdin)
+deadline = time.monotonic() + spec["wait"]
+while True:
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", 80, timeout=5)
+        conn.request("GET", "/")
+        conn.getresponse().read()
+        conn.close()
+        break
+    except OSError:
+        if time.monotonic() > deadline:
+            raise
+        time.sleep(0.5)
+results = []
+for method, path, headers in spec["requests"]:
+    conn = http.client.HTTPConnection("127.0.0.1", 80, timeout=120)
+    conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
+    for name, value in {**headers, "Content-Length": "0"}.items():
+        conn.putheader(name, value)
+    conn.endheaders()
+    response = conn.getresponse()
+    results.append([response.status, response.read().decode("utf-8", "replace")[:300]])
+    conn.close()
+print(json.dumps(results))
+"""
+
+
+@pytest.fixture(scope="module")
+def port_80(netns, tmp_path_factory):
+    """`app.py serve --port 80` inside the namespace (loopback only, as by default): reached as
+    http://127.0.0.1, so browsers send `Host: 127.0.0.1` with no port."""
+    ns, _host, _peer = netns
+    tmp = tmp_path_factory.mktemp("port-80")
+    log = tmp / "server.log"
+    with log.open("wb") as out:  # `ip netns exec` execs the command: the process is the server's
+        process = subprocess.Popen(["ip", "netns", "exec", ns, *serve_command(tmp, 80, "--demo")], cwd=REPO,
+                                   stdout=out, stderr=subprocess.STDOUT,
+                                   env={**os.environ, "GRADIO_TEMP_DIR": str(tmp / "gradio-tmp")})
+    server = Server(process, "http://127.0.0.1", log, tmp / "outputs")
+    yield server, ns
+    server.stop()
+
+
+def on_port_80(port_80, requests_: list) -> list[tuple[int, str]]:
+    server, ns = port_80
+    done = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", PORT_80_CLIENT],
+                          input=json.dumps({"wait": 240, "requests": requests_}), capture_output=True, text=True,
+                          timeout=600, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:] + "\n--- server log ---\n" + server.log_text()[-3000:]
+    return [tuple(r) for r in json.loads(done.stdout)]
+
+
+def test_on_port_80_a_page_on_another_port_of_the_machine_cannot_call_the_api(port_80):
+    interrupt = "/sdapi/v1/interrupt"
+    cases = [  # (Host, Origin or None, the status it must get)
+        ("127.0.0.1", "http://127.0.0.1:9999", 403),   # another local server's page (the probe's finding)
+        ("127.0.0.1", "http://127.0.0.1:7860", 403),
+        ("127.0.0.1", "https://127.0.0.1", 403),       # port 443: another server again
+        ("localhost", "http://localhost:8080", 403),
+        ("127.0.0.1", "http://127.0.0.1", 200),        # the page's own origin, as browsers write it
+        ("127.0.0.1", "http://127.0.0.1:80", 200),
+        ("127.0.0.1:80", "http://127.0.0.1", 200),
+        ("127.0.0.1", None, 200),                      # not from a browser page
+    ]
+    answers = on_port_80(port_80, [["POST", interrupt, {"Host": host, **({"Origin": origin} if origin else {})}]
+                                   for host, origin, _ in cases])
+    for (host, origin, status), (got, body) in zip(cases, answers):
+        assert got == status, (host, origin, got, body)
+        if status == 403:
+            assert json.loads(body)["detail"].startswith("Origin:"), body

@@ -19,8 +19,10 @@ from ui.security import (
     GuardPolicy,
     LoginLimiter,
     RequestGuard,
+    UnicodeBodyCheck,
     allowed_hosts_for,
     normalize_origin,
+    same_origin,
 )
 
 OWN = "http://127.0.0.1:7860"
@@ -111,6 +113,42 @@ def test_foreign_origin_is_refused(method, origin):
     assert calls == []
 
 
+@pytest.mark.parametrize("origin, host, scheme, same", [
+    ("http://127.0.0.1:7860", "127.0.0.1:7860", "http", True),
+    ("http://127.0.0.1:9999", "127.0.0.1:7860", "http", False),
+    # A Host without a port is the scheme's default port (issue 20: it used to match any port).
+    ("http://127.0.0.1:9999", "127.0.0.1", "http", False),
+    ("http://127.0.0.1", "127.0.0.1", "http", True),
+    ("http://127.0.0.1:80", "127.0.0.1", "http", True),
+    ("http://127.0.0.1", "127.0.0.1:80", "http", True),
+    ("https://127.0.0.1", "127.0.0.1", "http", False),        # port 443: another server
+    ("http://127.0.0.1:443", "127.0.0.1", "https", False),
+    ("https://easel.example", "easel.example", "https", True),  # behind a TLS proxy that says so
+    ("https://easel.example:443", "easel.example", "https", True),
+    ("https://easel.example:8443", "easel.example", "https", False),
+    ("https://127.0.0.1:7860", "127.0.0.1:7860", "http", False),  # the whole origin: scheme too
+    ("http://localhost:7860", "127.0.0.1:7860", "http", False),
+    ("http://[::1]:7860", "[::1]:7860", "http", True),
+    ("http://[::1]", "[::1]", "ws", True),                     # a WebSocket's page is http(s)
+    ("http://LOCALHOST.:7860", "localhost:7860", "http", True),
+    ("http://127.0.0.1:7860", "127.0.0.1:7860x", "http", False),
+    ("http://127.0.0.1:7860/", "127.0.0.1:7860", "http", False),  # not an origin
+    ("null", "127.0.0.1", "http", False),
+])
+def test_same_origin_compares_scheme_host_and_port(origin, host, scheme, same):
+    assert same_origin(origin, host, scheme) is same
+
+
+@pytest.mark.parametrize("origin, status", [("http://127.0.0.1:9999", 403), ("https://127.0.0.1", 403),
+                                            ("http://127.0.0.1", 200), ("http://127.0.0.1:80", 200)])
+def test_a_host_without_a_port_is_port_80(origin, status):
+    # Easel on port 80, or behind a proxy that drops the port: another local server's page is foreign.
+    calls = []
+    response = guarded(calls).post("/", headers={"Host": "127.0.0.1", "Origin": origin})
+    assert response.status_code == status
+    assert calls == ([("POST", "/")] if status == 200 else [])
+
+
 def test_the_pages_own_origin_is_served_without_cors_headers():
     calls = []
     response = guarded(calls).post("/", headers={"Origin": OWN}, content=b"x")
@@ -149,6 +187,24 @@ def test_every_response_carries_the_protective_headers(path, host, status):
     assert response.status_code == status
     for name, value in SECURITY_HEADERS:
         assert response.headers[name.decode()] == value.decode()
+
+
+def test_an_app_that_fails_answers_500_with_the_protective_headers():
+    # uvicorn's own 500 (the app raised before answering) carries none: the guard answers instead.
+    async def broken(scope, receive, send):
+        raise RuntimeError("bug")
+
+    async def silent(scope, receive, send):
+        return None
+
+    policy = GuardPolicy(allowed_hosts=allowed_hosts_for(None))
+    for app in (broken, silent):
+        response = TestClient(RequestGuard(app, policy), base_url=OWN, raise_server_exceptions=False).get("/")
+        assert response.status_code == 500 and "internal error" in response.json()["detail"]
+        for name, value in SECURITY_HEADERS:
+            assert response.headers[name.decode()] == value.decode()
+    with pytest.raises(RuntimeError):  # still raised, so the server logs it
+        TestClient(RequestGuard(broken, policy), base_url=OWN).get("/")
 
 
 def test_an_announced_body_over_the_limit_is_refused_unread():
@@ -322,3 +378,52 @@ def test_gradio_login_is_rate_limited_per_address(tmp_path):
         clock.now += 30
         assert client.post("/login", data={"username": "user", "password": "pass"}).status_code == 200
         assert client.get("/config").status_code == 200
+
+
+# --- JSON bodies with a lone UTF-16 surrogate (issue 20) -------------------------------------------
+
+def surrogate_checked(calls: list) -> TestClient:
+    async def echo(request):
+        body = await request.body()
+        calls.append(body)
+        return PlainTextResponse(f"ok {len(body)}")
+
+    app = Starlette(routes=[Route("/sdapi/v1/txt2img", echo, methods=["POST"]), Route("/page", echo, methods=["POST"])])
+    return TestClient(UnicodeBodyCheck(app, path_prefixes=("/sdapi/",)), base_url=OWN)
+
+
+@pytest.mark.parametrize("body, field", [
+    (b'{"prompt": "a\\ud800b"}', "prompt"),
+    (b'{"styles": ["ok", "x\\uDC00"]}', "styles.1"),                    # a field only echoed back
+    (b'{"override_settings": {"sd_model_checkpoint": "\\udfff"}}', "override_settings.sd_model_checkpoint"),
+    (b'{"comments": {"\\ud800": 1}}', "comments"),                      # a field name
+    (b'{"prompt": "a\xed\xa0\x80b"}', "prompt"),                       # its bytes, as if UTF-8
+])
+def test_a_json_body_with_a_lone_surrogate_is_refused_naming_the_field(body, field):
+    calls = []
+    response = surrogate_checked(calls).post("/sdapi/v1/txt2img", content=body,
+                                             headers={"Content-Type": "application/json"})
+    assert response.status_code == 422 and calls == []
+    detail = response.json()["detail"][0]
+    assert detail["loc"] == ["body", *field.split(".")]
+    assert detail["msg"].startswith(f"{field}: ") and "unpaired surrogate U+D" in detail["msg"]
+    assert detail["msg"].endswith("text must be valid Unicode") and detail["msg"].isascii()
+
+
+@pytest.mark.parametrize("body", [b'{"prompt": "a cat \\ud83d\\ude00"}',  # a pair: one character
+                                  b'{"prompt": "a \\\\ud800 written out"}',    # an escaped backslash
+                                  b'{"prompt": "a cat"}', b'not json \\ud800'])
+def test_other_bodies_are_passed_on_whole(body):
+    calls = []
+    response = surrogate_checked(calls).post("/sdapi/v1/txt2img", content=body,
+                                             headers={"Content-Type": "application/json"})
+    assert response.status_code == 200 and calls == [body]
+
+
+def test_the_page_and_non_json_bodies_are_not_inspected():
+    calls = []
+    client = surrogate_checked(calls)
+    body = b'{"data": ["a\\ud800b"]}'
+    assert client.post("/page", content=body, headers={"Content-Type": "application/json"}).status_code == 200
+    assert client.post("/sdapi/v1/txt2img", content=body, headers={"Content-Type": "text/plain"}).status_code == 200
+    assert calls == [body, body]

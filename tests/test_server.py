@@ -161,6 +161,55 @@ def test_uploads_over_the_size_cap_are_refused(auth_server):
     assert upload(session, auth_server, 2 * 1024 * 1024).status_code == 413
 
 
+def raw_exchange(server, request: bytes) -> tuple[int, dict[str, list[str]]]:
+    """Send bytes as they are (no client library would send these) and read the answer's status
+    and headers, until the server closes or the head is complete."""
+    parts = urlsplit(server.url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=30) as conn:
+        conn.sendall(request)
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    head = answer.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
+    assert head[0].startswith("HTTP/1.1 "), answer[:300]
+    headers: dict[str, list[str]] = {}
+    for line in head[1:]:
+        name, _, value = line.partition(":")
+        headers.setdefault(name.strip().lower(), []).append(value.strip())
+    return int(head[0].split()[1]), headers
+
+
+def bad_requests(port: int) -> list[tuple[str, bytes, int]]:
+    host = f"Host: {LOOPBACK}:{port}\r\n".encode()
+    return [  # (what is wrong, the request, who answers: 400 the HTTP server itself, 403 the guard)
+        ("no Host", b"GET / HTTP/1.1\r\n\r\n", 400),
+        ("two Hosts", b"GET / HTTP/1.1\r\n" + host + b"Host: evil.example\r\n\r\n", 400),
+        ("a space before Host's colon", b"GET / HTTP/1.1\r\nHost : 127.0.0.1\r\n\r\n", 400),
+        ("a control byte in Host", b"GET / HTTP/1.1\r\nHost: 127.0.0.1\x01\r\n\r\n", 403),
+        ("a foreign Host", b"GET / HTTP/1.1\r\nHost: evil.example\r\n\r\n", 403),
+        ("Content-Length a word", b"POST /login HTTP/1.1\r\n" + host + b"Content-Length: abc\r\n\r\n", 400),
+        ("Content-Length negative", b"POST /login HTTP/1.1\r\n" + host + b"Content-Length: -1\r\n\r\n", 400),
+        ("two Content-Lengths", b"POST /login HTTP/1.1\r\n" + host + b"Content-Length: 5\r\nContent-Length: 6"
+                                b"\r\n\r\nhello", 400),
+        ("a malformed request line", b"GET /\x00 HTTP/1.1\r\n" + host + b"\r\n", 400),
+    ]
+
+
+def test_answers_of_the_http_server_itself_carry_the_protective_headers(auth_server):
+    from ui.security import SECURITY_HEADERS
+
+    port = urlsplit(auth_server.url).port
+    for what, request, status in bad_requests(port):
+        got, headers = raw_exchange(auth_server, request)
+        assert got == status, (what, got)
+        for name, value in SECURITY_HEADERS:
+            assert headers.get(name.decode()) == [value.decode()], (what, name, headers)
+    assert requests.get(auth_server.url + "/config", timeout=10).status_code == 401  # still serving
+
+
 class FakeUdpSocket:
     """socket.socket stand-in for lan_addresses' routing question: says which local address it got."""
 

@@ -8,12 +8,15 @@ browser (its own name, resolved to 127.0.0.1). So, as an ASGI middleware outside
   `--listen`, this machine's own addresses; hosts the user lists with `--allowed-hosts`) gets
   403. That defeats DNS rebinding: the attacker's page carries the attacker's host name.
 - **Origin**: a request sent by a page of another origin gets 403 (any method, WebSockets too),
-  unless `--cors-allow-origins` lists that origin. "null" (sandboxed frames, file://) is foreign.
+  unless `--cors-allow-origins` lists that origin. Origins are compared whole: scheme, host and
+  port, a Host header without a port meaning the scheme's default (http 80, https 443). "null" (sandboxed frames, file://) is foreign.
   Where the browser says the request is cross-site (`Sec-Fetch-Site`) and it is not the user
   following a link, it is refused too: no other site can embed Easel's files or results.
 - **CORS**: only origins the user listed ever get `Access-Control-Allow-*` headers.
 - **Headers**: frame protection, `nosniff`, `Referrer-Policy: same-origin` and
-  `Cross-Origin-Resource-Policy: same-origin` on every response.
+  `Cross-Origin-Resource-Policy: same-origin` on every response (a 500 of a failing app is
+  answered here, to carry them; ui/server.py gives uvicorn's own 400s the same headers).
+- **Text**: `UnicodeBodyCheck` answers 422 to an API JSON body holding a lone UTF-16 surrogate.
 - **Bodies**: a request body over the limit gets 413 before anything reads it whole
   (Content-Length up front; a chunked body is counted as it streams).
 - **Logins**: failed logins are counted per client address; after `LOGIN_FAILURES_ALLOWED`
@@ -26,13 +29,17 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import logging
 import math
+import re
 import socket
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 from urllib.parse import urlsplit
+
+logger = logging.getLogger(__name__)
 
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 SECURITY_HEADERS = (
@@ -110,6 +117,42 @@ def allowed_hosts_for(listen: str | None, extra: Iterable[str] = (),
         hosts |= addresses() if wildcard else {normalize_host(listen)}
     hosts |= {normalize_host(h) for h in extra if h.strip()}
     return frozenset(hosts)
+
+
+DEFAULT_PORTS = {"http": 80, "https": 443}
+WEBSOCKET_SCHEMES = {"ws": "http", "wss": "https"}  # a WebSocket's page has the http(s) origin
+
+
+def origin_parts(origin: str) -> tuple[str, str, int] | None:
+    """(scheme, host, port) of an http(s) origin, the host as `normalize_host` writes it and the
+    scheme's default port made explicit (http 80, https 443); None when it is not one."""
+    parts = urlsplit(origin.strip().lower())
+    if parts.scheme not in DEFAULT_PORTS or not parts.hostname or parts.path or parts.query or parts.fragment:
+        return None
+    try:
+        port = parts.port
+    except ValueError:
+        return None
+    host = normalize_host(f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname)
+    return (parts.scheme, host, port or DEFAULT_PORTS[parts.scheme]) if host else None
+
+
+def reachable_as(host: str, scheme: str) -> tuple[str, str, int] | None:
+    """The origin a request was sent to, as `origin_parts`: its scheme (the connection's, or the
+    X-Forwarded-Proto of a trusted proxy, as the server reports it), and its Host header's name
+    and port; a Host without a port means the scheme's default port, as it does to the browser."""
+    scheme = WEBSOCKET_SCHEMES.get(scheme, scheme)
+    if scheme not in DEFAULT_PORTS or not host.strip() or any(c in host for c in "/?#@\\"):
+        return None
+    return origin_parts(f"{scheme}://{host.strip()}")
+
+
+def same_origin(origin: str, host: str, scheme: str) -> bool:
+    """Whether a request's Origin is the origin the request was sent to (`reachable_as`): the
+    same scheme, host and port. A page on another port of the same machine (another local
+    server) is another site, also when the Host header carries no port."""
+    own = reachable_as(host, scheme)
+    return own is not None and origin_parts(origin) == own
 
 
 def normalize_origin(origin: str) -> str | None:
@@ -206,9 +249,15 @@ class RequestGuard:
             else:
                 await self.app(scope, receive, send)
         except Exception:
-            if not state["refused"]:
-                raise
-            # The app saw the client "go away" after an oversized body and gave up: already answered.
+            if state["refused"]:
+                return  # the app saw the client "go away" after an oversized body and gave up: already answered
+            if scope["type"] == "http" and not state["started"]:
+                # Answer the 500 here, with the protective headers: the server's own has none.
+                await _refuse(scope, receive, send, 500, "internal error; see the server's log")
+            raise
+        if scope["type"] == "http" and not state["started"] and not state["refused"]:
+            logger.error("%s %s: the app returned without answering", scope.get("method"), scope.get("path"))
+            await _refuse(scope, receive, send, 500, "internal error: no answer; see the server's log")
 
     # --- decisions ------------------------------------------------------------------------------
     def _refusal(self, scope, headers: dict[str, str]) -> tuple[int, str] | None:
@@ -217,7 +266,7 @@ class RequestGuard:
             return 403, ("Host: this server does not answer to that name; add it with --allowed-hosts "
                          "if you reach Easel through it")
         origin = headers.get("origin")
-        if origin is not None and not self._same_site(origin, host):
+        if origin is not None and not self._same_site(origin, host, scope.get("scheme", "http")):
             return 403, ("Origin: requests from other web sites are refused; list a site with "
                          "--cors-allow-origins to allow it")
         fetch_site = headers.get("sec-fetch-site")
@@ -233,20 +282,15 @@ class RequestGuard:
                     return 413, self._too_large()
         return None
 
-    def _same_site(self, origin: str, host: str) -> bool:
+    def _same_site(self, origin: str, host: str, scheme: str) -> bool:
         normalized = normalize_origin(origin)
         if normalized is None:  # "null", file://, garbage
             return False
         if normalized in self.policy.cors_origins:
             return True
-        # The page's own origin: the same host name and port as the request's Host (a page of
-        # another local server, on another port, is another site). A Host without a port (behind
-        # a reverse proxy) is compared by name only.
-        parts = urlsplit(normalized)
-        origin_port = parts.port or {"http": 80, "https": 443}[parts.scheme]
-        host_port = _port(host)
-        return (normalize_host(parts.netloc) == normalize_host(host)
-                and (host_port is None or host_port == origin_port))
+        # The page's own origin: scheme, host name and port all equal to what this request was
+        # sent to (a page of another local server, on another port, is another site).
+        return same_origin(origin, host, scheme)
 
     def _too_large(self) -> str:
         mb = math.floor(self.policy.max_body_bytes / (1024 * 1024))
@@ -311,10 +355,96 @@ class RequestGuard:
             self.limiter.failed(address)
 
 
-def _port(host: str) -> int | None:
-    tail = host.rsplit("]", 1)[-1] if host.startswith("[") else host
-    _, sep, port = tail.rpartition(":")
-    return int(port) if sep and port.isdigit() else None
+# What a lone UTF-16 surrogate looks like in a JSON body: the escape "\\ud800".."\\udfff" (a pair
+# of escapes is one character and passes), or its bytes written as if UTF-8 (json.loads takes
+# those with "surrogatepass"). Only a body that holds one is parsed here.
+_SURROGATE_IN_JSON = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}|\xed[\xa0-\xbf]")
+JSON_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+def surrogate_field(body: bytes) -> tuple[str, str] | None:
+    """(field, reason) for the first text in a JSON document that holds a lone UTF-16 surrogate:
+    the field as dotted names ("styles.0", "override_settings.sd_model_checkpoint"; "" for the
+    document itself or a field name at its top); None when
+    there is none, or when the body is not JSON (the route answers that itself)."""
+    if not _SURROGATE_IN_JSON.search(body):
+        return None
+    try:
+        document = json.loads(body)
+    except ValueError:
+        return None
+    from engine.request import unpaired_surrogate
+
+    pending: list[tuple[str, object]] = [("", document)]
+    while pending:
+        path, value = pending.pop()
+        if isinstance(value, str):
+            reason = unpaired_surrogate(value)
+            if reason:
+                return path, reason
+        elif isinstance(value, dict):
+            for key in value:
+                reason = unpaired_surrogate(key)
+                if reason:
+                    return path, f"a field name {reason}"
+            pending += reversed([(f"{path}.{k}" if path else k, v) for k, v in value.items()])
+        elif isinstance(value, list):
+            pending += reversed([(f"{path}.{i}" if path else str(i), v) for i, v in enumerate(value)])
+    return None
+
+
+class UnicodeBodyCheck:
+    """ASGI middleware: a JSON request body with a lone UTF-16 surrogate in any text (a prompt, a
+    style, an ignored field, a field name) gets HTTP 422 naming the field, in FastAPI's shape,
+    before any route reads it. Such text is not valid Unicode: it cannot be tokenized, written
+    into a PNG or sent back in a JSON answer (the API echoes a body's fields), so past this point
+    it could only crash (HTTP 500). Bodies are bounded by the RequestGuard outside this one."""
+
+    def __init__(self, app, path_prefixes: tuple[str, ...] = ("/",)):
+        self.app = app
+        self.path_prefixes = path_prefixes
+
+    async def __call__(self, scope, receive, send):
+        if (scope["type"] != "http" or scope["method"] not in JSON_METHODS
+                or not scope["path"].startswith(self.path_prefixes) or not _json_body(_headers(scope))):
+            await self.app(scope, receive, send)
+            return
+        chunks = []
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away (or the guard answered 413): nothing to answer
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        found = surrogate_field(body)
+        if found is not None:
+            field_name, reason = found
+            detail = {"type": "value_error", "loc": ["body", *field_name.split(".")] if field_name else ["body"],
+                      "msg": f"{field_name or 'body'}: {reason}", "input": None}
+            payload = json.dumps({"detail": [detail]}, ensure_ascii=True).encode()  # no surrogate in the answer
+            await send({"type": "http.response.start", "status": 422,
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"content-length", str(len(payload)).encode())]})
+            await send({"type": "http.response.body", "body": payload})
+            return
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+def _json_body(headers: dict[str, str]) -> bool:
+    """Whether a route may read the body as JSON: FastAPI does when it says JSON, or says nothing."""
+    kind = headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    return kind == "" or kind == "application/json" or kind.endswith("+json")
 
 
 def _headers(scope) -> dict[str, str]:

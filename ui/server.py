@@ -186,7 +186,8 @@ def serve(engine, args) -> int:
 
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5,
+                                           http=guarded_http_protocol()))
     threading.Thread(target=_announce, args=(server, args, host, bool(logins)), name="easel-announce",
                      daemon=True).start()
     server.run(sockets=[sock])  # until Ctrl+C or SIGTERM
@@ -222,7 +223,8 @@ def build_app(page, *, logins, outdir: Path, max_upload_mb: int, listen: str | N
     from fastapi import FastAPI
     from fastapi.middleware.cors import CORSMiddleware
 
-    from ui.security import BODY_OVERHEAD, GuardPolicy, LoginLimiter, RequestGuard, allowed_hosts_for
+    from ui.security import (BODY_OVERHEAD, GuardPolicy, LoginLimiter, RequestGuard, UnicodeBodyCheck,
+                             allowed_hosts_for)
 
     # FastAPI's own /docs and /openapi.json are off: the API serves them behind its credentials.
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None, title="Easel",
@@ -252,7 +254,34 @@ def build_app(page, *, logins, outdir: Path, max_upload_mb: int, listen: str | N
     )
     policy = GuardPolicy(allowed_hosts=allowed_hosts_for(listen, allowed_hosts), cors_origins=cors_origins,
                          max_body_bytes=max_bytes + BODY_OVERHEAD)
-    return RequestGuard(app, policy, limiter)
+    # The API's JSON bodies are checked for lone surrogates as a whole (it echoes fields it does not
+    # read); the page's reach its handlers, whose request validation refuses them by field name.
+    return RequestGuard(UnicodeBodyCheck(app, path_prefixes=("/sdapi/",)), policy, limiter)
+
+
+def guarded_http_protocol():
+    """uvicorn's HTTP/1.1 protocol (h11), whose own answers carry the protective headers too.
+
+    The guard adds them to every answer the app gives, but uvicorn answers a request h11 cannot
+    parse (no or two Host headers, a Content-Length that is not a number, a malformed request
+    line) with a 400 of its own before any app runs. h11 is always installed with uvicorn; it is
+    named here instead of "auto" (which prefers httptools when present) so the answer is ours."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    from ui.security import SECURITY_HEADERS
+
+    class GuardedH11Protocol(H11Protocol):
+        def send_400_response(self, msg: str) -> None:
+            body = msg.encode("ascii", "replace")
+            headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(body)).encode()),
+                       (b"connection", b"close"), *SECURITY_HEADERS]
+            for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"), h11.Data(data=body),
+                          h11.EndOfMessage()):
+                self.transport.write(self.conn.send(event))
+            self.transport.close()
+
+    return GuardedH11Protocol
 
 
 def _bind(host: str, port: int) -> socket.socket:
