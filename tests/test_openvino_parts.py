@@ -9,8 +9,10 @@ torch, so they differ by float rounding: text embeddings within 1e-5 (absolute, 
 """
 from __future__ import annotations
 
+import logging
 import os
 import shutil
+import warnings
 from dataclasses import replace
 
 import numpy as np
@@ -176,6 +178,75 @@ def test_img2img_encodes_the_init_image_on_openvino_and_agrees(ov_engine, torch_
     ov = run(ov_engine, **fields)
     assert calls(loaded)["vae_encoder"] == before + 1
     assert_close(ov.images[0], run(torch_engine, **fields).images[0])
+
+
+LATENT_ATOL = 1e-4  # measured: 1.1e-6 on the tiny VAE, 4.6e-6 on SD 1.5's at 512² (bench/openvino_vae_encoder.py)
+
+
+def test_the_tiny_vaes_encoder_is_compiled_by_openvino_and_its_latents_agree_with_torch(ov_engine, torch_engine):
+    """Issue 20: the encoder traces at convert_vae_part's example on the tiny model (no fallback to
+    torch, no note) and `vae.encode` gives torch's latent distribution through the hook."""
+    loaded = ov_engine.manager.current
+    part = attached(loaded.own_vae.encoder)
+    assert part is not None and not part.failed
+    assert not any("VAE encoder" in note for note in loaded.notes)
+    image = torch.rand(1, 3, 48, 64, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    before = part.calls
+    with torch.inference_mode():
+        ov = loaded.own_vae.encode(image).latent_dist
+        ref = torch_engine.manager.current.own_vae.encode(image).latent_dist
+    assert part.calls == before + 1  # the compiled graph ran, not the torch forward
+    assert ov.mean.shape == ref.mean.shape == (1, 4, 24, 32)
+    assert torch.allclose(ov.mean, ref.mean, atol=LATENT_ATOL, rtol=0), (ov.mean - ref.mean).abs().max()
+    assert torch.allclose(ov.logvar, ref.logvar, atol=LATENT_ATOL, rtol=0), (ov.logvar - ref.logvar).abs().max()
+
+
+def test_only_an_example_too_small_for_the_net_trips_the_encoders_trace():
+    """What trips "Couldn't get TorchScript module by tracing" on the tiny VAE's encoder: an example
+    of 3x3 or less, whose 1x1 map after the downsample leaves F.group_norm one value per group (32
+    channels in 32 groups). The same net with SD 1.5's 4 channels per group traces there; the
+    tiny VAE traces from 4x4 up, and convert_vae_part's 9x11 example (see its docstring) clears it."""
+    from diffusers import AutoencoderKL
+
+    def convert(vae, side):
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            ovb.convert_model(ovp._ConvNetTraceable(vae.encoder).eval(), example_input=(torch.randn(1, 3, side, side),))
+
+    tiny = tiny_vae(0)
+    with pytest.raises(Exception, match="Couldn't get TorchScript") as failed:
+        convert(tiny, 3)
+    assert "Expected more than 1 value per channel" in str(failed.value)
+    convert(tiny, 4)
+    config = {k: v for k, v in tiny.config.items() if not k.startswith("_")}
+    convert(AutoencoderKL.from_config({**config, "norm_num_groups": 8}).eval(), 3)  # 4 channels per group
+
+
+def test_a_part_openvino_cannot_trace_runs_on_torch_and_says_so_in_the_log(tmp_path, caplog):
+    """A real trace failure (the encoder at a 3x3 example) leaves the part on torch with a note, and
+    the warning reaches the log: openvino.convert_model left the root logger at ERROR after a
+    failed conversion, which dropped that warning and every later one (ovb.convert_model)."""
+    root = logging.getLogger()
+    state = (root.level, list(root.filters), list(root.handlers))
+    vae = tiny_vae(0)
+
+    def too_small():
+        with torch.no_grad():
+            example = (torch.randn(1, 3, 3, 3),)
+            return ovb.convert_model(ovp._ConvNetTraceable(vae.encoder).eval(), example_input=example)
+
+    plan = replace(ovp.vae_parts(vae)[1], convert=too_small)
+    notes: list[str] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        parts = ovp.prepare_parts([plan], "too-small", ovb.OpenVINOCache(tmp_path), notes)
+    assert parts == {} and attached(vae.encoder) is None
+    (note,) = notes
+    assert "VAE encoder" in note and "Couldn't get TorchScript" in note and "runs on torch" in note
+    assert note in caplog.text
+    assert (root.level, root.filters, root.handlers) == state
+    logging.getLogger("engine.openvino_parts").warning("a later warning")
+    assert "a later warning" in caplog.text
 
 
 # --- idle parts ------------------------------------------------------------------------------------
