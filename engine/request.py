@@ -189,35 +189,46 @@ class GenerationRequest:
             raise RequestError("denoising_strength", "hires fix needs a denoising strength above 0 and up to 1 "
                                                      "(at 0 the second pass would change nothing)")
 
-        init = raw["init_image"]
-        if mode == "img2img":
-            if init is None:
-                raise RequestError("init_image", "img2img needs an init image")
-            if not isinstance(init, (Image.Image, bytes, bytearray)):
-                # Never a path: over HTTP that would read the server's files. Doors that take a file
-                # open it with engine.images.open_image; JSON sends base64 (decode_base64_image).
-                raise RequestError("init_image", f"must be an image, got {type(init).__name__}")
-            init = open_image(init, "init_image", max_pixels=MAX_INPUT_PIXELS)  # checked, RGB
-        elif init is not None:
-            raise RequestError("init_image", "only img2img takes an init image")
-        values["init_image"] = init
-        values["mask"] = _mask(raw["mask"], mode, init, values["inpainting_mask_invert"])
-
+        values["init_image"] = _init_image(raw["init_image"], mode)
+        values["mask"] = _mask(raw["mask"], mode, values["init_image"], values["inpainting_mask_invert"])
         width_given = fields.get("width") is not None or fields.get("height") is not None
-        if mode == "img2img" and not width_given:
-            values["width"], values["height"] = fit_size(init.size, size_multiple)
-        else:
-            values["width"] = _size("width", raw["width"], size_multiple)
-            values["height"] = _size("height", raw["height"], size_multiple)
-        if values["width"] * values["height"] > MAX_PIXELS:
-            raise RequestError("width", f"{values['width']}x{values['height']} is over the pixel budget "
-                                        f"of {MAX_PIXELS} pixels ({BUDGET_SIDE}x{BUDGET_SIDE})")
-        if values["enable_hr"]:
-            w, h = hires_size(values["width"], values["height"], values["hr_scale"], size_multiple)
-            if w * h > MAX_PIXELS or max(w, h) > MAX_SIDE:
-                raise RequestError("hr_scale", f"{values['hr_scale']:g} makes {w}x{h}, over the pixel budget of "
-                                               f"{MAX_PIXELS} pixels ({BUDGET_SIDE}x{BUDGET_SIDE}, sides up to {MAX_SIDE})")
+        values.update(_sizes(raw, values, width_given, size_multiple))
         return cls(**values)
+
+
+def _init_image(init: Any, mode: str) -> Image.Image | None:
+    """img2img's init image, opened and checked (RGB); no other mode takes one."""
+    if mode == "img2img":
+        if init is None:
+            raise RequestError("init_image", "img2img needs an init image")
+        if not isinstance(init, (Image.Image, bytes, bytearray)):
+            # Never a path: over HTTP that would read the server's files. Doors that take a file
+            # open it with engine.images.open_image; JSON sends base64 (decode_base64_image).
+            raise RequestError("init_image", f"must be an image, got {type(init).__name__}")
+        return open_image(init, "init_image", max_pixels=MAX_INPUT_PIXELS)
+    if init is not None:
+        raise RequestError("init_image", "only img2img takes an init image")
+    return None
+
+
+def _sizes(raw: Mapping[str, Any], values: Mapping[str, Any], width_given: bool,
+           size_multiple: int) -> dict[str, int]:
+    """width and height (img2img without them: the init image's, fitted), inside the pixel budget,
+    and for hires fix the enlarged size inside it too."""
+    if values["mode"] == "img2img" and not width_given:
+        width, height = fit_size(values["init_image"].size, size_multiple)
+    else:
+        width = _size("width", raw["width"], size_multiple)
+        height = _size("height", raw["height"], size_multiple)
+    if width * height > MAX_PIXELS:
+        raise RequestError("width", f"{width}x{height} is over the pixel budget "
+                                    f"of {MAX_PIXELS} pixels ({BUDGET_SIDE}x{BUDGET_SIDE})")
+    if values["enable_hr"]:
+        w, h = hires_size(width, height, values["hr_scale"], size_multiple)
+        if w * h > MAX_PIXELS or max(w, h) > MAX_SIDE:
+            raise RequestError("hr_scale", f"{values['hr_scale']:g} makes {w}x{h}, over the pixel budget of "
+                                           f"{MAX_PIXELS} pixels ({BUDGET_SIDE}x{BUDGET_SIDE}, sides up to {MAX_SIDE})")
+    return {"width": width, "height": height}
 
 
 def _mask(mask: Any, mode: str, init: Image.Image | None, invert: bool) -> Image.Image | None:
