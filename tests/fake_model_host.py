@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import json
 import ssl
 import threading
 from dataclasses import dataclass, field
@@ -143,3 +144,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_header(k, v)
         self.send_header("Content-Length", "0")
         self.end_headers()
+
+
+def tiny_turbo_catalog(path: Path, payload: bytes) -> Path:
+    """A one-entry download catalogue at `path`: "tiny-turbo", `payload` as the hub file
+    test/tiny/tiny-turbo.safetensors (served by `FakeModelHost.add_hub_file`)."""
+    path.write_text(json.dumps({"models": [{
+        "name": "tiny-turbo", "title": "Tiny turbo", "kind": "checkpoint", "family": "sd2", "repo_id": "test/tiny",
+        "file": "tiny-turbo.safetensors", "folder": "Stable-diffusion", "size": len(payload),
+        "sha256": hashlib.sha256(payload).hexdigest(), "licence": {"name": "test", "url": "https://example.invalid/l"},
+        "good_for": "tests", "gpu_gb": 1, "ram_gb": 1, "gpu": "ok", "why_gpu": "small", "cpu": "recommended",
+        "why_cpu": "few steps"}]}))
+    return path

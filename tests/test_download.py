@@ -4,7 +4,6 @@ with a Range request; a link is refused in one line; offline, one error line and
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import signal
 import subprocess
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.browser_helpers import LOOPBACK, REPO, free_port
-from tests.fake_model_host import FakeModelHost
+from tests.fake_model_host import FakeModelHost, tiny_turbo_catalog
 
 PAYLOAD = os.urandom(3 * (1 << 20) + 17)  # not a real checkpoint: download does not load it
 SHA = hashlib.sha256(PAYLOAD).hexdigest()
@@ -30,13 +29,7 @@ def hub():
 
 
 def catalog(tmp_path: Path) -> Path:
-    path = tmp_path / "catalog.json"
-    path.write_text(json.dumps({"models": [{
-        "name": "tiny-turbo", "title": "Tiny turbo", "kind": "checkpoint", "family": "sd2", "repo_id": "test/tiny",
-        "file": "tiny-turbo.safetensors", "folder": "Stable-diffusion", "size": len(PAYLOAD), "sha256": SHA,
-        "licence": {"name": "test", "url": "https://example.invalid/licence"}, "good_for": "tests",
-        "gpu_gb": 1, "ram_gb": 1, "gpu": "ok", "why_gpu": "small", "cpu": "recommended", "why_cpu": "few steps"}]}))
-    return path
+    return tiny_turbo_catalog(tmp_path / "catalog.json", PAYLOAD)
 
 
 def command(tmp_path: Path, *args: str) -> list[str]:

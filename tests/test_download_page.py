@@ -4,14 +4,13 @@ new model is selected. The catalogue (`--catalog`) points at a fake hub on loopb
 the link box at a fake https host whose certificate the test made (REQUESTS_CA_BUNDLE)."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 
 import pytest
 
 from tests.browser_helpers import LOOPBACK, chromium, start_server_on
-from tests.fake_model_host import FakeModelHost
+from tests.fake_model_host import FakeModelHost, tiny_turbo_catalog
 
 pytestmark = pytest.mark.browser
 
@@ -37,13 +36,7 @@ def hosts(tmp_path_factory):
 def server(hosts, tmp_path_factory):
     hub, files = hosts
     tmp = tmp_path_factory.mktemp("download-page")
-    catalog = tmp / "catalog.json"
-    catalog.write_text(json.dumps({"models": [{
-        "name": "tiny-turbo", "title": "Tiny turbo", "kind": "checkpoint", "family": "sd2", "repo_id": "test/tiny",
-        "file": "tiny-turbo.safetensors", "folder": "Stable-diffusion", "size": len(PAYLOAD),
-        "sha256": hashlib.sha256(PAYLOAD).hexdigest(), "licence": {"name": "test", "url": "https://example.invalid/l"},
-        "good_for": "tests", "gpu_gb": 1, "ram_gb": 1, "gpu": "ok", "why_gpu": "small", "cpu": "recommended",
-        "why_cpu": "few steps"}]}))
+    catalog = tiny_turbo_catalog(tmp / "catalog.json", PAYLOAD)
     server = start_server_on(LOOPBACK, tmp, "--models-dir", str(tmp / "models"), "--catalog", str(catalog),
                              env={"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0",
                                   "REQUESTS_CA_BUNDLE": str(files.ca_file)})

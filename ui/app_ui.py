@@ -22,7 +22,7 @@ import gradio as gr
 
 from engine.errors import CancelledError, EaselError
 from engine.prompt_syntax import add_lora_tag
-from ui.downloads_tab import DownloadsPanel, wire_downloads
+from ui.downloads_tab import DownloadsPanel, cancel_look, wire_downloads
 from ui.handlers import Studio
 from ui.progress import progress_html
 from ui.settings import SettingsStore
@@ -153,6 +153,11 @@ def hires_fields(limits, upscalers: tuple[str, ...]) -> dict[str, Any]:
     return f
 
 
+def idle_cancel_button(elem_id: str, **kwargs) -> gr.Button:
+    """A Cancel button as the page first shows it: idle until a job starts (`cancel_look`)."""
+    return gr.Button("Cancel", variant="secondary", interactive=False, elem_id=elem_id, **kwargs)
+
+
 class GenerationTab:
     """Widgets and events of one generation tab (txt2img or img2img)."""
 
@@ -161,10 +166,20 @@ class GenerationTab:
 
     def __init__(self, studio: Studio, mode: str, model: gr.Dropdown, demo: bool, model_fields: dict):
         self.studio, self.mode, self.model = studio, mode, model
-        engine = studio.engine
-        limits = engine.limits  # every range and choice below comes from the engine's request limits
-        side = 128 if demo else 512
-        f: dict[str, Any] = {}
+        self.fields: dict[str, Any] = {}
+        self._prompt_row()
+        with gr.Row():
+            with gr.Column():
+                self._settings_column(demo, model_fields)
+            with gr.Column():
+                self._results_column()
+        self.selected = gr.State(0)  # the gallery image last clicked: what "Send to upscale" sends
+        self.last_seed = gr.State(None)
+        self.infotexts = gr.State(())
+        self.job_token = gr.State(None)  # this click's job, set when Generate is clicked
+
+    def _prompt_row(self) -> None:
+        f, mode, engine = self.fields, self.mode, self.studio.engine
         with gr.Row():
             with gr.Column(scale=4):
                 f["prompt"] = gr.Textbox(label="Prompt", lines=3, elem_id=f"{mode}-prompt",
@@ -178,105 +193,122 @@ class GenerationTab:
                     self.add_lora = gr.Button("Add to prompt", elem_id=f"{mode}-add-lora", scale=1, min_width=120)
             with gr.Column(scale=1, min_width=160):
                 self.generate_button = gr.Button("Generate", variant="primary", elem_id=f"{mode}-generate")
-                self.cancel_button = gr.Button("Cancel", variant="stop", elem_id=f"{mode}-cancel")
+                self.cancel_button = idle_cancel_button(f"{mode}-cancel")
+
+    def _settings_column(self, demo: bool, model_fields: dict) -> None:
+        f, mode, engine = self.fields, self.mode, self.studio.engine
+        limits = engine.limits  # every range and choice below comes from the engine's request limits
+        side = 128 if demo else 512
+        if mode == "img2img":
+            f["init_image"] = uploaded_image(label="Init image", sources=["upload", "clipboard"],
+                                             elem_id="img2img-init-image", height=280)
+            f["denoising_strength"] = gr.Slider(*limits.ranges["denoising_strength"], value=0.75, step=0.01,
+                                                label="Denoising strength", elem_id="img2img-denoising-strength")
+            f["resize_mode"] = gr.Radio(list(limits.resize_modes), value=limits.resize_modes[0],
+                                        label="Resize mode", elem_id="img2img-resize-mode")
+            inpaint, self.mask_upload = inpaint_fields(limits)
+            f.update(inpaint)
         with gr.Row():
-            with gr.Column():
-                if mode == "img2img":
-                    f["init_image"] = uploaded_image(label="Init image", sources=["upload", "clipboard"],
-                                               elem_id="img2img-init-image", height=280)
-                    f["denoising_strength"] = gr.Slider(*limits.ranges["denoising_strength"], value=0.75, step=0.01,
-                                                        label="Denoising strength",
-                                                        elem_id="img2img-denoising-strength")
-                    f["resize_mode"] = gr.Radio(list(limits.resize_modes), value=limits.resize_modes[0],
-                                                label="Resize mode", elem_id="img2img-resize-mode")
-                    inpaint, self.mask_upload = inpaint_fields(limits)
-                    f.update(inpaint)
-                with gr.Row():
-                    f["sampler"] = gr.Dropdown(list(engine.samplers), value=engine.samplers[0], label="Sampler",
-                                               elem_id=f"{mode}-sampler")
-                    f["schedule_type"] = gr.Dropdown(list(engine.schedule_types), value="Automatic", label="Schedule type",
-                                                     elem_id=f"{mode}-schedule-type")
-                f["steps"] = gr.Slider(*limits.ranges["steps"], value=model_fields.get("steps", {}).get("value", 4 if demo else 20), step=1,
-                                       label="Steps", elem_id=f"{mode}-steps")
-                f["cfg_scale"] = gr.Slider(*limits.ranges["cfg_scale"], value=model_fields.get("cfg_scale", {}).get("value", 7.0), step=0.5,
-                                           label="CFG scale", elem_id=f"{mode}-cfg-scale")
-                with gr.Row():
-                    step = model_fields.get("width", {}).get("step", SIZE_STEP_WITHOUT_MODEL)
-                    f["width"] = gr.Slider(limits.min_side, limits.max_side, value=side, step=step, label="Width", elem_id=f"{mode}-width")
-                    f["height"] = gr.Slider(limits.min_side, limits.max_side, value=side, step=step, label="Height", elem_id=f"{mode}-height")
-                with gr.Row(equal_height=True):
-                    f["seed"] = gr.Number(value=-1, precision=0, label="Seed (-1: random)", elem_id=f"{mode}-seed", scale=4)
-                    self.random_seed = gr.Button("🎲", elem_id=f"{mode}-random-seed", scale=0, min_width=48)
-                    self.reuse_seed = gr.Button("♻️", elem_id=f"{mode}-reuse-seed", scale=0, min_width=48)
-                if mode == "txt2img":
-                    f.update(hires_fields(limits, engine.hires_upscaler_names()))
-                f["speed"] = gr.Radio(list(limits.speeds), value=limits.speeds[0], label="Speed", elem_id=f"{mode}-speed",
-                                      info="fast: reuses the model's deep features between steps; about 2.5-3x faster "
-                                           "from 10 steps up, a slightly different image")
-                with gr.Row():
-                    f["batch_count"] = gr.Slider(*limits.ranges["batch_count"], value=1, step=1, label="Batch count", elem_id=f"{mode}-batch-count")
-                    f["batch_size"] = gr.Slider(*limits.ranges["batch_size"], value=1, step=1, label="Batch size", elem_id=f"{mode}-batch-size")
-            with gr.Column():
-                self.progress = gr.HTML(progress_html("Ready", 0.0, "idle"), elem_id=f"{mode}-progress")
-                self.preview = gr.Image(label="Live preview", interactive=False, height=160, elem_id=f"{mode}-preview")
-                self.gallery = gr.Gallery(label="Results", format="png", columns=2, height=360, elem_id=f"{mode}-gallery")
-                self.infotext = gr.Textbox(label="Parameters", lines=4, interactive=False, elem_id=f"{mode}-infotext")
-                self.send_upscale = gr.Button("Send to upscale", size="sm", elem_id=f"{mode}-send-upscale")
-        self.fields = f
-        self.selected = gr.State(0)  # the gallery image last clicked: what "Send to upscale" sends
-        self.last_seed = gr.State(None)
-        self.infotexts = gr.State(())
-        self.job_token = gr.State(None)  # this click's job, set when Generate is clicked
+            f["sampler"] = gr.Dropdown(list(engine.samplers), value=engine.samplers[0], label="Sampler",
+                                       elem_id=f"{mode}-sampler")
+            f["schedule_type"] = gr.Dropdown(list(engine.schedule_types), value="Automatic", label="Schedule type",
+                                             elem_id=f"{mode}-schedule-type")
+        f["steps"] = gr.Slider(*limits.ranges["steps"], value=model_fields.get("steps", {}).get("value", 4 if demo else 20), step=1,
+                               label="Steps", elem_id=f"{mode}-steps")
+        f["cfg_scale"] = gr.Slider(*limits.ranges["cfg_scale"], value=model_fields.get("cfg_scale", {}).get("value", 7.0), step=0.5,
+                                   label="CFG scale", elem_id=f"{mode}-cfg-scale")
+        with gr.Row():
+            step = model_fields.get("width", {}).get("step", SIZE_STEP_WITHOUT_MODEL)
+            f["width"] = gr.Slider(limits.min_side, limits.max_side, value=side, step=step, label="Width", elem_id=f"{mode}-width")
+            f["height"] = gr.Slider(limits.min_side, limits.max_side, value=side, step=step, label="Height", elem_id=f"{mode}-height")
+        with gr.Row(equal_height=True):
+            f["seed"] = gr.Number(value=-1, precision=0, label="Seed (-1: random)", elem_id=f"{mode}-seed", scale=4)
+            # Words, not emoji: without an emoji font (Debian's Chromium) a 🎲 is an empty box.
+            self.random_seed = gr.Button("Random", elem_id=f"{mode}-random-seed", scale=0, min_width=80)
+            self.reuse_seed = gr.Button("Reuse last", elem_id=f"{mode}-reuse-seed", scale=0, min_width=136)
+        if mode == "txt2img":
+            f.update(hires_fields(limits, engine.hires_upscaler_names()))
+        f["speed"] = gr.Radio(list(limits.speeds), value=limits.speeds[0], label="Speed", elem_id=f"{mode}-speed",
+                              info="fast: reuses the model's deep features between steps; about 2.5-3x faster "
+                                   "from 10 steps up, a slightly different image")
+        with gr.Row():
+            f["batch_count"] = gr.Slider(*limits.ranges["batch_count"], value=1, step=1, label="Batch count", elem_id=f"{mode}-batch-count")
+            f["batch_size"] = gr.Slider(*limits.ranges["batch_size"], value=1, step=1, label="Batch size", elem_id=f"{mode}-batch-size")
+
+    def _results_column(self) -> None:
+        mode = self.mode
+        self.progress = gr.HTML(progress_html("Ready", 0.0, "idle"), elem_id=f"{mode}-progress")
+        self.preview = gr.Image(label="Live preview", interactive=False, height=160, elem_id=f"{mode}-preview")
+        # interactive=False: results are shown here, not uploaded (no "Drop Media Here", no file input)
+        self.gallery = gr.Gallery(label="Results", format="png", columns=2, height=360, interactive=False,
+                                  elem_id=f"{mode}-gallery")
+        self.infotext = gr.Textbox(label="Parameters", lines=4, interactive=False, elem_id=f"{mode}-infotext")
+        self.send_upscale = gr.Button("Send to upscale", size="sm", elem_id=f"{mode}-send-upscale")
 
     def wire(self) -> None:
+        self._wire_generate()
+        self._wire_helpers()
+
+    def _run(self, values: dict, request: gr.Request):
+        """The Generate event: the widgets' values (a {component: value} dict) turned into the request's
+        fields by name, and the job's views turned into the tab's outputs."""
         names = {component: name for name, component in self.fields.items()}
+        fields = {names[c]: v for c, v in values.items() if c in names}
+        fields["mode"] = self.mode
+        if self.vae is not None:
+            fields["vae"] = values.get(self.vae)
+        if self.mask_upload is not None and values.get(self.mask_upload):
+            fields["mask"] = values[self.mask_upload]
+        key = (request.session_hash, self.mode)
+        # Every yield gives each shown output (progress, preview, gallery, infotext) a plain value, never
+        # leaving one out: Gradio fills a left-out output with gr.skip(), an update that builds a new copy
+        # of that component for the session, and the next plain value files the copy under its own new id
+        # in the session's config, where it stays as long as the session (Gradio keeps sessions until 10000
+        # newer ones push them out, closed or not): about 50 KiB per job. See gradio/blocks.py
+        # postprocess_data and tests/test_load.py's memory test. The first yield clears the last job's
+        # results; gr.State outputs (infotexts, last_seed) may be left out, they take another path.
+        # (The Cancel button only ever gets updates, each replacing the last copy: no growth.)
+        shown = {self.preview: None, self.gallery: [], self.infotext: ""}
+        try:
+            for view in self.studio.generate(key, fields, values.get(self.model), values.get(self.job_token)):
+                out = {self.progress: view.progress}
+                if view.preview is not None:
+                    shown[self.preview] = view.preview
+                if view.images is not None:
+                    shown.update({self.gallery: list(view.images),
+                                  self.infotext: view.infotexts[0] if view.infotexts else ""})
+                    out.update({self.infotexts: view.infotexts, self.last_seed: view.seeds[0] if view.seeds else None})
+                    for note in view.notes:
+                        gr.Info(note)
+                yield {**out, **shown}
+        except CancelledError as e:
+            message = str(e)[:1].upper() + str(e)[1:]  # "Cancelled at step 3/20"
+            gr.Warning(message)
+            yield {self.progress: progress_html(message, 0.0, "cancelled"), **shown}
+        except EaselError as e:
+            yield {self.progress: progress_html(f"Failed: {e}", 0.0, "failed"), **shown}
+            raise _readable(e) from None
+        except Exception as e:  # a bug: the page gets one line, the server's log the traceback
+            log.exception("generation failed")
+            first_line = (str(e).splitlines() or [""])[0]
+            message = f"unexpected error ({type(e).__name__}: {first_line}); details are in the server's log"
+            yield {self.progress: progress_html(f"Failed: {message}", 0.0, "failed"), **shown}
+            raise gr.Error(message, print_exception=False) from None
+
+    def _wire_generate(self) -> None:
+        """Generate: `prepare` (unqueued, so Cancel works while the job waits) arms Cancel, the job runs
+        in the shared queue, then Cancel goes idle again unless a later click's job is still open."""
         studio, mode, model = self.studio, self.mode, self.model
 
         def prepare(request: gr.Request):
             token = studio.prepare((request.session_hash, mode))
-            return progress_html("Waiting for its turn…", 0.0, "waiting"), token
+            return progress_html("Waiting for its turn…", 0.0, "waiting"), token, cancel_look(True)
 
-        def generate(values: dict, request: gr.Request):
-            fields = {names[c]: v for c, v in values.items() if c in names}
-            fields["mode"] = mode
-            if self.vae is not None:
-                fields["vae"] = values.get(self.vae)
-            if self.mask_upload is not None and values.get(self.mask_upload):
-                fields["mask"] = values[self.mask_upload]
-            key = (request.session_hash, mode)
-            # Every yield gives each shown output (progress, preview, gallery, infotext) a plain value, never
-            # leaving one out: Gradio fills a left-out output with gr.skip(), an update that builds a new copy
-            # of that component for the session, and the next plain value files the copy under its own new id
-            # in the session's config, where it stays as long as the session (Gradio keeps sessions until 10000
-            # newer ones push them out, closed or not): about 50 KiB per job. See gradio/blocks.py
-            # postprocess_data and tests/test_load.py's memory test. The first yield clears the last job's
-            # results; gr.State outputs (infotexts, last_seed) may be left out, they take another path.
-            shown = {self.preview: None, self.gallery: [], self.infotext: ""}
-            try:
-                for view in studio.generate(key, fields, values.get(model), values.get(self.job_token)):
-                    out = {self.progress: view.progress}
-                    if view.preview is not None:
-                        shown[self.preview] = view.preview
-                    if view.images is not None:
-                        shown.update({self.gallery: list(view.images),
-                                      self.infotext: view.infotexts[0] if view.infotexts else ""})
-                        out.update({self.infotexts: view.infotexts, self.last_seed: view.seeds[0] if view.seeds else None})
-                        for note in view.notes:
-                            gr.Info(note)
-                    yield {**out, **shown}
-            except CancelledError as e:
-                message = str(e)[:1].upper() + str(e)[1:]  # "Cancelled at step 3/20"
-                gr.Warning(message)
-                yield {self.progress: progress_html(message, 0.0, "cancelled"), **shown}
-            except EaselError as e:
-                yield {self.progress: progress_html(f"Failed: {e}", 0.0, "failed"), **shown}
-                raise _readable(e) from None
-            except Exception as e:  # a bug: the page gets one line, the server's log the traceback
-                log.exception("generation failed")
-                first_line = (str(e).splitlines() or [""])[0]
-                message = f"unexpected error ({type(e).__name__}: {first_line}); details are in the server's log"
-                yield {self.progress: progress_html(f"Failed: {message}", 0.0, "failed"), **shown}
-                raise gr.Error(message, print_exception=False) from None
+        def generate(values: dict, request: gr.Request):  # by name: adding a widget cannot shift the others
+            yield from self._run(values, request)
+
+        def settle(token, request: gr.Request):
+            return cancel_look(studio.jobs.get((request.session_hash, mode), token) is not None)
 
         def cancel(request: gr.Request):
             if studio.cancel((request.session_hash, mode)):
@@ -284,11 +316,16 @@ class GenerationTab:
 
         inputs = set(self.fields.values()) | {model, self.job_token} | {c for c in (self.vae, self.mask_upload) if c}
         outputs = [self.progress, self.preview, self.gallery, self.infotext, self.infotexts, self.last_seed]
-        self.generate_button.click(prepare, None, [self.progress, self.job_token], queue=False,
+        self.generate_button.click(prepare, None, [self.progress, self.job_token, self.cancel_button], queue=False,
                                    api_visibility="private").then(
             generate, inputs, outputs, concurrency_id=GENERATION, concurrency_limit=1, show_progress="full",
-            show_progress_on=[self.gallery], api_name=mode)
+            show_progress_on=[self.gallery], api_name=mode).then(
+            settle, self.job_token, self.cancel_button, queue=False, api_visibility="private")
         self.cancel_button.click(cancel, None, None, queue=False, api_visibility="private")
+
+    def _wire_helpers(self) -> None:
+        """The mask follows the init image; the seed buttons, the LoRA picker, and a click on a result."""
+        studio, mode, model = self.studio, self.mode, self.model
         if "mask" in self.fields:  # the mask is painted over the init image
             self.fields["init_image"].change(lambda path: path, self.fields["init_image"], self.fields["mask"],
                                              queue=False, api_visibility="private")
@@ -367,7 +404,7 @@ class UpscaleTab:
                                       info="How closely to follow the prompt; ignored by the other upscalers")
                 with gr.Row():
                     self.button = gr.Button("Upscale", variant="primary", elem_id="upscale-run")
-                    self.cancel_button = gr.Button("Cancel", variant="stop", elem_id="upscale-cancel")
+                    self.cancel_button = idle_cancel_button("upscale-cancel")
             with gr.Column():
                 self.progress = gr.HTML(progress_html("Ready", 0.0, "idle"), elem_id="upscale-progress")
                 self.result = gr.ImageSlider(label="Before / after (drag the line)", interactive=False,
@@ -381,7 +418,8 @@ class UpscaleTab:
         studio, names = self.studio, {component: name for name, component in self.fields.items()}
 
         def prepare(request: gr.Request):
-            return progress_html("Waiting for its turn…", 0.0, "waiting"), studio.prepare((request.session_hash, "upscale"))
+            token = studio.prepare((request.session_hash, "upscale"))
+            return progress_html("Waiting for its turn…", 0.0, "waiting"), token, cancel_look(True)
 
         def upscale(values: dict, request: gr.Request):  # by name: adding a widget cannot shift the others
             fields = {names[c]: v for c, v in values.items() if c in names}
@@ -402,13 +440,18 @@ class UpscaleTab:
                 yield {self.progress: progress_html(f"Failed: {e}", 0.0, "failed"), **shown}
                 raise _readable(e) from None
 
+        def settle(token, request: gr.Request):  # Cancel goes idle unless a later click's job is still open
+            return cancel_look(studio.jobs.get((request.session_hash, "upscale"), token) is not None)
+
         def cancel(request: gr.Request):
             if studio.cancel((request.session_hash, "upscale")):
                 gr.Info("Cancelling…")
 
-        self.button.click(prepare, None, [self.progress, self.job_token], queue=False, api_visibility="private").then(
+        self.button.click(prepare, None, [self.progress, self.job_token, self.cancel_button], queue=False,
+                          api_visibility="private").then(
             upscale, {*self.fields.values(), self.job_token}, [self.progress, self.result, self.infotext],
-            concurrency_id=GENERATION, concurrency_limit=1, api_visibility="private")
+            concurrency_id=GENERATION, concurrency_limit=1, api_visibility="private").then(
+            settle, self.job_token, self.cancel_button, queue=False, api_visibility="private")
         self.cancel_button.click(cancel, None, None, queue=False, api_visibility="private")
         # A plain value, not gr.update(): see GenerationTab.wire on component copies.
         self.fields["upscaler"].input(shows_errors(studio.engine.default_upscale_tile), self.fields["upscaler"],
@@ -433,67 +476,25 @@ def settings_tab(studio: Studio, settings: SettingsStore, listen: bool) -> None:
     save.click(save_settings, [out_box, mark_box], [saved_note, out_box], queue=False, api_visibility="private")
 
 
-def create_ui(engine, settings: SettingsStore | None = None, *, listen: bool = False,
-              keep_command_line: frozenset[str] = frozenset()) -> gr.Blocks:
-    """The whole page for `engine`. Settings live in `<data_dir>/settings.json` unless another
-    store is given; `listen` makes server-side paths read-only from the page."""
-    settings = settings or SettingsStore(Path(engine.config.data_dir) / "settings.json")
-    studio = Studio(engine, settings, listen=listen)
-    studio.apply_saved_outputs(keep_command_line)
-    demo = bool(getattr(engine, "is_demo", False))
+class Header:
+    """The top of the page: the title, the model and VAE pickers and the banner under them."""
 
-    try:
-        start_fields = studio.model_fields(studio.default_model())
-    except Exception:  # noqa: BLE001 - the page must come up whatever the default model does
-        start_fields = {}  # it cannot load: choosing it or the first Generate says why, in one line
-
-    with gr.Blocks(title="Easel", analytics_enabled=False) as page:
-        page.studio = studio  # for tests and the server
+    def __init__(self, studio: Studio):
+        engine = studio.engine
         with gr.Row(equal_height=True):
             gr.Markdown("## Easel", elem_id="easel-title")
-            model = gr.Dropdown(engine.model_names(), value=studio.default_model(), label="Model", scale=3,
-                                elem_id="model-select")
-            vae = gr.Dropdown(engine.vae_names(), value=studio.model_vae(studio.default_model()), label="SD VAE",
-                              scale=2, elem_id="vae-select",
-                              info="Automatic: the checkpoint's own; remembered for each checkpoint")
-        banner = gr.Markdown(studio.banner(), elem_id="easel-banner")
-        first_run = DownloadsPanel(studio, "first-run", visible=not demo and not engine.model_names())
-        with gr.Tabs(elem_id="easel-tabs") as tabs:
-            with gr.Tab("Text to image", id="txt2img", elem_id="tab-txt2img"):
-                txt2img = GenerationTab(studio, "txt2img", model, demo, start_fields)
-            with gr.Tab("Image to image", id="img2img", elem_id="tab-img2img"):
-                img2img = GenerationTab(studio, "img2img", model, demo, start_fields)
-            with gr.Tab("Upscale 4x", id="upscale", elem_id="tab-upscale"):
-                upscale = UpscaleTab(studio)
-            with gr.Tab("PNG info", id="pnginfo", elem_id="tab-pnginfo"):
-                with gr.Row():
-                    png_image = uploaded_image(label="Drop a PNG here", sources=["upload", "clipboard"],
-                                         elem_id="pnginfo-image", height=320)
-                    with gr.Column():
-                        png_text = gr.Textbox(label="Parameters", lines=6, interactive=False, elem_id="pnginfo-parameters")
-                        png_mark = gr.Textbox(label="Watermark", interactive=False, elem_id="pnginfo-watermark")
-                        with gr.Row():
-                            send_txt = gr.Button("Send to txt2img", elem_id="pnginfo-send-txt2img")
-                            send_img = gr.Button("Send to img2img", elem_id="pnginfo-send-img2img")
-                            send_upscale = gr.Button("Send to upscale", elem_id="pnginfo-send-upscale")
-                png_fields = gr.State({})
-            with gr.Tab("Models", id="models", elem_id="tab-models") as models_tab:
-                models_table = gr.Dataframe(headers=["Name", "Family", "Device / precision", "Error", "Loaded"],
-                                            value=studio.model_rows(), interactive=False, wrap=True, elem_id="models-table")
-                refresh = gr.Button("Refresh", elem_id="models-refresh")
-                extra_table = gr.Dataframe(headers=["Kind", "File", "Tensors", "Error"], value=extra_rows(engine),
-                                           interactive=False, wrap=True, label="LoRA, embeddings, VAE and upscaler files",
-                                           elem_id="models-extra-table")
-                catalogue = DownloadsPanel(studio, "models-downloads", heading="Download models")
-            with gr.Tab("Settings", id="settings", elem_id="tab-settings"):
-                settings_tab(studio, settings, listen)
+            self.model = gr.Dropdown(engine.model_names(), value=studio.default_model(), label="Model", scale=3,
+                                     elem_id="model-select")
+            self.vae = gr.Dropdown(engine.vae_names(), value=studio.model_vae(studio.default_model()),
+                                   label="SD VAE", scale=2, elem_id="vae-select",
+                                   info="Automatic: the checkpoint's own; remembered for each checkpoint")
+        self.banner = gr.Markdown(studio.banner(), elem_id="easel-banner")
 
-        txt2img.vae = img2img.vae = vae
-        wire_downloads(studio, [first_run, catalogue], model=model, banner=banner, models_table=models_table)
-        for tab in (txt2img, img2img, upscale):
-            tab.wire()
-
-        tab_fields = [(tab, name) for tab in (txt2img, img2img) for name in ("width", "height", "sampler", "steps", "cfg_scale")]
+    def wire(self, studio: Studio, tabs: list[GenerationTab]) -> None:
+        """Choosing a model loads it (the banner says how it goes) and sets each generation tab's
+        size, sampler, steps and CFG for it; the VAE picker shows and remembers each model's VAE."""
+        engine, model, vae, banner = studio.engine, self.model, self.vae, self.banner
+        tab_fields = [(tab, name) for tab in tabs for name in ("width", "height", "sampler", "steps", "cfg_scale")]
 
         def select_model(name):
             # A generator (the banner says what a long first load is doing), so shows_errors, which
@@ -514,29 +515,30 @@ def create_ui(engine, settings: SettingsStore | None = None, *, listen: bool = F
                     queue=False, api_visibility="private")
         vae.input(shows_errors(studio.select_vae), [model, vae], banner, queue=False, api_visibility="private")
 
-        def refresh_models():
-            rows = studio.model_rows(refresh=True)
-            names = engine.model_names()
-            value = studio.default_model()
-            return (rows, gr.update(choices=names, value=value), studio.banner(),
-                    gr.update(choices=list(engine.hires_upscaler_names())),
-                    gr.update(choices=engine.upscaler_names()))
 
-        models_tab.select(lambda: studio.model_rows(), None, models_table, queue=False, api_visibility="private")
-        refresh.click(refresh_models, None, [models_table, model, banner, txt2img.fields["hr_upscaler"],
-                                             upscale.fields["upscaler"]], concurrency_id=GENERATION,
-                      concurrency_limit=1, api_visibility="private")
+class PngInfoTab:
+    """The PNG info tab: an image's parameters and watermark, and buttons that send them on."""
 
-        def refresh_files():
-            names = engine.lora_names()
-            return extra_rows(engine), gr.update(choices=names), gr.update(choices=names)
+    def __init__(self, studio: Studio):
+        self.studio = studio
+        with gr.Row():
+            self.image = uploaded_image(label="Drop a PNG here", sources=["upload", "clipboard"],
+                                        elem_id="pnginfo-image", height=320)
+            with gr.Column():
+                self.text = gr.Textbox(label="Parameters", lines=6, interactive=False, elem_id="pnginfo-parameters")
+                self.mark = gr.Textbox(label="Watermark", interactive=False, elem_id="pnginfo-watermark")
+                with gr.Row():
+                    self.send_txt = gr.Button("Send to txt2img", elem_id="pnginfo-send-txt2img")
+                    self.send_img = gr.Button("Send to img2img", elem_id="pnginfo-send-img2img")
+                    self.send_upscale = gr.Button("Send to upscale", elem_id="pnginfo-send-upscale")
+        self.parsed = gr.State({})
 
-        refresh.click(refresh_files, None, [extra_table, txt2img.lora, img2img.lora], queue=False,
-                      api_visibility="private")
+    def wire(self, tabs: gr.Tabs, txt2img: GenerationTab, img2img: GenerationTab) -> None:
+        studio, engine = self.studio, self.studio.engine
+        self.image.change(shows_errors(studio.png_info), self.image, [self.text, self.mark, self.parsed],
+                          api_name="png_info")
 
-        png_image.change(shows_errors(studio.png_info), png_image, [png_text, png_mark, png_fields], api_name="png_info")
-
-        def send_to(tab, target: str, with_image: bool):
+        def send_to(tab: GenerationTab, with_image: bool):
             def send(parsed, path):
                 values = studio.fields_from_infotext(parsed or {})
                 if with_image and path:
@@ -547,28 +549,116 @@ def create_ui(engine, settings: SettingsStore | None = None, *, listen: bool = F
                 picked = {tab.vae: gr.update(choices=engine.vae_names(), value=values["vae"])} if "vae" in values else {}
                 if (parsed or {}).get("VAE") and not picked:
                     gr.Warning(f"VAE {parsed['VAE']!r} is not in models/VAE; the VAE picker keeps its choice.")
-                return {**tab.fill(values), **picked, tabs: gr.Tabs(selected=target)}
+                return {**tab.fill(values), **picked, tabs: gr.Tabs(selected=tab.mode)}
             return send
 
-        send_txt.click(send_to(txt2img, "txt2img", False), [png_fields, png_image], [tabs, vae, *txt2img.fields.values()],
-                       queue=False, api_visibility="private")
-        send_img.click(send_to(img2img, "img2img", True), [png_fields, png_image], [tabs, vae, *img2img.fields.values()],
-                       queue=False, api_visibility="private")
+        for button, tab, with_image in ((self.send_txt, txt2img, False), (self.send_img, img2img, True)):
+            button.click(send_to(tab, with_image), [self.parsed, self.image], [tabs, tab.vae, *tab.fields.values()],
+                         queue=False, api_visibility="private")
 
-        def send_to_upscale(images, index):
-            """The clicked (else the first) result of a generation tab, or the PNG info image."""
-            if isinstance(images, list):  # a gallery: [(path, caption), ...]
-                images = images[index if isinstance(index, int) and 0 <= index < len(images) else 0][0] if images else None
-            if not images:
-                gr.Warning("Nothing to send: generate an image, or drop one, first.")
-                return gr.update(), gr.update()
-            return images, gr.Tabs(selected="upscale")
 
-        for tab in (txt2img, img2img):
-            tab.send_upscale.click(send_to_upscale, [tab.gallery, tab.selected], [upscale.image, tabs], queue=False,
-                                   api_visibility="private")
-        send_upscale.click(send_to_upscale, [png_image, gr.State(0)], [upscale.image, tabs], queue=False,
+class ModelsTab:
+    """The Models tab: the checkpoints, the other model files, and the download panel."""
+
+    def __init__(self, studio: Studio):
+        self.studio = studio
+        self.table = gr.Dataframe(headers=["Name", "Family", "Device / precision", "Error", "Loaded"],
+                                  value=studio.model_rows(), interactive=False, wrap=True, elem_id="models-table")
+        self.refresh = gr.Button("Refresh", elem_id="models-refresh")
+        self.extra_table = gr.Dataframe(headers=["Kind", "File", "Tensors", "Error"], value=extra_rows(studio.engine),
+                                        interactive=False, wrap=True, label="LoRA, embeddings, VAE and upscaler files",
+                                        elem_id="models-extra-table")
+        self.catalogue = DownloadsPanel(studio, "models-downloads", heading="Download models")
+
+    def wire(self, tab: gr.Tab, header: Header, txt2img: GenerationTab, img2img: GenerationTab,
+             upscale: UpscaleTab) -> None:
+        """Opening the tab shows the models' state; Refresh looks at the folders again, for the
+        pickers on every tab too."""
+        studio, engine = self.studio, self.studio.engine
+
+        def refresh_models():
+            rows = studio.model_rows(refresh=True)
+            return (rows, gr.update(choices=engine.model_names(), value=studio.default_model()), studio.banner(),
+                    gr.update(choices=list(engine.hires_upscaler_names())),
+                    gr.update(choices=engine.upscaler_names()))
+
+        tab.select(lambda: studio.model_rows(), None, self.table, queue=False, api_visibility="private")
+        self.refresh.click(refresh_models, None, [self.table, header.model, header.banner,
+                                                  txt2img.fields["hr_upscaler"], upscale.fields["upscaler"]],
+                           concurrency_id=GENERATION, concurrency_limit=1, api_visibility="private")
+
+        def refresh_files():
+            names = engine.lora_names()
+            return extra_rows(engine), gr.update(choices=names), gr.update(choices=names)
+
+        self.refresh.click(refresh_files, None, [self.extra_table, txt2img.lora, img2img.lora], queue=False,
                            api_visibility="private")
+
+
+def wire_send_to_upscale(tabs: gr.Tabs, upscale: UpscaleTab, sources: list[tuple[gr.Button, Any, Any]]) -> None:
+    """Each "Send to upscale" button: (button, gallery or image, index of the clicked result)."""
+
+    def send_to_upscale(images, index):
+        """The clicked (else the first) result of a generation tab, or the PNG info image."""
+        if isinstance(images, list):  # a gallery: [(path, caption), ...]
+            images = images[index if isinstance(index, int) and 0 <= index < len(images) else 0][0] if images else None
+        if not images:
+            gr.Warning("Nothing to send: generate an image, or drop one, first.")
+            return gr.update(), gr.update()
+        return images, gr.Tabs(selected="upscale")
+
+    for button, images, index in sources:
+        button.click(send_to_upscale, [images, index], [upscale.image, tabs], queue=False, api_visibility="private")
+
+
+def start_fields(studio: Studio) -> dict:
+    """The default model's sizes, steps and CFG for the generation tabs' first values."""
+    try:
+        return studio.model_fields(studio.default_model())
+    except Exception:  # noqa: BLE001 - the page must come up whatever the default model does
+        return {}  # it cannot load: choosing it or the first Generate says why, in one line
+
+
+def create_ui(engine, settings: SettingsStore | None = None, *, listen: bool = False,
+              keep_command_line: frozenset[str] = frozenset()) -> gr.Blocks:
+    """The whole page for `engine`. Settings live in `<data_dir>/settings.json` unless another
+    store is given; `listen` makes server-side paths read-only from the page."""
+    settings = settings or SettingsStore(Path(engine.config.data_dir) / "settings.json")
+    studio = Studio(engine, settings, listen=listen)
+    studio.apply_saved_outputs(keep_command_line)
+    demo = bool(getattr(engine, "is_demo", False))
+    fields = start_fields(studio)
+
+    with gr.Blocks(title="Easel", analytics_enabled=False) as page:
+        page.studio = studio  # for tests and the server
+        header = Header(studio)
+        first_run = DownloadsPanel(studio, "first-run", visible=not demo and not engine.model_names())
+        with gr.Tabs(elem_id="easel-tabs") as tabs:
+            with gr.Tab("Text to image", id="txt2img", elem_id="tab-txt2img"):
+                txt2img = GenerationTab(studio, "txt2img", header.model, demo, fields)
+            with gr.Tab("Image to image", id="img2img", elem_id="tab-img2img"):
+                img2img = GenerationTab(studio, "img2img", header.model, demo, fields)
+            with gr.Tab("Upscale 4x", id="upscale", elem_id="tab-upscale"):
+                upscale = UpscaleTab(studio)
+            with gr.Tab("PNG info", id="pnginfo", elem_id="tab-pnginfo"):
+                png_info = PngInfoTab(studio)
+            with gr.Tab("Models", id="models", elem_id="tab-models") as models_tab:
+                models = ModelsTab(studio)
+            with gr.Tab("Settings", id="settings", elem_id="tab-settings"):
+                settings_tab(studio, settings, listen)
+
+        txt2img.vae = img2img.vae = header.vae
+        wire_downloads(studio, [first_run, models.catalogue], model=header.model, banner=header.banner,
+                       models_table=models.table, hires_upscaler=txt2img.fields["hr_upscaler"],
+                       upscaler=upscale.fields["upscaler"])
+        for tab in (txt2img, img2img, upscale):
+            tab.wire()
+        header.wire(studio, [txt2img, img2img])
+        models.wire(models_tab, header, txt2img, img2img, upscale)
+        png_info.wire(tabs, txt2img, img2img)
+        wire_send_to_upscale(tabs, upscale, [(txt2img.send_upscale, txt2img.gallery, txt2img.selected),
+                                             (img2img.send_upscale, img2img.gallery, img2img.selected),
+                                             (png_info.send_upscale, png_info.image, gr.State(0))])
 
         def forget_session(request: gr.Request):
             studio.jobs.drop_session(request.session_hash)

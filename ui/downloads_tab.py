@@ -25,6 +25,13 @@ log = logging.getLogger(__name__)
 HEADERS = ["Model", "Name", "Size", "This machine", "Why", "Good for", "Licence", "Status"]
 
 
+def cancel_look(active: bool) -> dict:
+    """A Cancel button's look: grey and unclickable while there is nothing to cancel, the red stop
+    style while a job can be cancelled (here and on the generation tabs). An update, never a plain
+    value: each replaces the button's one copy in the session (see GenerationTab._run)."""
+    return gr.update(variant="stop" if active else "secondary", interactive=active)
+
+
 class DownloadsPanel:
     """The catalogue and download widgets, built where it is called (inside a tab or the page)."""
 
@@ -41,7 +48,9 @@ class DownloadsPanel:
                 self.choice = gr.Dropdown(downloads.catalog.names(), value=first_choice(studio), label="Model to get",
                                           scale=3, elem_id=f"{prefix}-choice")
                 self.download = gr.Button("Download", variant="primary", scale=1, elem_id=f"{prefix}-download")
-                self.cancel = gr.Button("Cancel", variant="stop", scale=1, elem_id=f"{prefix}-cancel")
+                # Idle until a download runs: see `cancel_look`.
+                self.cancel = gr.Button("Cancel", variant="secondary", interactive=False, scale=1,
+                                        elem_id=f"{prefix}-cancel")
             with gr.Row(equal_height=True):
                 self.link = gr.Textbox(label="Or an https link to a .safetensors file", scale=3,
                                        placeholder="https://huggingface.co/…/resolve/main/model.safetensors",
@@ -85,6 +94,10 @@ class Transfers:
             job.cancel()
         return job is not None
 
+    def running(self, key) -> bool:
+        with self._lock:
+            return key in self._jobs
+
     def finish(self, key, job) -> None:
         with self._lock:
             if self._jobs.get(key) is job:
@@ -119,20 +132,26 @@ def model_name_of(studio, path: Path) -> str | None:
         return None
 
 
-def wire_downloads(studio, panels: list[DownloadsPanel], *, model, banner, models_table) -> None:
+def wire_downloads(studio, panels: list[DownloadsPanel], *, model, banner, models_table,
+                   hires_upscaler, upscaler) -> None:
     """Download and Cancel for each panel; when a download ends, every panel's catalogue, the model
-    list and the banner are refreshed and the new checkpoint is selected in the picker."""
+    list, the banner and both upscaler pickers (hires fix's, the Upscale tab's) are refreshed, and a
+    new checkpoint is selected in the picker."""
     transfers = Transfers()
     engine = studio.engine
     first_run = panels[0].column
 
     for panel in panels:
-        outputs = [panel.progress, model, banner, models_table, first_run, *(p.catalog for p in panels)]
+        outputs = [panel.progress, model, banner, models_table, first_run, panel.cancel, hires_upscaler, upscaler,
+                   *(p.catalog for p in panels)]
 
         def fetch(what, request: gr.Request, panel=panel, link=False):
             key = (request.session_hash, panel.prefix)
             job = transfers.start(key)
             try:
+                # Cancel can stop it from now on. (Left out of the later yields: a button gets no plain
+                # values, so its copy in the session is replaced each time, never added to.)
+                yield {panel.progress: progress_html("Starting…", 0.0, "running"), panel.cancel: cancel_look(True)}
                 for item in run_download(studio, job, (what or "").strip(), link):
                     if isinstance(item, Path):
                         yield finished(item, panel)
@@ -164,6 +183,8 @@ def wire_downloads(studio, panels: list[DownloadsPanel], *, model, banner, model
                     model: gr.update(choices=names, value=name or studio.default_model()),
                     banner: studio.banner(), models_table: studio.model_rows(),
                     first_run: gr.update(visible=not names),
+                    hires_upscaler: gr.update(choices=list(engine.hires_upscaler_names())),
+                    upscaler: gr.update(choices=engine.upscaler_names()),
                     **{p.catalog: catalog_rows(studio) for p in panels}}
 
         def fetch_link(url, request: gr.Request, panel=panel):
@@ -173,8 +194,12 @@ def wire_downloads(studio, panels: list[DownloadsPanel], *, model, banner, model
             if transfers.cancel((request.session_hash, panel.prefix)):
                 gr.Info("Cancelling the download…")
 
-        panel.download.click(fetch, panel.choice, outputs, concurrency_id="download", concurrency_limit=2,
-                             api_visibility="private")
-        panel.download_link.click(fetch_link, panel.link, outputs, concurrency_id="download", concurrency_limit=2,
-                                  api_visibility="private")
+        def settle(request: gr.Request, panel=panel):  # idle again, unless another download of this panel runs
+            return cancel_look(transfers.running((request.session_hash, panel.prefix)))
+
+        for button, handler, source in ((panel.download, fetch, panel.choice),
+                                        (panel.download_link, fetch_link, panel.link)):
+            button.click(handler, source, outputs, concurrency_id="download", concurrency_limit=2,
+                         api_visibility="private").then(settle, None, panel.cancel, queue=False,
+                                                        api_visibility="private")
         panel.cancel.click(cancel, None, None, queue=False, api_visibility="private")
