@@ -20,7 +20,7 @@ from engine.errors import EaselError
 from engine.feature_cache import INTERVAL, MIN_STEPS, FeatureReuse
 from engine.infotext import build_infotext, params_from_values
 from engine.inpaint import InpaintJob
-from engine.jobs import GenerationResult, Job, ProgressUpdate, check_cancelled
+from engine.jobs import GenerationResult, Job, ProgressUpdate, check_cancelled, stopping_early
 from engine.lora import Loras, strip_loras
 from engine.manager import LoadedModel, ModelManager
 from engine.openvino_parts import unload_before_steps
@@ -129,6 +129,8 @@ class Generator:
                 publication.add(image, seed, info)
                 seeds.append(seed)
                 infotexts.append(info)
+            if stopping_early(job):  # interrupted with keep_partial: no further batch
+                break
         published = publication.finish(grid=request.save_grid)
         if published.save_error is not None:
             run.notes.append(published.save_error)
@@ -173,13 +175,22 @@ class Generator:
         if run.request.mode == "img2img" and run.request.denoising_strength == 0:
             return [run.init_image.copy() for _ in seeds]  # nothing to denoise (A1111 returns the init image too)
         latents = self.manager.with_fallback(run.model, lambda: self._denoise(run, batch, seeds), run.notes)
-        check_cancelled(run.job)
+        if stopping_early(run.job):  # the pictures as far as the steps got; no hires pass
+            run.notes.append("interrupted: the pictures are as far as their steps got")
+            return self._finish_pictures(run, latents)
+        if run.request.enable_hr and run.request.denoising_strength == 0:
+            # A1111 takes hires denoising 0: the second pass changes nothing, so the answer is the
+            # first pass enlarged (a latent enlargement decoded), with no UNet step run.
+            return self.manager.with_fallback(run.model, lambda: self._enlarged_pictures(run, latents), run.notes)
         if run.request.enable_hr:
             first = latents
             latents = self.manager.with_fallback(run.model, lambda: self._hires_pass(run, batch, seeds, first), run.notes)
-            check_cancelled(run.job)
+            stopping_early(run.job)
+        return self._finish_pictures(run, latents)
+
+    def _finish_pictures(self, run: Run, latents: torch.Tensor) -> list[Image.Image]:
         images = self.manager.with_fallback(run.model, lambda: self._decode(run, latents), run.notes)
-        check_cancelled(run.job)
+        stopping_early(run.job)
         if run.inpaint is not None:  # before publishing: see engine.inpaint on the watermark
             images = [run.inpaint.composite(image) for image in images]
         return images
@@ -215,23 +226,33 @@ class Generator:
         return self._pipeline_pass(run, batch, seeds, request.mode, run.steps, extra, run.reuse_features)
 
     def _hires_pass(self, run: Run, batch: int, seeds: list[int], latents: torch.Tensor) -> torch.Tensor:
-        """Hires fix's second pass: enlarge the first pass (its latents, or its decoded picture with
-        Lanczos) to the final size, then img2img over it at the request's denoising strength."""
+        """Hires fix's second pass: enlarge the first pass (see _enlarge), then img2img over it at
+        the request's denoising strength."""
+        request = run.request
+        image = self._enlarge(run, latents)
+        steps = img2img_steps(request.hr_second_pass_steps or request.steps, request.denoising_strength)
+        return self._pipeline_pass(run, batch, seeds, "img2img", steps,
+                                   dict(image=image, strength=request.denoising_strength), reuse=False)
+
+    def _enlarge(self, run: Run, latents: torch.Tensor) -> torch.Tensor | list[Image.Image]:
+        """The first pass at hires fix's final size: its latents enlarged ("Latent"), or its decoded
+        pictures enlarged with Lanczos or an upscaler model."""
         request, model = run.request, run.model
         factor = model.vae_scale_factor
         width, height = hires_size(request.width, request.height, request.hr_scale, size_multiple(factor))
         if request.hr_upscaler == "Latent":
-            image = torch.nn.functional.interpolate(latents, size=(height // factor, width // factor), mode="bilinear")
-        elif request.hr_upscaler == "Lanczos":
-            image = [picture.resize((width, height), Image.LANCZOS) for picture in self._decode(run, latents)]
-        else:  # an upscaler model (ESRGAN family), validated against the models folder by the engine
-            if self.upscalers is None:
-                raise EaselError(f"hr_upscaler: {request.hr_upscaler} needs the engine's upscalers")
-            image = [self.upscalers.enlarge(picture, request.hr_upscaler, (width, height), run.job)
-                     for picture in self._decode(run, latents)]
-        steps = img2img_steps(request.hr_second_pass_steps or request.steps, request.denoising_strength)
-        return self._pipeline_pass(run, batch, seeds, "img2img", steps,
-                                   dict(image=image, strength=request.denoising_strength), reuse=False)
+            return torch.nn.functional.interpolate(latents, size=(height // factor, width // factor), mode="bilinear")
+        if request.hr_upscaler == "Lanczos":
+            return [picture.resize((width, height), Image.LANCZOS) for picture in self._decode(run, latents)]
+        # an upscaler model (ESRGAN family), validated against the models folder by the engine
+        if self.upscalers is None:
+            raise EaselError(f"hr_upscaler: {request.hr_upscaler} needs the engine's upscalers")
+        return [self.upscalers.enlarge(picture, request.hr_upscaler, (width, height), run.job)
+                for picture in self._decode(run, latents)]
+
+    def _enlarged_pictures(self, run: Run, latents: torch.Tensor) -> list[Image.Image]:
+        enlarged = self._enlarge(run, latents)
+        return self._decode(run, enlarged) if isinstance(enlarged, torch.Tensor) else enlarged
 
     def _pipeline_pass(self, run: Run, batch: int, seeds: list[int], mode: str, steps: int, extra: dict,
                        reuse: bool) -> torch.Tensor:
@@ -291,7 +312,9 @@ class Generator:
         sdxl = run.model.info.latent_preview == "sdxl"
 
         def on_step_end(pipe, i, t, tensors):
-            check_cancelled(job)
+            if stopping_early(job):
+                pipe._interrupt = True  # diffusers' own early stop: the loop skips the steps left
+                return tensors
             if job.on_progress:
                 steps = getattr(pipe, "num_timesteps", None) or request.steps
                 preview = None
@@ -299,7 +322,8 @@ class Generator:
                     preview = latents_to_preview(tensors["latents"][:1], sdxl=sdxl)[0]
                 job.on_progress(ProgressUpdate(i + 1, steps, batch, request.batch_count,
                                                time.monotonic() - run.started, preview))
-                check_cancelled(job)  # cancelled while this step was reported: no further UNet step
+                if stopping_early(job):  # cancelled while this step was reported: no further UNet step
+                    pipe._interrupt = True
             return tensors
 
         return on_step_end

@@ -39,6 +39,9 @@ class Job:
     on_progress: Callable[[ProgressUpdate], None] | None = None
     preview_every: int = 0  # 0: no previews
     cancelled: threading.Event = field(default_factory=threading.Event)
+    # What cancel means. False (the page): stop, no picture. True (A1111's API, whose clients expect
+    # an answer with images to interrupt): no further step, and the pictures as far as they got.
+    keep_partial: bool = False
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -64,3 +67,12 @@ def check_cancelled(job: Job) -> None:
     """Raise CancelledError if the job was cancelled: called between the parts of a job."""
     if job.cancelled.is_set():
         raise CancelledError("cancelled")
+
+
+def stopping_early(job: Job) -> bool:
+    """True when the job was cancelled and wants its pictures as far as they got (`keep_partial`);
+    cancelled without it, CancelledError; else False. Called between the parts of a job."""
+    if job.cancelled.is_set() and job.keep_partial:
+        return True
+    check_cancelled(job)
+    return False

@@ -185,9 +185,6 @@ class GenerationRequest:
         values["hr_upscaler"] = _choice("hr_upscaler", raw["hr_upscaler"], tuple(hires_upscalers))
         if values["enable_hr"] and mode != "txt2img":
             raise RequestError("enable_hr", "hires fix is for txt2img; img2img sets its size directly")
-        if values["enable_hr"] and values["denoising_strength"] == 0:
-            raise RequestError("denoising_strength", "hires fix needs a denoising strength above 0 and up to 1 "
-                                                     "(at 0 the second pass would change nothing)")
 
         values["init_image"] = _init_image(raw["init_image"], mode)
         values["mask"] = _mask(raw["mask"], mode, values["init_image"], values["inpainting_mask_invert"])
@@ -280,6 +277,15 @@ def _int(name: str, value: Any) -> int:
     if not low <= result <= high:
         raise _range_error(name, value)
     return result
+
+
+def a1111_count(value: Any) -> Any:
+    """A step count as A1111's API reads it: a finite fractional number cut toward zero (pydantic's
+    int() of a JSON 20.7 is 20); anything else, text included, as given, for validation to judge.
+    Only the API uses it: the page and the CLI refuse a fractional count, naming the field."""
+    if type(value) is float and math.isfinite(value) and not value.is_integer():
+        return math.trunc(value)
+    return value
 
 
 def _float(name: str, value: Any) -> float:

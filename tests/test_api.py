@@ -270,6 +270,8 @@ def test_interrupt_stops_the_running_api_job(server):
     assert not thread.is_alive()
     body = results[0].json()
     assert results[0].status_code == 200 and json.loads(body["info"])["interrupted"] is True
+    # As A1111 answers: the picture as far as its steps got, not an empty list.
+    assert len(body["images"]) == 1 and png(body["images"][0]).size == (64, 64)
 
 
 # --- models, options, lists ------------------------------------------------------------------------

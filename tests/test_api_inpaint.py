@@ -146,3 +146,25 @@ def test_skip_stops_the_running_api_job_as_interrupt_does(server):
     thread.join(300)
     assert not thread.is_alive()
     assert results[0].status_code == 200 and json.loads(results[0].json()["info"])["interrupted"] is True
+
+
+# --- A1111's leniency that clients rely on ---------------------------------------------------------
+def test_hires_denoising_0_is_taken_and_gives_the_enlarged_first_pass(server):
+    image, info = hires(server, hr_scale=2, denoising_strength=0)
+    assert image.size == (128, 128) and info["denoising_strength"] == 0
+
+
+def test_a_fractional_step_count_is_cut_toward_zero_as_a1111_does(server):
+    image, info = hires(server, steps=2.9, hr_second_pass_steps=1.5)
+    assert info["steps"] == 2 and "Hires steps: 1" in info["infotexts"][0]
+
+
+def test_a_fractional_batch_size_is_still_422_naming_it(server):
+    assert_refused(post(server, "txt2img", {**SMALL, "batch_size": 1.5}), "batch_size")
+
+
+def test_numbers_sent_as_text_are_read_as_a1111_reads_them(server):
+    response = post(server, "txt2img", {**SMALL, "steps": "2", "cfg_scale": "6.5", "seed": "11", "width": "64"})
+    assert response.status_code == 200, response.text[:300]
+    info = json.loads(response.json()["info"])
+    assert (info["steps"], info["cfg_scale"], info["seed"], info["width"]) == (2, 6.5, 11, 64)

@@ -253,3 +253,35 @@ def test_dpm_sde_gives_the_same_image_for_the_same_seed(sd_engine):
     c = run(sd_engine, sampler="DPM++ SDE", seed=78)
     assert np.array_equal(pixels(a.images[0]), pixels(b.images[0]))
     assert not np.array_equal(pixels(a.images[0]), pixels(c.images[0]))
+
+
+def cancel_after_step(job: Job, step: int):
+    def on_progress(update):
+        if update.step >= step:
+            job.cancel()
+    return on_progress
+
+
+def test_an_interrupted_keep_partial_job_answers_with_the_picture_as_far_as_it_got(sd_engine):
+    """A1111's API answer to interrupt: no further UNet step, no further batch, the partial picture."""
+    unet = sd_engine.load_model().pipe.unet
+    calls = []
+    handle = unet.register_forward_pre_hook(lambda m, args: calls.append(1))
+    job = Job(keep_partial=True)
+    job.on_progress = cancel_after_step(job, 2)
+    try:
+        result = run(sd_engine, job, steps=10, batch_count=3, enable_hr=True, hr_upscaler="Lanczos")
+    finally:
+        handle.remove()
+    assert len(calls) == 2  # two steps of ten, no hires pass, no second batch
+    assert len(result.images) == 1 and result.images[0].size == (64, 48)  # the first pass's size
+    assert any("interrupted" in note for note in result.notes)
+    complete = run(sd_engine, steps=10)
+    assert np.abs(pixels(result.images[0]) - pixels(complete.images[0])).mean() > 1  # not the finished picture
+
+
+def test_an_interrupted_page_job_still_gives_no_picture(sd_engine):
+    job = Job()
+    job.on_progress = cancel_after_step(job, 2)
+    with pytest.raises(CancelledError):
+        run(sd_engine, job, steps=10)

@@ -13,7 +13,7 @@ def validate(**fields):
 @pytest.mark.parametrize("field,value,message", [
     ("steps", 0, "steps: must be between 1 and 150"),
     ("steps", "many", "steps: must be a whole number between 1 and 150"),
-    ("steps", 2.5, "steps: must be a whole number"),
+    ("steps", 2.5, "steps: must be a whole number"),  # the page and the CLI; the API: a1111_count
     ("cfg_scale", 31, "cfg_scale: must be between 0.0 and 30.0"),
     ("cfg_scale", float("nan"), "cfg_scale: must be between"),
     ("width", 500, "width: must be a multiple of 8 between 8 and 3072"),
@@ -114,3 +114,8 @@ def test_an_echoed_surrogate_is_escaped_in_any_refusal():
     # Refusals that quote a value (a LoRA or model name) must stay sendable as JSON and printable.
     error = RequestError("prompt", "<lora:x\ud800>: no such LoRA; é stays")
     assert str(error) == "prompt: <lora:x\\ud800>: no such LoRA; é stays"
+
+
+def test_hires_fix_takes_denoising_strength_0_as_a1111_does():
+    request = GenerationRequest.validate({"enable_hr": True, "denoising_strength": 0}, size_multiple=8)
+    assert request.enable_hr and request.denoising_strength == 0

@@ -42,7 +42,7 @@ from engine.errors import CancelledError, EaselError, ModelNotFoundError, Reques
 from engine.images import decode_base64_image
 from engine.infotext import parse_infotext, printable, write_png_with_infotext
 from engine.jobs import Job
-from engine.request import LIMITS
+from engine.request import LIMITS, a1111_count
 from engine.samplers import A1111_SCHEDULE_NAMES
 from ui.progress import preview_every
 
@@ -364,7 +364,8 @@ class ApiJobs:
         self._lock = threading.Lock()
 
     def open(self, steps=None) -> Job:
-        job = Job(preview_every=preview_every(steps) if steps else 0)
+        # keep_partial: interrupt answers with the pictures as far as they got, as A1111 does.
+        job = Job(preview_every=preview_every(steps) if steps else 0, keep_partial=True)
         key = id(job)
 
         def keep_preview(update) -> None:
@@ -534,10 +535,12 @@ class Api:
         return override
 
     def run(self, request, model) -> tuple[Any, bool]:
-        """The result (None if interrupted) and whether the job was interrupted."""
+        """The result (None if interrupted before its first picture) and whether the job was
+        interrupted (an interrupted job's pictures are as far as they got: Job.keep_partial)."""
         job = self.jobs.open(request.steps)
         try:
-            return self.engine.generate(request, job, model=model), False
+            result = self.engine.generate(request, job, model=model)
+            return result, job.cancelled.is_set()
         except CancelledError:
             return None, True
         finally:
@@ -686,7 +689,7 @@ def generation_fields(body, mode: str, used: frozenset[str]) -> tuple[dict[str, 
     fields = {
         "mode": mode, "prompt": body.prompt, "negative_prompt": body.negative_prompt, "seed": body.seed,
         "sampler": body.sampler_name or body.sampler_index, "schedule_type": scheduler_label(body.scheduler),
-        "steps": body.steps, "cfg_scale": body.cfg_scale, "width": body.width, "height": body.height,
+        "steps": a1111_count(body.steps), "cfg_scale": body.cfg_scale, "width": body.width, "height": body.height,
         "batch_size": body.batch_size, "batch_count": body.n_iter, "save_images": body.save_images,
         "speed": body.speed, "denoising_strength": body.denoising_strength,
     }
@@ -700,7 +703,7 @@ def generation_fields(body, mode: str, used: frozenset[str]) -> tuple[dict[str, 
 
 def txt2img_fields(body: Txt2ImgRequest) -> tuple[dict[str, Any], dict[str, str], list[str]]:
     fields = {"enable_hr": body.enable_hr, "hr_scale": body.hr_scale, "hr_upscaler": body.hr_upscaler,
-              "hr_second_pass_steps": body.hr_second_pass_steps}
+              "hr_second_pass_steps": a1111_count(body.hr_second_pass_steps)}
     sources: dict[str, str] = {}
     resize = hires_resize_scale(body.width, body.height, body.hr_resize_x, body.hr_resize_y) \
         if body.enable_hr is True else None
