@@ -27,7 +27,7 @@ from engine.openvino_parts import unload_before_steps
 from engine.publish import Publisher
 from engine.preview import latents_to_preview
 from engine.request import MAX_SEED, GenerationRequest, hires_size, size_multiple
-from engine.samplers import make_scheduler
+from engine.samplers import scheduler_for
 from engine.upscalers import Upscalers
 
 
@@ -260,7 +260,11 @@ class Generator:
         run's; `extra` holds what the pass starts from (a size, or an image and a strength)."""
         request, model = run.request, run.model
         pipe = model.pipeline(mode)
-        pipe.scheduler = make_scheduler(request.sampler, request.schedule_type, model.scheduler_config)
+        scheduled = scheduler_for(request.sampler, request.schedule_type, model.scheduler_config, steps,
+                                  sdxl=model.info.latent_preview == "sdxl")
+        if scheduled.note and scheduled.note not in run.notes:  # runs as A1111 runs it; the answer says so
+            run.notes.append(scheduled.note)
+        pipe.scheduler = scheduled.scheduler
         if hasattr(pipe.scheduler, "noise_sampler_seed"):
             # DPM++ SDE's Brownian tree, one per image seeded with its seed as A1111 does; left unset,
             # diffusers seeds it from torch's global RNG and the same seed gives another image.
@@ -278,6 +282,8 @@ class Generator:
             callback_on_step_end=self._callback(run, batch),
             **extra,
         )
+        if scheduled.sigmas is not None:  # the schedule's own sigma list: the pipeline counts the steps from it
+            kwargs["sigmas"] = scheduled.sigmas
         if pos.pooled is not None:
             kwargs["pooled_prompt_embeds"] = rep(pos.pooled)
             kwargs["negative_pooled_prompt_embeds"] = rep(neg.pooled)

@@ -22,7 +22,7 @@ def validate(**fields):
     ("batch_count", 0, "batch_count: must be between 1 and 100"),
     ("seed", -2, "seed: must be between -1 and 4294967295"),
     ("sampler", "Euler b", "sampler: unknown sampler 'Euler b'"),
-    ("schedule_type", "Karras", "schedule_type: Euler a supports Automatic, Uniform, not 'Karras'"),
+    ("schedule_type", "Sideways", "schedule_type: unknown schedule type 'Sideways'"),
     ("mode", "inpaint", "mode: must be one of txt2img, img2img"),
     ("speed", "turbo", "speed: must be one of exact, fast, got 'turbo'"),
     ("prompt", 5, "prompt: must be text"),

@@ -182,6 +182,14 @@ def test_unknown_sampler_is_an_error_not_a_default():
         make_scheduler("k_euler", "Automatic", SD_CONFIG)
 
 
-def test_schedule_a_sampler_cannot_follow_is_an_error():
-    with pytest.raises(RequestError, match="schedule_type: DDIM supports"):
-        make_scheduler("DDIM", "Karras", SD_CONFIG)
+def test_schedule_a_sampler_cannot_follow_runs_its_own_timesteps():
+    # A1111 takes DDIM + Karras (its timestep samplers ignore the schedule): so does Easel
+    scheduler = make_scheduler("DDIM", "Karras", SD_CONFIG)
+    assert type(scheduler).__name__ == "DDIMScheduler"
+    assert "use_karras_sigmas" not in scheduler.config
+
+
+def test_unknown_schedule_is_an_error():
+    with pytest.raises(RequestError, match="schedule_type: unknown schedule type 'Sideways'; choose one of: "
+                                           "Automatic, Uniform, Karras"):
+        make_scheduler("DDIM", "Sideways", SD_CONFIG)
