@@ -54,6 +54,8 @@ def _add_generation_options(p: argparse.ArgumentParser, img2img: bool) -> None:
     p.add_argument("--model", default=None, help="a name from `app.py models`, or a checkpoint path")
     p.add_argument("--vae", default=None, help="Automatic (the checkpoint's own) or a file in models/VAE; "
                                                "default: the one remembered for the checkpoint")
+    p.add_argument("--clip-skip", default=None, help="CLIP skip, 1-12: 2 for most anime SD 1.5 fine-tunes; "
+                                                     "default: the one remembered for the checkpoint (1)")
     p.add_argument("--seed", default=None, help="-1 for random")
     p.add_argument("--steps", default=None)
     p.add_argument("--cfg-scale", default=None)
@@ -177,7 +179,7 @@ def _generate(args, mode: str) -> int:
         "mode": mode, "prompt": args.prompt, "negative_prompt": args.negative_prompt, "seed": args.seed,
         "steps": args.steps, "cfg_scale": args.cfg_scale, "sampler": args.sampler, "schedule_type": args.scheduler,
         "width": args.width, "height": args.height, "batch_size": args.n_samples, "batch_count": args.n_iter,
-        "save_grid": args.grid or None, "speed": args.speed, "vae": args.vae,
+        "save_grid": args.grid or None, "speed": args.speed, "vae": args.vae, "clip_skip": args.clip_skip,
     }
     if mode == "txt2img":
         fields.update(enable_hr=args.enable_hr or None, hr_scale=args.hr_scale, hr_upscaler=args.hr_upscaler,

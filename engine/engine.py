@@ -219,6 +219,15 @@ class Engine:
         choice = resolve_vae(self.library, vae)
         self.manager.settings.set_vae(entry.name, AUTOMATIC if choice is None else choice.name)
 
+    def model_clip_skip(self, name: str | None = None) -> int:
+        """The CLIP skip remembered for a checkpoint (1 unless one was chosen)."""
+        return self.manager.settings.clip_skip(self.library.resolve(self._model_name(name)).name)
+
+    def set_model_clip_skip(self, name: str | None, clip_skip: int) -> int:
+        """Remember a CLIP skip for a checkpoint (1-12; RequestError naming `clip_skip`); a job
+        that gives none uses it."""
+        return self.manager.settings.set_clip_skip(self.library.resolve(self._model_name(name)).name, clip_skip)
+
     def set_model_distillation(self, name: str, distillation: str) -> None:
         """The user's word on a checkpoint: "turbo", "none" or "auto" (tell from its name)."""
         entry = self.library.resolve(name)
@@ -293,6 +302,12 @@ class Engine:
         with self.turns.turn(job), self.manager.use(self._model_name(model), on_status=job.say) as loaded:
             # The request's VAE, else the one remembered for this checkpoint (engine.vae).
             self.manager.apply_vae(loaded, request.vae or self.manager.settings.vae(loaded.entry.name))
+            # Likewise CLIP skip: the infotext records the one that ran, as A1111's does.
+            clip_skip = request.clip_skip or self.manager.settings.clip_skip(loaded.entry.name)
+            request = replace(request, clip_skip=clip_skip)
+            if clip_skip > 1 and not loaded.encoder.set_clip_skip(clip_skip):
+                loaded.notes.append(f"CLIP skip {clip_skip} does not apply to {loaded.info.label} models: their "
+                                    "text encoder's own layer is used (as in A1111)")
             return self.generator.run(request, loaded, job)  # checks first: cancelled while it waited
 
     # --- upscaling (extras) ---------------------------------------------------------------------

@@ -86,6 +86,7 @@ class Run:
         down moved the text encoder (the manager rebuilds the encoder for the new plan)."""
         if not self._encoded or self._encoded[0] is not self.model.encoder:
             # The <lora:...> tags are the job's LoRAs (applied before sampling), not words to encode.
+            self.model.encoder.set_clip_skip(self.request.clip_skip or 1)
             pair = self.model.encoder.encode_pair(strip_loras(self.request.prompt), self.request.negative_prompt)
             self._encoded = (self.model.encoder, pair)
         return self._encoded[1]

@@ -26,6 +26,7 @@ from engine.errors import EaselError, RequestError
 from engine.families import FAMILIES, Family, FamilyInfo
 from engine.library import ModelEntry, ModelLibrary, model_hash
 from engine.prompts import PromptEncoder
+from engine.request import RANGES
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ class ModelSettings:
         except (OSError, ValueError):
             return {}
 
-    def _write(self, name: str, key: str, value: str) -> None:
+    def _write(self, name: str, key: str, value: str | int) -> None:
         if not self.path:
             return
         data = self._read()
@@ -99,6 +100,20 @@ class ModelSettings:
         if distillation not in DISTILLATIONS:
             raise RequestError("distilled", f"must be one of {', '.join(DISTILLATIONS)}, got {distillation!r}")
         self._write(name, "distillation", distillation)
+
+    def clip_skip(self, name: str) -> int:
+        """The CLIP skip chosen for a checkpoint (1: the text encoder's last layer)."""
+        value = self._read().get(name, {}).get("clip_skip", 1)
+        low, high = RANGES["clip_skip"]
+        return value if type(value) is int and low <= value <= high else 1
+
+    def set_clip_skip(self, name: str, clip_skip: Any) -> int:
+        low, high = RANGES["clip_skip"]
+        if isinstance(clip_skip, bool) or not isinstance(clip_skip, (int, float)) or clip_skip != int(clip_skip) \
+                or not low <= clip_skip <= high:
+            raise RequestError("clip_skip", f"must be a whole number between {low} and {high}, got {clip_skip!r}")
+        self._write(name, "clip_skip", int(clip_skip))
+        return int(clip_skip)
 
     def vae(self, name: str) -> str:
         """The VAE chosen for a checkpoint: "Automatic" (its own) or a name in models/VAE."""

@@ -36,6 +36,7 @@ to trade any precision for.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import warnings
@@ -178,6 +179,22 @@ def convert_text_encoder(encoder: torch.nn.Module):
     return model
 
 
+@contextlib.contextmanager
+def text_encoder_on_torch(module: torch.nn.Module):
+    """Inside the block, a compiled text encoder runs its own torch forward: for a layer further
+    back than the compiled part gives (CLIP skip over 2). Nothing changes for one not compiled."""
+    registry = getattr(module, "_diffusers_hook", None)
+    hook = registry.get_hook(HOOK_NAME) if registry is not None else None
+    if not isinstance(hook, _RunTextEncoder):
+        yield
+        return
+    hook.on_torch = True
+    try:
+        yield
+    finally:
+        hook.on_torch = False
+
+
 def has_lora_layers(module: torch.nn.Module) -> bool:
     """Whether peft put LoRA layers into the module (diffusers' load_lora_weights does; unloading
     takes them out again)."""
@@ -199,8 +216,11 @@ class _RunTextEncoder(ModelHook):
     def __init__(self, part: OpenVINOPart):
         super().__init__()
         self.part = part
+        self.on_torch = False  # set by `text_encoder_on_torch`
 
     def new_forward(self, module, *args, **kwargs):
+        if self.on_torch:
+            return self.fn_ref.original_forward(*args, **kwargs)
         ids = args[0] if args else kwargs.get("input_ids")
         others = {k: v for k, v in kwargs.items() if k not in _TEXT_KWARGS and v is not None and v is not False}
         if len(args) > 1 or others or kwargs.get("return_dict") is False or not torch.is_tensor(ids) or \

@@ -69,6 +69,18 @@ class PromptEncoder:
             raise ValueError("SDXL's second text encoder must be a CLIPTextModelWithProjection")
         self._cache: OrderedDict[str, EncodedPrompt] = OrderedDict()
         self.embeddings: dict[str, Embedding] = {}  # name -> textual inversion, for these encoders
+        self.clip_skip = 1  # set_clip_skip
+
+    def set_clip_skip(self, clip_skip: int) -> bool:
+        """A1111's CLIP skip (CLIP_stop_at_last_layers): 1 is the last layer, 2 the one before it,
+        each put through the encoder's final layer norm, as A1111 does for SD 1.x. SD 2.x and SDXL
+        keep their own layer (A1111 ignores the setting for them too). True when it applies here."""
+        applies = not self.sdxl and clip_skip > 1 and _final_layer_norm(self.text_encoders[0]) is not None
+        wanted = clip_skip if applies else 1
+        if wanted != self.clip_skip:
+            self.clip_skip = wanted
+            self.clear_cache()
+        return applies
 
     def set_embeddings(self, embeddings: dict[str, Embedding]) -> None:
         """The textual-inversion embeddings prompts may name; encodings made without them are dropped."""
@@ -125,8 +137,7 @@ class PromptEncoder:
         for index, (tokenizer, encoder) in enumerate(zip(self.tokenizers, self.text_encoders)):
             ids = torch.tensor([_chunk_ids(c, tokenizer) for c in chunks], dtype=torch.long, device=self.device)
             with embeddings_in_place(encoder, chunks, self.embeddings, index):
-                out = encoder(ids, output_hidden_states=self.sdxl)
-            hidden = out.hidden_states[-2] if self.sdxl else out.last_hidden_state
+                hidden, out = self._hidden(encoder, ids)
             parts.append(_apply_weights(hidden, weights))
             if self.sdxl and hasattr(out, "text_embeds"):
                 pooled = out.text_embeds[:1].to(device=self.device, dtype=self.dtype)
@@ -134,6 +145,33 @@ class PromptEncoder:
         embeds = embeds.reshape(1, -1, embeds.shape[-1]).to(device=self.device, dtype=self.dtype)
         used = tuple(dict.fromkeys(fix.name for chunk in chunks for fix in chunk.fixes))
         return EncodedPrompt(embeds, pooled, used)
+
+
+    def _hidden(self, encoder, ids: torch.Tensor):
+        """The encoder's conditioning (and its whole output): SDXL's penultimate layer; else the
+        last layer, or with CLIP skip n the n-th from the end through the final layer norm."""
+        if self.sdxl:
+            out = encoder(ids, output_hidden_states=True)
+            return out.hidden_states[-2], out
+        if self.clip_skip == 1:
+            out = encoder(ids)
+            return out.last_hidden_state, out
+        skip = min(self.clip_skip, encoder.config.num_hidden_layers)  # A1111's 12 on a shallower encoder: its first
+        if skip > 2 and getattr(encoder, "_diffusers_hook", None) is not None:
+            # A compiled (OpenVINO) encoder hands back its last two layers only: this one runs on torch.
+            from engine.openvino_parts import text_encoder_on_torch
+
+            with text_encoder_on_torch(encoder):
+                out = encoder(ids, output_hidden_states=True)
+        else:
+            out = encoder(ids, output_hidden_states=True)
+        return _final_layer_norm(encoder)(out.hidden_states[-skip]), out
+
+
+def _final_layer_norm(encoder) -> torch.nn.Module | None:
+    """A CLIP text model's final layer norm: transformers 5 keeps it on the model, 4 on its text_model."""
+    inner = getattr(encoder, "text_model", encoder)
+    return getattr(inner, "final_layer_norm", None)
 
 
 def _chunk_ids(chunk: PromptChunk, tokenizer) -> list[int]:

@@ -45,6 +45,7 @@ RANGES = {
     "hr_second_pass_steps": (0, 150),
     "mask_blur": (0, 64),
     "inpaint_full_res_padding": (0, 256),
+    "clip_skip": (1, 12),  # A1111's CLIP_stop_at_last_layers slider
 }
 MAX_VAE_NAME = 255
 # Hires fix's built-in ways to enlarge the first pass (A1111's names). "Latent" enlarges the latents
@@ -127,6 +128,9 @@ class GenerationRequest:
     # The VAE: None for the one remembered for the checkpoint, "Automatic" for its own, or a file
     # name in models/VAE (the engine resolves it; engine.vae).
     vae: str | None = None
+    # CLIP skip (A1111's "Clip skip"): None for the one remembered for the checkpoint (1 unless set,
+    # anime SD 1.5 fine-tunes want 2); 1 the text encoder's last layer, n the n-th from the end.
+    clip_skip: int | None = None
 
     @property
     def total_images(self) -> int:
@@ -182,6 +186,7 @@ class GenerationRequest:
             fill = MASKED_CONTENT[fill]
         values["inpainting_fill"] = _choice("inpainting_fill", fill, MASKED_CONTENT)
         values["vae"] = _vae_name(raw["vae"])
+        values["clip_skip"] = None if raw["clip_skip"] is None else _int("clip_skip", raw["clip_skip"])
         values["hr_upscaler"] = _choice("hr_upscaler", raw["hr_upscaler"], tuple(hires_upscalers))
         if values["enable_hr"] and mode != "txt2img":
             raise RequestError("enable_hr", "hires fix is for txt2img; img2img sets its size directly")

@@ -370,3 +370,34 @@ def test_a_part_that_fails_stays_on_torch_with_a_note(models, ov_engine, ov_root
     assert any("VAE decoder" in n and "decoder converter exploded" in n and "runs on torch" in n for n in result.notes)
     assert "Backend: openvino" in result.infotexts[0]
     assert_close(result.images[0], run(torch_engine, vae="Automatic").images[0])
+
+
+def test_clip_skip_2_stays_on_the_openvino_text_encoder_and_agrees(ov_engine, torch_engine):
+    loaded = ov_engine.manager.current
+    before = calls(loaded)["text_encoder"]
+    ov = run(ov_engine, clip_skip=2)
+    assert calls(loaded)["text_encoder"] > before  # its penultimate layer comes from the compiled part
+    assert "Clip skip: 2," in ov.infotexts[0]
+    assert_close(ov.images[0], run(torch_engine, clip_skip=2).images[0])
+
+
+def test_clip_skip_further_back_than_the_compiled_part_gives_runs_that_encoder_on_torch(tmp_path):
+    """The compiled text encoder hands back its last two layers; CLIP skip 3 asks for a third from
+    the end, so that one encoding runs on torch (and agrees with a plain torch encoder)."""
+    from types import SimpleNamespace
+
+    from engine.tiny import tiny_text_encoder
+    from engine.tokenizers import load_clip_tokenizer
+
+    encoder, tokenizer = tiny_text_encoder(layers=4).eval(), load_clip_tokenizer("clip-l")
+    reference = PromptEncoder([tokenizer], [tiny_text_encoder(layers=4).eval()], device="cpu", dtype=torch.float32)
+    (plan,) = ovp.text_encoder_parts(SimpleNamespace(text_encoder=encoder))
+    part = ovp.prepare_part(plan, "clip-skip-test", ovb.OpenVINOCache(tmp_path))
+    compiled = PromptEncoder([tokenizer], [encoder], device="cpu", dtype=torch.float32)
+    for clip_skip in (2, 3):
+        compiled.set_clip_skip(clip_skip)
+        reference.set_clip_skip(clip_skip)
+        before = part.calls
+        got = compiled.encode("a red barn").embeds
+        assert (part.calls > before) == (clip_skip == 2)  # 3: not on the compiled part
+        assert torch.allclose(got, reference.encode("a red barn").embeds, atol=1e-4)
