@@ -344,6 +344,25 @@ class Engine:
         with self.turns.turn(job):
             return self.upscalers.run(image, upscaler, scale, tile, overlap, job, save=save, sd=sd)
 
+    # --- the machine ----------------------------------------------------------------------------
+    def cuda_memory(self) -> dict | None:
+        """The CUDA device's memory in A1111's /sdapi/v1/memory shape (torch's numbers), or None
+        when there is no CUDA device."""
+        if not self.hardware.cuda:
+            return None
+        import torch
+
+        free, total = torch.cuda.mem_get_info()
+        stats = torch.cuda.memory_stats()
+
+        def pair(key: str) -> dict:
+            return {"current": stats.get(f"{key}.all.current", 0), "peak": stats.get(f"{key}.all.peak", 0)}
+
+        return {"system": {"free": free, "used": total - free, "total": total}, "active": pair("active_bytes"),
+                "allocated": pair("allocated_bytes"), "reserved": pair("reserved_bytes"),
+                "inactive": pair("inactive_split_bytes"),
+                "events": {"retries": stats.get("num_alloc_retries", 0), "oom": stats.get("num_ooms", 0)}}
+
     # --- PNG info -----------------------------------------------------------------------------
     def png_info(self, source) -> PngInfo:
         return read_png_info(source, self.watermarker)

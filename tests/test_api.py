@@ -148,7 +148,7 @@ def test_save_images_saves_in_the_outputs_folder(server):
     ({"steps": 0}, "steps"),
     ({"n_iter": "x"}, "n_iter"),
     ({"sampler_name": "Euler z"}, "sampler_name"),
-    ({"sampler_name": "Euler a", "scheduler": "karras"}, "scheduler"),
+    ({"sampler_name": "Euler a", "scheduler": "sideways"}, "scheduler"),
     ({"width": 65}, "width"),
     ({"enable_hr": True, "hr_upscaler": "Nearest-Exact-ish"}, "hr_upscaler"),
     ({"override_settings": {"sd_model_checkpoint": "no-such-model"}}, "override_settings.sd_model_checkpoint"),
@@ -303,8 +303,13 @@ def test_samplers_schedulers_and_upscalers_are_listed(server):
     samplers = [s["name"] for s in get(server, "samplers").json()]
     assert "Euler a" in samplers and "DPM++ 2M" in samplers
     schedulers = get(server, "schedulers").json()
-    assert {"name": "karras", "label": "Karras"}.items() <= schedulers[2].items() or \
-        any(s["name"] == "karras" and s["label"] == "Karras" for s in schedulers)
+    assert [s["name"] for s in schedulers] == [
+        "automatic", "uniform", "karras", "exponential", "polyexponential", "sgm_uniform", "kl_optimal",
+        "align_your_steps", "simple", "normal", "ddim", "beta"]  # A1111's twelve, in its order
+    assert schedulers[2] == {"name": "karras", "label": "Karras", "aliases": None, "default_rho": 7.0,
+                             "need_inner_model": False}
+    options = {s["name"]: s["options"]["schedule_types"].split(",") for s in get(server, "samplers").json()}
+    assert "karras" in options["DPM++ 2M"] and "karras" not in options["DDIM"]  # DDIM keeps its own timesteps
     upscalers = [u["name"] for u in get(server, "upscalers").json()]
     assert upscalers[:2] == ["None", "Lanczos"]
 
@@ -367,3 +372,13 @@ def test_api_auth_and_page_logins_both_open_the_api(auth_server, login):
 def test_api_auth_logins_do_not_open_the_page(auth_server):
     response = requests.post(auth_server.url + "/login", data={"username": "bot", "password": "secret"}, timeout=10)
     assert response.status_code in (400, 401)
+
+
+@pytest.mark.parametrize("sampler, scheduler", [("DDIM", "normal"), ("DDIM", "karras"), ("Euler a", "normal"),
+                                                ("Euler a", "karras"), ("Euler", "beta"), ("DPM++ 2M", "sgm_uniform")])
+def test_any_sampler_takes_any_schedule_type_as_a1111_does(server, sampler, scheduler):
+    """SillyTavern's default (DDIM + normal) and Open WebUI's (Euler a + Karras) were 422 before."""
+    response = post(server, "txt2img", {**SMALL, "sampler_name": sampler, "scheduler": scheduler})
+    assert response.status_code == 200, response.text[:300]
+    info = json.loads(response.json()["info"])
+    assert info["sampler_name"] == sampler and info["scheduler"].lower().replace(" ", "_") == scheduler

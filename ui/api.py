@@ -15,6 +15,8 @@ the same request guard. No torch: everything goes through the Engine object hand
   txt2img's `hr_resize_x` / `hr_resize_y` become the hires fix's scale (`hires_resize_scale`).
 - `skip` (A1111: skip the current image of a batch) stops an API job like `interrupt`: Easel's
   jobs have no per-image skip.
+- The list endpoints (sd-vae, loras, embeddings, prompt-styles, cmd-flags, memory, ...) are in
+  `ui/api_lists.py`, a base class of `Api`; their routes are rows of `Api.ROUTES` like the others.
 - Jobs take their turn on the device with the page's (Engine.turns: first come, first served).
 - Credentials: HTTP Basic, any --auth/--auth-file login or an --api-auth one, when there is any;
   wrong passwords count toward the guard's per-address login limit.
@@ -43,7 +45,8 @@ from engine.images import decode_base64_image
 from engine.infotext import parse_infotext, printable, write_png_with_infotext
 from engine.jobs import Job
 from engine.request import LIMITS, a1111_count
-from engine.samplers import A1111_SCHEDULE_NAMES
+from engine.samplers import SAMPLERS, SCHEDULES, schedule_label
+from ui import api_lists as lists
 from ui.progress import preview_every
 
 logger = logging.getLogger(__name__)
@@ -54,13 +57,12 @@ RESIZE_MODES = {0: "just resize", 1: "crop and resize", 2: "resize and fill"}  #
 
 
 def scheduler_label(value: Any) -> Any:
-    """A1111 takes a scheduler by name ("karras") or label ("Karras"); the engine by label."""
+    """A1111 takes a scheduler by name ("karras"), label ("Karras") or alias; the engine by label."""
     if value is None or value == "":
         return "Automatic"
     if not isinstance(value, str):
         return value  # the request's validation names it
-    labels = {label.lower().replace(" ", "_"): label for label in ("Automatic", *A1111_SCHEDULE_NAMES)}
-    return labels.get(value.strip().lower().replace(" ", "_"), value)
+    return schedule_label(value) or value
 
 
 # --- request bodies --------------------------------------------------------------------------------
@@ -433,14 +435,14 @@ class Route(NamedTuple):
     method: str
     path: str
     handler: str  # the name of an Api method
-    response_model: type[BaseModel] | None = None
+    response_model: Any = None  # a BaseModel, or a list[...] of one
     # The A1111 names of engine fields, for refusals. None: not wrapped in `answering`, which takes
     # sync handlers only; the async ones and those with nothing to refuse answer as FastAPI does.
     names: dict[str, str] | None = None
     in_schema: bool = True  # False: served, but not an A1111 route, so left out of the OpenAPI document
 
 
-class Api:
+class Api(lists.ListRoutes):
     """The /sdapi/v1 routes (and /docs, /openapi.json) on `engine`; `router` has them, each route a
     method, registered from ROUTES. `logins`: (user, password) pairs accepted as HTTP Basic
     credentials (none: open, as the page is); `limiter`: the request guard's LoginLimiter, so wrong
@@ -464,6 +466,21 @@ class Api:
         Route("GET", f"{PREFIX}/schedulers", "schedulers"),
         Route("GET", f"{PREFIX}/upscalers", "upscalers", names={}),
         Route("GET", f"{PREFIX}/scripts", "scripts"),
+        # The lists (ui/api_lists.py): models on disk, styles, flags, memory.
+        Route("GET", f"{PREFIX}/sd-vae", "sd_vae", list[lists.SdVaeItem], {}),
+        Route("POST", f"{PREFIX}/refresh-vae", "refresh_list", names={}),
+        Route("GET", f"{PREFIX}/loras", "loras", list[lists.LoraItem], {}),
+        Route("POST", f"{PREFIX}/refresh-loras", "refresh_list", names={}),
+        Route("GET", f"{PREFIX}/embeddings", "embeddings", lists.EmbeddingsResponse, {}),
+        Route("POST", f"{PREFIX}/refresh-embeddings", "refresh_list", names={}),
+        Route("GET", f"{PREFIX}/realesrgan-models", "realesrgan_models", list[lists.RealesrganItem], {}),
+        Route("GET", f"{PREFIX}/latent-upscale-modes", "latent_upscale_modes", list[lists.LatentUpscalerModeItem], {}),
+        Route("GET", f"{PREFIX}/face-restorers", "face_restorers", list[lists.FaceRestorerItem], {}),
+        Route("GET", f"{PREFIX}/hypernetworks", "hypernetworks", list[lists.HypernetworkItem], {}),
+        Route("GET", f"{PREFIX}/prompt-styles", "prompt_styles", list[lists.PromptStyleItem], {}),
+        Route("GET", f"{PREFIX}/cmd-flags", "cmd_flags", names={}),
+        Route("GET", f"{PREFIX}/memory", "memory", lists.MemoryResponse, {}),
+        Route("GET", "/internal/ping", "ping"),  # A1111 mounts it outside /sdapi/v1
         # The OpenAPI document and its page, behind the same credentials.
         Route("GET", "/openapi.json", "openapi", in_schema=False),
         Route("GET", "/docs", "docs", in_schema=False),
@@ -642,11 +659,16 @@ class Api:
         return None
 
     def samplers(self):
-        return [{"name": name, "aliases": [], "options": {}} for name in self.engine.samplers]
+        """Every sampler takes every schedule type (as A1111 since 1.9); `options.schedule_types` says
+        which ones it really follows, the others run on its own timesteps with a note."""
+        names = {s.label: s.name for s in SCHEDULES}
+        return [{"name": name, "aliases": [],
+                 "options": {"schedule_types": ",".join(names[label] for label in SAMPLERS[name].schedules)}}
+                for name in self.engine.samplers]
 
     def schedulers(self):
-        return [{"name": label.lower().replace(" ", "_"), "label": label, "aliases": None, "default_rho": -1,
-                 "need_inner_model": False} for label in self.engine.schedule_types]
+        return [{"name": s.name, "label": s.label, "aliases": list(s.aliases) or None, "default_rho": s.default_rho,
+                 "need_inner_model": s.need_inner_model} for s in SCHEDULES]
 
     def upscalers(self):
         rows = [{"name": NO_UPSCALER, "model_name": None, "model_path": None, "model_url": None, "scale": 4}]
