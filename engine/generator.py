@@ -101,6 +101,29 @@ class Run:
         return {**self.networks, **ti_hashes(used, self.embeddings)}
 
 
+TILING_ON_TORCH = ("tiling ran on torch: OpenVINO's compiled UNet and VAE pad with zeros, and seamless "
+                   "tiling needs circular padding")
+
+
+@contextlib.contextmanager
+def _circular_padding(run: Run):
+    """A1111's tiling: every Conv2d of the UNet and the VAE pads circularly for the job (the
+    compiled VAE parts run on torch meanwhile), and pads as before afterwards."""
+    from engine.openvino_parts import parts_on_torch
+
+    pipe = run.model.pipe
+    convs = [m for part in (pipe.unet, pipe.vae) for m in part.modules() if isinstance(m, torch.nn.Conv2d)]
+    before = [conv.padding_mode for conv in convs]
+    for conv in convs:
+        conv.padding_mode = "circular"
+    try:
+        with parts_on_torch(pipe.vae.decoder, pipe.vae.encoder):
+            yield
+    finally:
+        for conv, mode in zip(convs, before):
+            conv.padding_mode = mode
+
+
 class Generator:
     """Sampling: a request and a loaded model in, images out (`sample`); `run` hands them to the
     publishing step (watermark, infotext, save, grid: `engine.publish`)."""
@@ -170,8 +193,13 @@ class Generator:
         return [[(base + b * size + k) % (MAX_SEED + 1) for k in range(size)] for b in range(request.batch_count)]
 
     def sample(self, run: Run, batch: int, seeds: list[int]) -> list[Image.Image]:
-        """One batch's images. Out of memory in the UNet or the VAE: the manager steps the plan down
-        and the failed part runs again (a batch's denoising from its start; a decode on its own)."""
+        """One batch's images (seamless with `tiling`: see _circular_padding)."""
+        with _circular_padding(run) if run.request.tiling else contextlib.nullcontext():
+            return self._sample(run, batch, seeds)
+
+    def _sample(self, run: Run, batch: int, seeds: list[int]) -> list[Image.Image]:
+        """Out of memory in the UNet or the VAE: the manager steps the plan down and the failed part
+        runs again (a batch's denoising from its start; a decode on its own)."""
         check_cancelled(run.job)
         if run.request.mode == "img2img" and run.request.denoising_strength == 0:
             return [run.init_image.copy() for _ in seeds]  # nothing to denoise (A1111 returns the init image too)
@@ -306,7 +334,10 @@ class Generator:
             why = "the LoRA ran on torch: the OpenVINO UNet holds the checkpoint's own weights"
             if why not in run.notes:
                 run.notes.append(why)
-        if compiled is None or lora:
+        tiling = compiled is not None and run.request.tiling
+        if tiling and TILING_ON_TORCH not in run.notes:
+            run.notes.append(TILING_ON_TORCH)
+        if compiled is None or lora or tiling:
             with FeatureReuse(unet, interval) if reuse else contextlib.nullcontext():
                 yield None
             return

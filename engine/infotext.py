@@ -87,6 +87,7 @@ INFOTEXT_FIELDS = (
     InfotextField("Denoising strength", "denoising_strength", float,
                   written_when=lambda v: v.get("mode") == "img2img" or bool(v.get("enable_hr"))),
     InfotextField("Clip skip", "clip_skip", int, unset=1),
+    InfotextField("Tiling", "tiling", lambda text: text == "True", unset=False, write=str),
     InfotextField("Hires upscale", "hr_scale", float, written_when=_hires),
     InfotextField("Hires steps", "hr_second_pass_steps", int, unset=0, written_when=_hires),
     InfotextField("Hires upscaler", "hr_upscaler", written_when=_hires),

@@ -135,8 +135,11 @@ class _RunConvNet(ModelHook):
     def __init__(self, part: OpenVINOPart):
         super().__init__()
         self.part = part
+        self.on_torch = False  # set by `parts_on_torch`
 
     def new_forward(self, module, *args, **kwargs):
+        if self.on_torch:
+            return self.fn_ref.original_forward(*args, **kwargs)
         sample = args[0] if args else kwargs.get("sample")
         extra = [v for k, v in kwargs.items() if k != "sample" and v is not None] + [a for a in args[1:] if a is not None]
         if extra or not torch.is_tensor(sample) or sample.dim() != 4 or not self.part.ready():
@@ -180,19 +183,23 @@ def convert_text_encoder(encoder: torch.nn.Module):
 
 
 @contextlib.contextmanager
-def text_encoder_on_torch(module: torch.nn.Module):
-    """Inside the block, a compiled text encoder runs its own torch forward: for a layer further
-    back than the compiled part gives (CLIP skip over 2). Nothing changes for one not compiled."""
-    registry = getattr(module, "_diffusers_hook", None)
-    hook = registry.get_hook(HOOK_NAME) if registry is not None else None
-    if not isinstance(hook, _RunTextEncoder):
-        yield
-        return
-    hook.on_torch = True
+def parts_on_torch(*modules: torch.nn.Module):
+    """Inside the block, these modules' compiled parts (text encoder, VAE encoder/decoder) run their
+    own torch forward: for what the compiled graph cannot give (a layer further back than CLIP skip
+    2; circular padding for tiling). Nothing changes for a module not compiled."""
+    hooks = []
+    for module in modules:
+        registry = getattr(module, "_diffusers_hook", None)
+        hook = registry.get_hook(HOOK_NAME) if registry is not None else None
+        if hasattr(hook, "on_torch"):
+            hooks.append(hook)
+    for hook in hooks:
+        hook.on_torch = True
     try:
         yield
     finally:
-        hook.on_torch = False
+        for hook in hooks:
+            hook.on_torch = False
 
 
 def has_lora_layers(module: torch.nn.Module) -> bool:
@@ -216,7 +223,7 @@ class _RunTextEncoder(ModelHook):
     def __init__(self, part: OpenVINOPart):
         super().__init__()
         self.part = part
-        self.on_torch = False  # set by `text_encoder_on_torch`
+        self.on_torch = False  # set by `parts_on_torch`
 
     def new_forward(self, module, *args, **kwargs):
         if self.on_torch:

@@ -159,9 +159,9 @@ class PromptEncoder:
         skip = min(self.clip_skip, encoder.config.num_hidden_layers)  # A1111's 12 on a shallower encoder: its first
         if skip > 2 and getattr(encoder, "_diffusers_hook", None) is not None:
             # A compiled (OpenVINO) encoder hands back its last two layers only: this one runs on torch.
-            from engine.openvino_parts import text_encoder_on_torch
+            from engine.openvino_parts import parts_on_torch
 
-            with text_encoder_on_torch(encoder):
+            with parts_on_torch(encoder):
                 out = encoder(ids, output_hidden_states=True)
         else:
             out = encoder(ids, output_hidden_states=True)

@@ -131,6 +131,9 @@ class GenerationRequest:
     # CLIP skip (A1111's "Clip skip"): None for the one remembered for the checkpoint (1 unless set,
     # anime SD 1.5 fine-tunes want 2); 1 the text encoder's last layer, n the n-th from the end.
     clip_skip: int | None = None
+    # Seamless tiling (A1111's "Tiling"): every convolution of the UNet and the VAE pads circularly,
+    # so the picture repeats without seams left/right and top/bottom.
+    tiling: bool = False
 
     @property
     def total_images(self) -> int:
@@ -178,6 +181,7 @@ class GenerationRequest:
         values["save_images"] = _bool("save_images", raw["save_images"])
         values["save_grid"] = _bool("save_grid", raw["save_grid"])
         values["enable_hr"] = _bool("enable_hr", raw["enable_hr"])
+        values["tiling"] = _bool("tiling", raw["tiling"])
         for name in ("inpaint_full_res", "inpainting_mask_invert"):  # A1111's API sends 0/1
             value = raw[name]
             values[name] = _bool(name, bool(value) if type(value) is int and value in (0, 1) else value)

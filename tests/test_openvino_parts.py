@@ -401,3 +401,15 @@ def test_clip_skip_further_back_than_the_compiled_part_gives_runs_that_encoder_o
         got = compiled.encode("a red barn").embeds
         assert (part.calls > before) == (clip_skip == 2)  # 3: not on the compiled part
         assert torch.allclose(got, reference.encode("a red barn").embeds, atol=1e-4)
+
+
+def test_tiling_runs_on_torch_with_a_note_and_the_next_job_is_on_openvino_again(ov_engine, torch_engine):
+    loaded = ov_engine.manager.current
+    before = calls(loaded)["vae_decoder"]
+    tiled = run(ov_engine, tiling=True)
+    assert calls(loaded)["vae_decoder"] == before  # circular padding: decoded on torch
+    assert any("tiling ran on torch" in note for note in tiled.notes)
+    assert "Backend: openvino" not in tiled.infotexts[0] and "Tiling: True" in tiled.infotexts[0]
+    assert_close(tiled.images[0], run(torch_engine, tiling=True).images[0])
+    assert "Backend: openvino" in run(ov_engine).infotexts[0]
+    assert calls(loaded)["vae_decoder"] == before + 1
