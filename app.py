@@ -21,6 +21,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from engine.samplers import SCHEDULE_TYPES  # data only: no torch, so --help stays quick
+
 ROOT = Path(__file__).resolve().parent
 EXIT_BAD_INPUT = 2
 EXIT_FAILURE = 1
@@ -60,7 +62,8 @@ def _add_generation_options(p: argparse.ArgumentParser, img2img: bool) -> None:
     p.add_argument("--steps", default=None)
     p.add_argument("--cfg-scale", default=None)
     p.add_argument("--sampler", default=None, help="A1111 name, e.g. 'Euler a', 'DPM++ 2M'")
-    p.add_argument("--scheduler", default=None, help="schedule type: Automatic, Uniform, Karras, Exponential")
+    p.add_argument("--scheduler", default=None, help="schedule type, A1111's: " + ", ".join(SCHEDULE_TYPES)
+                   + " (any sampler takes any; one it cannot follow runs on its own timesteps, with a note)")
     p.add_argument("--width", default=None)
     p.add_argument("--height", default=None)
     p.add_argument("--n-samples", default=None, help="images per batch (batch size)")
