@@ -108,7 +108,8 @@ def test_a_recorded_a1111_body_is_understood_field_for_field(server):
     assert first.startswith(recorded["prompt"] + "\nNegative prompt: " + recorded["negative_prompt"] + "\n")
     for words in ("Steps: 3", "Sampler: DPM++ 2M", "Schedule type: Karras", "CFG scale: 7", "Seed: 1234", "Size: 64x64"):
         assert words in first, (words, first)
-    assert info["ignored"] == ["s_noise", "override_settings.CLIP_stop_at_last_layers"]
+    assert info["ignored"] == ["s_noise"]
+    assert "Clip skip: 2," in first and info["clip_skip"] == 2  # override_settings.CLIP_stop_at_last_layers
 
 
 def test_unsupported_fields_are_accepted_and_reported_as_ignored(server):

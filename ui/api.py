@@ -47,6 +47,7 @@ from engine.jobs import Job
 from engine.request import LIMITS, a1111_count
 from engine.samplers import SAMPLERS, SCHEDULES, schedule_label
 from ui import api_lists as lists
+from ui.api_options import Options
 from ui.progress import preview_every
 
 logger = logging.getLogger(__name__)
@@ -233,10 +234,7 @@ def ignored_fields(body: BaseModel, used: frozenset[str]) -> list[str]:
         if (name in declared and value == declared[name].default) or value in (None, False, 0, "", [], {}):
             continue
         ignored.append(name)
-    overrides = getattr(body, "override_settings", None)
-    if isinstance(overrides, dict):
-        ignored += [f"override_settings.{k}" for k in sorted(overrides) if k != "sd_model_checkpoint"]
-    return ignored
+    return ignored  # override_settings' keys: Options.job_fields
 
 
 # --- errors ----------------------------------------------------------------------------------------
@@ -493,6 +491,7 @@ class Api(lists.ListRoutes):
         self.limiter = limiter
         self.jobs = ApiJobs(queue_size + 1)
         self.choice = ModelChoice(engine)
+        self.options = Options(engine, self.choice)
         self.router = APIRouter(dependencies=[Depends(self.credentials)])
         for route in self.ROUTES:
             handler = getattr(self, route.handler)
@@ -529,7 +528,13 @@ class Api(lists.ListRoutes):
     def generate(self, body, mode: str, used: frozenset[str]) -> dict:
         override = self.model_override(body)
         model = override or self.choice.current()
+        overridden, override_sources, override_ignored, kept = self.options.job_fields(body.override_settings, model)
         fields, sources, ignored = generation_fields(body, mode, used)
+        fields.update(overridden)
+        sources.update(override_sources)
+        ignored += override_ignored
+        if fields["save_images"] is True and not self.options.samples_save(kept):
+            fields["save_images"] = False  # A1111 saves only when samples_save and save_images both are on
         try:
             request = self.engine.make_request(fields, model=model)  # the one validation, naming the field
         except RequestError as e:
@@ -537,8 +542,10 @@ class Api(lists.ListRoutes):
                 raise renamed(e, sources[e.field]) from None
             raise
         result, interrupted = self.run(request, model)
-        if override and body.override_settings_restore_afterwards is False:
-            self.choice.name = self.engine.library.resolve(override).name
+        if body.override_settings_restore_afterwards is False:  # A1111 keeps the overrides afterwards
+            if override:
+                self.choice.name = self.engine.library.resolve(override).name
+            self.options.keep(kept, model)
         return images_answer(body, mode, request, result, ignored, interrupted)
 
     def model_override(self, body) -> str | None:
@@ -642,20 +649,13 @@ class Api(lists.ListRoutes):
         return None
 
     def get_options(self):
-        title = self.choice.title(self.choice.current())
-        return {"sd_model_checkpoint": title, "sd_checkpoint_hash": None,
-                "samples_format": "png", "samples_save": self.engine.outputs.outdir is not None}
+        """Every key A1111's /options has, Easel's own values for those it acts on (ui/api_options.py)."""
+        return self.options.values()
 
     def set_options(self, body: dict[str, Any]):
-        """Only sd_model_checkpoint means something to Easel: it loads that model (other keys are
-        accepted and ignored)."""
-        name = body.get("sd_model_checkpoint")
-        if name is not None:
-            if not isinstance(name, str):
-                raise RequestError("model", f"must be a model name, got {type(name).__name__}")
-            entry = self.engine.library.resolve(name)
-            self.engine.load_model(entry.name)
-            self.choice.name = entry.name
+        """Checks every key, then acts on those Easel acts on and stores the rest, which have no effect
+        (ui/api_options.NO_EFFECT_NOTE); null, as A1111 answers."""
+        self.options.apply(body)
         return None
 
     def samplers(self):
@@ -781,10 +781,12 @@ def generation_info(request, result, ignored: list[str], interrupted: bool) -> d
         "scheduler": request.schedule_type, "cfg_scale": request.cfg_scale, "steps": request.steps,
         "batch_size": request.batch_size, "restore_faces": False, "face_restoration_model": None,
         "sd_model_name": parsed.get("Model"), "sd_model_hash": parsed.get("Model hash"),
-        "sd_vae_name": None, "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
+        "sd_vae_name": parsed.get("VAE"), "sd_vae_hash": parsed.get("VAE hash"),
+        "seed_resize_from_w": -1, "seed_resize_from_h": -1,
         "denoising_strength": request.denoising_strength if request.mode == "img2img" or request.enable_hr else None,
         "extra_generation_params": {}, "index_of_first_image": 0, "infotexts": infotexts, "styles": [],
-        "job_timestamp": datetime.now().strftime("%Y%m%d%H%M%S"), "clip_skip": 1,
+        "job_timestamp": datetime.now().strftime("%Y%m%d%H%M%S"),
+        "clip_skip": int(parsed.get("Clip skip", 1)),  # the one the job ran with (the infotext's)
         "is_using_inpainting_conditioning": False, "version": parsed.get("Version"),
         "interrupted": interrupted, "ignored": ignored, "notes": list(result.notes) if result else [],
     }
