@@ -168,3 +168,10 @@ def test_numbers_sent_as_text_are_read_as_a1111_reads_them(server):
     assert response.status_code == 200, response.text[:300]
     info = json.loads(response.json()["info"])
     assert (info["steps"], info["cfg_scale"], info["seed"], info["width"]) == (2, 6.5, 11, 64)
+
+
+def test_tiling_is_taken_and_recorded(server):
+    response = post(server, "txt2img", {**SMALL, "tiling": True})
+    assert response.status_code == 200, response.text[:300]
+    info = json.loads(response.json()["info"])
+    assert "Tiling: True" in info["infotexts"][0] and "tiling" not in info["ignored"]

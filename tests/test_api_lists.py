@@ -201,3 +201,10 @@ def test_every_list_route_asks_for_the_apis_credentials(lists_app):
         assert client.get(path, auth=("user", "secret")).status_code == 200, path
     for path in [f"/sdapi/v1/{p}" for p in POSTS]:
         assert client.post(path).status_code == 401, path
+
+
+def test_interrogate_is_a_one_line_501_that_says_why(lists_app):
+    response = lists_app.post("/sdapi/v1/interrogate", json={"image": "", "model": "clip"})
+    assert response.status_code == 501
+    detail = response.json()["detail"]
+    assert detail.startswith("interrogate: ") and "png-info" in detail and "\n" not in detail

@@ -220,7 +220,7 @@ INPAINT_FIELDS = frozenset({"mask", "mask_blur", "mask_blur_x", "mask_blur_y", "
 USED_TXT2IMG = frozenset({
     "prompt", "negative_prompt", "seed", "sampler_name", "sampler_index", "scheduler", "batch_size", "n_iter",
     "steps", "cfg_scale", "width", "height", "override_settings", "override_settings_restore_afterwards",
-    "send_images", "save_images", "speed", "denoising_strength"}) | HIRES_FIELDS
+    "send_images", "save_images", "speed", "denoising_strength", "tiling"}) | HIRES_FIELDS
 USED_IMG2IMG = (USED_TXT2IMG - HIRES_FIELDS) | {"init_images", "resize_mode", "include_init_images"} | INPAINT_FIELDS
 USED_EXTRAS = frozenset({"image", "imageList", "resize_mode", "upscaling_resize", "upscaler_1"})
 
@@ -478,6 +478,7 @@ class Api(lists.ListRoutes):
         Route("GET", f"{PREFIX}/prompt-styles", "prompt_styles", list[lists.PromptStyleItem], {}),
         Route("GET", f"{PREFIX}/cmd-flags", "cmd_flags", names={}),
         Route("GET", f"{PREFIX}/memory", "memory", lists.MemoryResponse, {}),
+        Route("POST", f"{PREFIX}/interrogate", "interrogate"),
         Route("GET", "/internal/ping", "ping"),  # A1111 mounts it outside /sdapi/v1
         # The OpenAPI document and its page, behind the same credentials.
         Route("GET", "/openapi.json", "openapi", in_schema=False),
@@ -682,6 +683,12 @@ class Api(lists.ListRoutes):
         return {"txt2img": [], "img2img": []}
 
     # --- the OpenAPI document and its page ---
+    def interrogate(self):
+        """A1111's CLIP/DeepBooru captioning: Easel has no captioning model, so a clear 501 rather
+        than a 404 that clients read as "API unreachable"."""
+        raise HTTPException(501, "interrogate: Easel has no captioning (interrogate) model yet; an image Easel "
+                                 "or A1111 made carries its prompt: read it with png-info")
+
     def openapi(self, request: Request):
         return request.app.openapi()
 
@@ -713,7 +720,7 @@ def generation_fields(body, mode: str, used: frozenset[str]) -> tuple[dict[str, 
         "sampler": body.sampler_name or body.sampler_index, "schedule_type": scheduler_label(body.scheduler),
         "steps": a1111_count(body.steps), "cfg_scale": body.cfg_scale, "width": body.width, "height": body.height,
         "batch_size": body.batch_size, "batch_count": body.n_iter, "save_images": body.save_images,
-        "speed": body.speed, "denoising_strength": body.denoising_strength,
+        "speed": body.speed, "denoising_strength": body.denoising_strength, "tiling": body.tiling,
     }
     ignored = ignored_fields(body, used)
     own, sources, own_ignored = (txt2img_fields if mode == "txt2img" else img2img_fields)(body)
