@@ -4,6 +4,7 @@ against the real app as `app.py serve` builds it (build_app: the guard around th
 models folder of tiny files. No model is loaded: every list is read from files' headers."""
 from __future__ import annotations
 
+import base64
 import os
 from pathlib import Path
 
@@ -208,3 +209,24 @@ def test_interrogate_is_a_one_line_501_that_says_why(lists_app):
     assert response.status_code == 501
     detail = response.json()["detail"]
     assert detail.startswith("interrogate: ") and "png-info" in detail and "\n" not in detail
+
+
+@pytest.mark.parametrize("header", ["Basic ", "Basic", "Basic Og==", "Bearer x", "Basic %%%"])
+def test_an_empty_or_odd_authorization_header_is_ignored_when_no_login_is_asked(lists_app, header):
+    """Open WebUI and SillyTavern send `Authorization: Basic ` by default; A1111 without
+    --api-auth ignores it."""
+    response = lists_app.get("/sdapi/v1/options", headers={"Authorization": header})
+    assert response.status_code == 200, response.text
+
+
+def test_options_always_name_the_checkpoint_a_job_would_use(lists_app):
+    assert lists_app.get("/sdapi/v1/options").json()["sd_model_checkpoint"].startswith("tiny-sd1")
+
+
+def test_basic_credentials_reads_user_and_password_and_nothing_else():
+    from ui.api import basic_credentials
+
+    assert basic_credentials("Basic " + base64.b64encode(b"ann:pa:ss").decode()) == ("ann", "pa:ss")
+    assert basic_credentials("basic " + base64.b64encode(b"ann:").decode()) == ("ann", "")
+    for header in (None, "", "Basic ", "Basic bm9jb2xvbg==", "Bearer abc", "Basic ***"):
+        assert basic_credentials(header) is None, header

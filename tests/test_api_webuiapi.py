@@ -67,7 +67,8 @@ def test_interrupt(api):
         event.wait(0.05)
     api.interrupt()
     thread.join(300)
-    assert not thread.is_alive() and results[0].info["interrupted"] is True and results[0].images == []
+    assert not thread.is_alive() and results[0].info["interrupted"] is True
+    assert len(results[0].images) == 1  # as A1111: the picture as far as its steps got
 
 
 def test_model_list_and_switch(api):

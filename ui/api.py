@@ -37,7 +37,6 @@ from typing import Annotated, Any, NamedTuple
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import JSONResponse, Response
-from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from pydantic import BaseModel, ConfigDict, SkipValidation
 
 from engine.errors import CancelledError, EaselError, ModelNotFoundError, RequestError
@@ -404,14 +403,19 @@ class ModelChoice:
         self.name: str | None = None
 
     def current(self) -> str | None:
-        return self.name or self.engine.current_model
+        """The model a job without an override uses: the one set, else the loaded one, else the
+        first in the list (the engine's own choice); None only with no checkpoint at all. A1111
+        always has one loaded, and clients (Open WebUI) read it from /options."""
+        if self.name or self.engine.current_model:
+            return self.name or self.engine.current_model
+        names = self.engine.model_names()
+        return names[0] if names else None
 
     def keep(self) -> None:
         """Hold on to the current model (before an override loads another): later requests
         still use it, as A1111 restores it after an override."""
         if self.name is None:
-            names = self.engine.model_names()
-            self.name = self.engine.current_model or (names[0] if names else None)
+            self.name = self.current()
 
     def title(self, name: str | None) -> str | None:
         """A1111's checkpoint title, "name [hash]"; the hash only once the model was loaded (hashing
@@ -422,6 +426,20 @@ class ModelChoice:
         if loaded is not None and loaded.entry.name == name:
             return f"{name} [{loaded.hash}]"
         return name
+
+
+def basic_credentials(header: str | None) -> tuple[str, str] | None:
+    """(user, password) of an `Authorization: Basic` header; None when there is none, or it holds
+    nothing readable as user:password."""
+    scheme, _, param = (header or "").partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        decoded = base64.b64decode(param.strip(), validate=True).decode("utf-8")
+    except (ValueError, UnicodeDecodeError):
+        return None
+    user, colon, password = decoded.partition(":")
+    return (user, password) if colon else None
 
 
 # Swagger UI's files that /docs loads (from fastapi-offline's package), by name: nothing else is read.
@@ -501,10 +519,13 @@ class Api(lists.ListRoutes):
             self.router.add_api_route(route.path, handler, methods=[route.method], response_model=route.response_model,
                                       tags=["sdapi"] if route.in_schema else None, include_in_schema=route.in_schema)
 
-    def credentials(self, request: Request,
-                    given: HTTPBasicCredentials | None = Depends(HTTPBasic(auto_error=False))) -> None:
+    def credentials(self, request: Request) -> None:
+        # Read by hand, not with FastAPI's HTTPBasic: that refuses an empty "Basic " header with
+        # 401 even when no login is asked for, and Open WebUI and SillyTavern send one by default
+        # (A1111 without --api-auth ignores it).
         if not self.logins:
             return
+        given = basic_credentials(request.headers.get("authorization"))
         address = request.client.host if request.client else "unknown"
         wait = self.limiter.wait_left(address) if self.limiter else 0
         if wait > 0:
@@ -512,7 +533,7 @@ class Api(lists.ListRoutes):
                                      f"{math.ceil(wait)} s", headers={"Retry-After": str(math.ceil(wait))})
         if given is None:
             raise HTTPException(401, "Not authenticated", headers={"WWW-Authenticate": "Basic"})
-        user, password = given.username.encode(), given.password.encode()
+        user, password = given[0].encode(), given[1].encode()
         if not any(secrets.compare_digest(user, u.encode()) & secrets.compare_digest(password, p.encode())
                    for u, p in self.logins):
             if self.limiter:
