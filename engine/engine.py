@@ -235,6 +235,34 @@ class Engine:
         if self.manager.current and self.manager.current.entry == entry:
             self.manager.unload()
 
+    # --- prompt styles (A1111's styles.csv in the data folder: engine/styles.py) ---------------
+    @property
+    def prompt_styles(self):
+        from engine.styles import STYLES_FILE, Styles
+
+        if getattr(self, "_styles", None) is None:
+            self._styles = Styles(Path(self.config.data_dir) / STYLES_FILE)
+        return self._styles
+
+    def style_names(self) -> list[str]:
+        return self.prompt_styles.names()
+
+    def styles(self) -> list[dict]:
+        """Each style as {"name", "prompt", "negative_prompt"}, in the file's order."""
+        return [s.as_dict() for s in self.prompt_styles.all()]
+
+    def apply_styles(self, prompt: str, negative_prompt: str, names) -> tuple[str, str]:
+        """(prompt, negative_prompt) with the named styles applied in order ({prompt} placement or
+        appended after ", "); RequestError naming `styles` for an unknown name."""
+        return self.prompt_styles.apply(prompt, negative_prompt, names)
+
+    def save_style(self, name: str, prompt: str, negative_prompt: str) -> None:
+        """Add or overwrite a style; the file is rewritten atomically, other rows kept."""
+        self.prompt_styles.save(name, prompt, negative_prompt)
+
+    def delete_style(self, name: str) -> None:
+        self.prompt_styles.delete(name)
+
     # --- where and how images are saved -------------------------------------------------------
     @property
     def outputs(self) -> OutputSettings:

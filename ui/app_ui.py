@@ -162,6 +162,7 @@ class GenerationTab:
     """Widgets and events of one generation tab (txt2img or img2img)."""
 
     vae = None  # the page's VAE picker, set by create_ui: its value goes into each request as `vae`
+    clip_skip = None  # the page's Clip skip slider, set by create_ui: remembered per checkpoint, not sent
     mask_upload = None  # img2img: an uploaded mask, used instead of the painted one
 
     def __init__(self, studio: Studio, mode: str, model: gr.Dropdown, demo: bool, model_fields: dict):
@@ -191,9 +192,28 @@ class GenerationTab:
                     self.lora = gr.Dropdown(engine.lora_names(), value=None, label="LoRA (models/Lora, models/LyCORIS)",
                                             elem_id=f"{mode}-lora", scale=4)
                     self.add_lora = gr.Button("Add to prompt", elem_id=f"{mode}-add-lora", scale=1, min_width=120)
+                self._edit_styles_accordion()
             with gr.Column(scale=1, min_width=160):
                 self.generate_button = gr.Button("Generate", variant="primary", elem_id=f"{mode}-generate")
                 self.cancel_button = idle_cancel_button(f"{mode}-cancel")
+                # Not a request field: applied to the prompts, in order, when Generate is clicked (A1111's styles).
+                self.styles = gr.Dropdown(engine.style_names(), value=[], multiselect=True, label="Styles",
+                                          elem_id=f"{mode}-styles", info=f"{STYLES_INFO}")
+                self.apply_styles = gr.Button("Apply styles", size="sm", elem_id=f"{mode}-apply-styles")
+
+    def _edit_styles_accordion(self) -> None:
+        """Save this tab's prompt and negative prompt as a named style (a name in use is overwritten), or
+        delete one; wired with the other tab's picker by `wire_styles`."""
+        mode = self.mode
+        with gr.Accordion("Edit styles", open=False, elem_id=f"{mode}-edit-styles"):
+            with gr.Row(equal_height=True):
+                self.style_name = gr.Textbox(label="Style name", max_lines=1, elem_id=f"{mode}-style-name", scale=3,
+                                             info="Save: this tab's prompt and negative prompt under this name "
+                                                  "(put {prompt} where your prompt goes; a name in use is overwritten)")
+                self.save_style = gr.Button("Save style", elem_id=f"{mode}-save-style", scale=1, min_width=100)
+                self.delete_style = gr.Button("Delete style", variant="stop", elem_id=f"{mode}-delete-style",
+                                              scale=1, min_width=100)
+            self.style_note = gr.Markdown("", elem_id=f"{mode}-style-note")
 
     def _settings_column(self, demo: bool, model_fields: dict) -> None:
         f, mode, engine = self.fields, self.mode, self.studio.engine
@@ -257,6 +277,7 @@ class GenerationTab:
         fields["mode"] = self.mode
         if self.vae is not None:
             fields["vae"] = values.get(self.vae)
+        fields["styles"] = values.get(self.styles) or []  # applied to the prompts by Studio.generate
         if self.mask_upload is not None and values.get(self.mask_upload):
             fields["mask"] = values[self.mask_upload]
         key = (request.session_hash, self.mode)
@@ -314,7 +335,8 @@ class GenerationTab:
             if studio.cancel((request.session_hash, mode)):
                 gr.Info("Cancelling…")
 
-        inputs = set(self.fields.values()) | {model, self.job_token} | {c for c in (self.vae, self.mask_upload) if c}
+        inputs = set(self.fields.values()) | {model, self.job_token, self.styles} | {c for c in (self.vae, self.mask_upload)
+                                                                                       if c}
         outputs = [self.progress, self.preview, self.gallery, self.infotext, self.infotexts, self.last_seed]
         self.generate_button.click(prepare, None, [self.progress, self.job_token, self.cancel_button], queue=False,
                                    api_visibility="private").then(
@@ -348,6 +370,43 @@ class GenerationTab:
     def fill(self, values: dict[str, Any]) -> dict:
         """Gradio updates that put the named values into this tab's widgets."""
         return {self.fields[name]: value for name, value in values.items() if name in self.fields}
+
+
+STYLES_INFO = "applied to the prompts, in order, on Generate; styles.csv in the data folder"
+
+
+def wire_styles(studio: Studio, tabs: list[GenerationTab]) -> None:
+    """Each tab's Apply styles button, and its Edit styles accordion: saving or deleting a style
+    refreshes every tab's Styles picker (a deleted style leaves their choice)."""
+    pickers = [tab.styles for tab in tabs]
+
+    def refreshed(*chosen) -> list:
+        names = studio.style_names()
+        return [gr.update(choices=names, value=[n for n in (picked or []) if n in names]) for picked in chosen]
+
+    for tab in tabs:
+        prompt, negative = tab.fields["prompt"], tab.fields["negative_prompt"]
+
+        @shows_errors
+        def save(name, prompt_text, negative_text, *chosen):
+            return [studio.save_style(name, prompt_text, negative_text), *refreshed(*chosen)]
+
+        @shows_errors
+        def delete(name, *chosen):
+            return [studio.delete_style(name), *refreshed(*chosen)]
+
+        @shows_errors
+        def apply(prompt_text, negative_text, chosen):  # A1111's button: styles into the boxes, picker cleared
+            return [*studio.apply_styles(prompt_text, negative_text, chosen), []]
+
+        # Queued (not on the device's concurrency id): an unqueued event's gr.Error shows as a bare
+        # "Error" on its outputs, a queued one as the one-line message.
+        tab.save_style.click(save, [tab.style_name, prompt, negative, *pickers], [tab.style_note, *pickers],
+                             api_visibility="private")
+        tab.delete_style.click(delete, [tab.style_name, *pickers], [tab.style_note, *pickers],
+                               api_visibility="private")
+        tab.apply_styles.click(apply, [prompt, negative, tab.styles], [prompt, negative, tab.styles],
+                               api_visibility="private")
 
 
 # What an LCM-LoRA changes on the page when the picker adds it (engine.lora_defaults).
@@ -488,6 +547,11 @@ class Header:
             self.vae = gr.Dropdown(engine.vae_names(), value=studio.model_vae(studio.default_model()),
                                    label="SD VAE", scale=2, elem_id="vae-select",
                                    info="Automatic: the checkpoint's own; remembered for each checkpoint")
+            low, high = studio.engine.limits.ranges["clip_skip"]
+            self.clip_skip = gr.Slider(low, high, value=studio.model_clip_skip(studio.default_model()), step=1,
+                                       label="Clip skip", scale=2, elem_id="clip-skip",
+                                       info="Stop the text encoder this many layers from its end; remembered "
+                                            "for each checkpoint")
         self.banner = gr.Markdown(studio.banner(), elem_id="easel-banner")
 
     def wire(self, studio: Studio, tabs: list[GenerationTab]) -> None:
@@ -514,6 +578,10 @@ class Header:
         model.input(lambda name: gr.update(choices=engine.vae_names(), value=studio.model_vae(name)), model, vae,
                     queue=False, api_visibility="private")
         vae.input(shows_errors(studio.select_vae), [model, vae], banner, queue=False, api_visibility="private")
+        # Likewise the Clip skip slider (a plain value, not gr.update(): see GenerationTab.wire).
+        model.input(shows_errors(studio.model_clip_skip), model, self.clip_skip, queue=False, api_visibility="private")
+        self.clip_skip.input(shows_errors(studio.select_clip_skip), [model, self.clip_skip], banner, queue=False,
+                             api_visibility="private")
 
 
 class PngInfoTab:
@@ -539,7 +607,7 @@ class PngInfoTab:
                           api_name="png_info")
 
         def send_to(tab: GenerationTab, with_image: bool):
-            def send(parsed, path):
+            def send(parsed, path, model):
                 values = studio.fields_from_infotext(parsed or {})
                 if with_image and path:
                     values["init_image"] = path
@@ -549,12 +617,25 @@ class PngInfoTab:
                 picked = {tab.vae: gr.update(choices=engine.vae_names(), value=values["vae"])} if "vae" in values else {}
                 if (parsed or {}).get("VAE") and not picked:
                     gr.Warning(f"VAE {parsed['VAE']!r} is not in models/VAE; the VAE picker keeps its choice.")
+                picked.update(self._send_clip_skip(tab, model, values.get("clip_skip")))
                 return {**tab.fill(values), **picked, tabs: gr.Tabs(selected=tab.mode)}
             return send
 
         for button, tab, with_image in ((self.send_txt, txt2img, False), (self.send_img, img2img, True)):
-            button.click(send_to(tab, with_image), [self.parsed, self.image], [tabs, tab.vae, *tab.fields.values()],
-                         queue=False, api_visibility="private")
+            button.click(send_to(tab, with_image), [self.parsed, self.image, tab.model],
+                         [tabs, tab.vae, tab.clip_skip, *tab.fields.values()], queue=False, api_visibility="private")
+
+    def _send_clip_skip(self, tab: GenerationTab, model, clip_skip) -> dict:
+        """An infotext's Clip skip (1 when it has none) on the header's slider, remembered for the
+        chosen checkpoint as moving the slider does; one out of range is left, with a warning."""
+        if clip_skip is None or tab.clip_skip is None:
+            return {}
+        try:
+            self.studio.select_clip_skip(model, clip_skip)
+        except EaselError as e:
+            gr.Warning(f"Clip skip from the image not used: {e}")
+            return {}
+        return {tab.clip_skip: clip_skip}
 
 
 class ModelsTab:
@@ -648,6 +729,7 @@ def create_ui(engine, settings: SettingsStore | None = None, *, listen: bool = F
                 settings_tab(studio, settings, listen)
 
         txt2img.vae = img2img.vae = header.vae
+        txt2img.clip_skip = img2img.clip_skip = header.clip_skip
         wire_downloads(studio, [first_run, models.catalogue], model=header.model, banner=header.banner,
                        models_table=models.table, hires_upscaler=txt2img.fields["hr_upscaler"],
                        upscaler=upscale.fields["upscaler"])
@@ -656,6 +738,10 @@ def create_ui(engine, settings: SettingsStore | None = None, *, listen: bool = F
         header.wire(studio, [txt2img, img2img])
         models.wire(models_tab, header, txt2img, img2img, upscale)
         png_info.wire(tabs, txt2img, img2img)
+        wire_styles(studio, [txt2img, img2img])
+        # A reload shows what is remembered now, not what was when the page was built.
+        page.load(shows_errors(studio.model_clip_skip), header.model, header.clip_skip, queue=False,
+                  api_visibility="private")
         wire_send_to_upscale(tabs, upscale, [(txt2img.send_upscale, txt2img.gallery, txt2img.selected),
                                              (img2img.send_upscale, img2img.gallery, img2img.selected),
                                              (png_info.send_upscale, png_info.image, gr.State(0))])

@@ -204,6 +204,45 @@ class Studio:
         self.engine.set_model_vae(model, vae or "Automatic")
         return f"VAE for **{model or self.engine.current_model}**: {vae or 'Automatic'} (used from the next image on)"
 
+    def model_clip_skip(self, name: str | None) -> int:
+        """The CLIP skip remembered for a checkpoint, for the header's slider (1 with no model)."""
+        if not (name or self.engine.model_names()):
+            return 1
+        return self.engine.model_clip_skip(name)
+
+    def select_clip_skip(self, model: str | None, clip_skip) -> str:
+        """The Clip skip slider: remember it for the checkpoint; its next job uses it."""
+        if not (model or self.engine.model_names()):
+            return self.banner()
+        value = int(clip_skip) if isinstance(clip_skip, float) and clip_skip.is_integer() else clip_skip
+        if value != self.engine.model_clip_skip(model):
+            self.engine.set_model_clip_skip(model, value)
+        return f"Clip skip for **{model or self.engine.current_model}**: {value} (used from the next image on)"
+
+    # --- prompt styles --------------------------------------------------------------------------
+    def style_names(self) -> list[str]:
+        return self.engine.style_names()
+
+    def apply_styles(self, prompt: str | None, negative_prompt: str | None, styles) -> tuple[str, str]:
+        """The prompts with the chosen styles applied in order (RequestError naming `styles`)."""
+        return self.engine.apply_styles(prompt or "", negative_prompt or "", list(styles or []))
+
+    def save_style(self, name: str | None, prompt: str | None, negative_prompt: str | None) -> str:
+        """Save the tab's prompts as a style (an existing name is overwritten)."""
+        from engine.styles import check_name
+
+        name = check_name(name or "")
+        existed = name in self.engine.style_names()
+        self.engine.save_style(name, prompt or "", negative_prompt or "")
+        return f"Style **{name}** {'overwritten' if existed else 'saved'}."
+
+    def delete_style(self, name: str | None) -> str:
+        from engine.styles import check_name
+
+        name = check_name(name or "")
+        self.engine.delete_style(name)
+        return f"Style **{name}** deleted."
+
     # --- generation -----------------------------------------------------------------------------
     def prepare(self, key: tuple[str, str]) -> str:
         """Called the moment Generate is clicked, so Cancel works while the job still waits in the
@@ -228,7 +267,7 @@ class Studio:
         model = model or None
 
         def work():
-            request = self.engine.make_request(self._with_init_image(fields), model=model)
+            request = self.engine.make_request(self._with_init_image(self._with_styles(fields)), model=model)
             return self.engine.generate(request, job, model=model)
 
         outcome: dict[str, Any] = {}
@@ -249,6 +288,18 @@ class Studio:
         finally:
             self.jobs.finish(key, token)
         yield self._done_view(outcome["result"])
+
+    def _with_styles(self, fields: dict[str, Any]) -> dict[str, Any]:
+        """`styles` (the tab's Styles picker, not a request field) applied to the prompt and the
+        negative prompt, by name, before the request is made."""
+        if "styles" not in fields:
+            return fields
+        fields = dict(fields)
+        styles = fields.pop("styles")
+        if styles:
+            fields["prompt"], fields["negative_prompt"] = self.apply_styles(
+                fields.get("prompt"), fields.get("negative_prompt"), styles)
+        return fields
 
     @staticmethod
     def _with_init_image(fields: dict[str, Any]) -> dict[str, Any]:
