@@ -236,3 +236,18 @@ def test_aiyabot_start_up_and_one_drawing(server):
     # update_progress (live preview): progress_data.get('state').get('job'), .get('sampling_step')
     state = ok(s.get(url + API + "/progress")).json().get("state")
     assert isinstance(state.get("job"), str) and isinstance(state.get("sampling_step"), int)
+
+
+def test_a_style_named_in_a_txt2img_body_is_applied_and_an_unknown_one_left_out(server):
+    """A1111 applies `styles` from styles.csv ({prompt} placement) and leaves out a name it does
+    not know (aiyabot's default "None")."""
+    body = {"prompt": "a harbour", "negative_prompt": "", "steps": 2, "width": 64, "height": 64, "seed": 1,
+            "styles": ["Watercolour", "None"]}
+    info = json.loads(ok(requests.post(server.url + API + "/txt2img", json=body, timeout=300)).json()["info"])
+    assert info["infotexts"][0].startswith("a harbour, watercolour painting\nNegative prompt: photo\n")
+    assert info["styles"] == ["Watercolour", "None"] and "styles.None" in info["ignored"]
+
+
+def test_styles_that_are_not_a_list_of_names_are_422_naming_it(server):
+    response = requests.post(server.url + API + "/txt2img", json={"prompt": "x", "styles": "Watercolour"}, timeout=60)
+    assert response.status_code == 422 and "styles" in response.text

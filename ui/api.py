@@ -219,7 +219,7 @@ INPAINT_FIELDS = frozenset({"mask", "mask_blur", "mask_blur_x", "mask_blur_y", "
 USED_TXT2IMG = frozenset({
     "prompt", "negative_prompt", "seed", "sampler_name", "sampler_index", "scheduler", "batch_size", "n_iter",
     "steps", "cfg_scale", "width", "height", "override_settings", "override_settings_restore_afterwards",
-    "send_images", "save_images", "speed", "denoising_strength", "tiling"}) | HIRES_FIELDS
+    "send_images", "save_images", "speed", "denoising_strength", "tiling", "styles"}) | HIRES_FIELDS
 USED_IMG2IMG = (USED_TXT2IMG - HIRES_FIELDS) | {"init_images", "resize_mode", "include_init_images"} | INPAINT_FIELDS
 USED_EXTRAS = frozenset({"image", "imageList", "resize_mode", "upscaling_resize", "upscaler_1"})
 
@@ -552,6 +552,7 @@ class Api(lists.ListRoutes):
         model = override or self.choice.current()
         overridden, override_sources, override_ignored, kept = self.options.job_fields(body.override_settings, model)
         fields, sources, ignored = generation_fields(body, mode, used)
+        ignored += self.apply_styles(body.styles, fields)
         fields.update(overridden)
         sources.update(override_sources)
         ignored += override_ignored
@@ -579,6 +580,21 @@ class Api(lists.ListRoutes):
         if override:
             self.choice.keep()
         return override
+
+    def apply_styles(self, styles: Any, fields: dict[str, Any]) -> list[str]:
+        """A1111's `styles`: the named styles of data/styles.csv put into the prompt and negative
+        prompt, in order; a name it does not know is left out, as A1111 leaves it (aiyabot sends
+        "None"), and listed as ignored. Returns what was ignored."""
+        if styles is None or styles == []:
+            return []
+        if not isinstance(styles, list) or not all(isinstance(name, str) for name in styles):
+            raise RequestError("styles", "must be a list of style names")
+        known = set(self.engine.style_names())
+        if not all(isinstance(fields[k], str) for k in ("prompt", "negative_prompt")):
+            return []  # validation names the field
+        fields["prompt"], fields["negative_prompt"] = self.engine.apply_styles(
+            fields["prompt"], fields["negative_prompt"], [name for name in styles if name in known])
+        return [f"styles.{name}" for name in styles if name not in known]
 
     def run(self, request, model) -> tuple[Any, bool]:
         """The result (None if interrupted before its first picture) and whether the job was
@@ -786,6 +802,7 @@ def images_answer(body, mode: str, request, result, ignored: list[str], interrup
         parameters.update(init_images=None, mask=None)
     images = [png_base64(i, t) for i, t in zip(result.images, result.infotexts)] if result else []
     info = generation_info(request, result, ignored, interrupted)
+    info["styles"] = list(body.styles or [])  # A1111 echoes the names asked for
     return {"images": images if body.send_images else [], "parameters": parameters, "info": json.dumps(info)}
 
 

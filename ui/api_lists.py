@@ -10,7 +10,6 @@ response shapes, for `ui.api.Api` (a base class of it: the routes are rows of `A
 """
 from __future__ import annotations
 
-import csv
 import logging
 import os
 import re
@@ -237,7 +236,7 @@ class ListRoutes:
 
     # --- settings and the server ---
     def prompt_styles(self):
-        return read_styles(Path(self.engine.config.data_dir) / STYLES_FILE)
+        return self.engine.styles()  # data/styles.csv, read as the page reads it (engine.styles)
 
     def cmd_flags(self, request: Request):
         """A1111's flags, with Easel's values where it has the same setting. Logins (gradio_auth,
@@ -305,30 +304,6 @@ def _files(folder: Path) -> list[Path]:
         return list(folder.iterdir()) if folder.is_dir() else []
     except OSError:
         return []
-
-
-def read_styles(path: Path) -> list[dict]:
-    """A1111's styles.csv (header name,prompt,negative_prompt; "text" is its old name for prompt).
-    No file: []. A file that does not read as one: [] and a warning in the log, never an error."""
-    if not path.is_file():
-        return []
-    try:
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            reader = csv.DictReader(f, skipinitialspace=True, strict=True)
-            if not reader.fieldnames or "name" not in reader.fieldnames:
-                raise ValueError(f"its first line must be the header name,prompt,negative_prompt, "
-                                 f"not {','.join(reader.fieldnames or [])!r}")
-            rows = list(reader)
-    except (OSError, UnicodeDecodeError, csv.Error, ValueError) as e:
-        logger.warning("prompt styles: %s is not read (%s)", path, e)
-        return []
-    styles = []
-    for row in rows:
-        name = (row.get("name") or "").strip()
-        if name:
-            styles.append({"name": name, "prompt": row.get("prompt", row.get("text")) or "",
-                           "negative_prompt": row.get("negative_prompt") or ""})
-    return styles
 
 
 def ram_memory() -> dict:
