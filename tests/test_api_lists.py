@@ -5,13 +5,14 @@ models folder of tiny files. No model is loaded: every list is read from files' 
 from __future__ import annotations
 
 import base64
-import os
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 from starlette.testclient import TestClient
+
+from tests.tiny_models import models_linking_tiny_sd1
 
 OWN = "http://127.0.0.1:7860"
 EVIL_ORIGIN = "http://evil.example:7860"
@@ -34,10 +35,7 @@ def lists_app(tiny_models_dir, tmp_path_factory, plain_cpu):
     from ui.server import build_app
 
     root = tmp_path_factory.mktemp("api-lists")
-    models = root / "models"
-    (models / "Stable-diffusion").mkdir(parents=True)
-    os.symlink(tiny_models_dir / "Stable-diffusion" / "tiny-sd1", models / "Stable-diffusion" / "tiny-sd1",
-               target_is_directory=True)
+    models = models_linking_tiny_sd1(root, tiny_models_dir)
     weights(models / "VAE" / "soft-vae.safetensors", {"decoder.conv_in.weight": (2, 2)})
     weights(models / "Lora" / "ink.safetensors", {"lora_unet_x.lora_down.weight": (2, 2)},
             {"ss_output_name": "inkstyle", "ss_network_dim": "4"})

@@ -5,7 +5,6 @@ on the tiny SD 1.x model with a VAE file of other weights, through the API's rou
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from starlette.testclient import TestClient
 
 from engine.infotext import parse_infotext
 from ldm_export import vae_to_ldm
-from tiny_models import tiny_vae
+from tiny_models import models_linking_tiny_sd1, tiny_vae
 
 SMALL = {"prompt": "a cat", "width": 64, "height": 64, "steps": 2, "seed": 7}
 VAE_FILE = "other-vae.safetensors"
@@ -25,10 +24,7 @@ VAE_FILE = "other-vae.safetensors"
 @pytest.fixture(scope="module")
 def root(tiny_models_dir, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("api-options")
-    models = root / "models"
-    (models / "Stable-diffusion").mkdir(parents=True)
-    os.symlink(tiny_models_dir / "Stable-diffusion" / "tiny-sd1", models / "Stable-diffusion" / "tiny-sd1",
-               target_is_directory=True)
+    models = models_linking_tiny_sd1(root, tiny_models_dir)
     (models / "VAE").mkdir()
     state = {k.removeprefix("first_stage_model."): v.contiguous() for k, v in vae_to_ldm(tiny_vae(5)).items()}
     save_file(state, str(models / "VAE" / VAE_FILE))

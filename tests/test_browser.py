@@ -87,6 +87,21 @@ def generate(page, mode: str, prompt: str, negative: str = "", steps: int = 2, s
     page.click(f"#{mode}-generate")
 
 
+def send_a1111_png_to_txt2img(page, path: Path, parameters: str, prompt: str) -> None:
+    """An A1111-made PNG (its infotext `parameters`, prompt first) dropped on PNG info and sent to
+    txt2img: waits until the prompt box holds `prompt`."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("parameters", parameters)
+    Image.new("RGB", (64, 64), (90, 90, 200)).save(path, pnginfo=info)
+    page.get_by_role("tab", name="PNG info").click()
+    page.set_input_files("#pnginfo-image input[type=file]", str(path))
+    page.wait_for_function(f"() => document.querySelector('#pnginfo-parameters textarea').value.includes({prompt!r})")
+    page.click("#pnginfo-send-txt2img")
+    page.wait_for_function(f"() => document.querySelector('#txt2img-prompt textarea').value === {prompt!r}")
+
+
 def test_txt2img_shows_progress_and_saves_the_parameters(page, server):
     record_progress(page, "txt2img")
     generate(page, "txt2img", "a lighthouse at dusk", "blurry, text", steps=12)
@@ -238,22 +253,14 @@ def test_png_info_reads_a_saved_image_and_sends_it_to_both_tabs(page, server):
 
 
 def test_png_info_sends_the_vae_an_image_was_made_with_to_the_vae_picker(page, server, tmp_path):
-    from PIL.PngImagePlugin import PngInfo
-
     vae = server.outdir.parent / "data" / "demo-models" / "VAE" / "vae-ft-mse-840000-ema-pruned.safetensors"
     vae.parent.mkdir(parents=True, exist_ok=True)
     vae.write_bytes(b"{}")  # named after the page was built: the picker's choices must follow
-    info = PngInfo()
-    info.add_text("parameters", "a lighthouse\nNegative prompt: fog\nSteps: 5, Sampler: Euler, CFG scale: 7, Seed: 3, "
-                                "Size: 64x64, VAE hash: 735e4c3a44, VAE: vae-ft-mse-840000-ema-pruned.safetensors")
-    Image.new("RGB", (64, 64), (90, 90, 200)).save(tmp_path / "a1111.png", pnginfo=info)
     try:
         assert page.input_value("#vae-select input") == "Automatic"
-        page.get_by_role("tab", name="PNG info").click()
-        page.set_input_files("#pnginfo-image input[type=file]", str(tmp_path / "a1111.png"))
-        page.wait_for_function("() => document.querySelector('#pnginfo-parameters textarea').value.includes('lighthouse')")
-        page.click("#pnginfo-send-txt2img")
-        page.wait_for_function("() => document.querySelector('#txt2img-prompt textarea').value === 'a lighthouse'")
+        send_a1111_png_to_txt2img(page, tmp_path / "a1111.png", "a lighthouse\nNegative prompt: fog\nSteps: 5, "
+                                  "Sampler: Euler, CFG scale: 7, Seed: 3, Size: 64x64, VAE hash: 735e4c3a44, "
+                                  "VAE: vae-ft-mse-840000-ema-pruned.safetensors", "a lighthouse")
         page.wait_for_function("() => document.querySelector('#vae-select input').value.startsWith('vae-ft-mse')")
         assert page.input_value("#vae-select input") == vae.name
     finally:

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from tests.browser_helpers import chromium, start_server
-from tests.test_browser import generate, open_page, saved_pngs, set_number, wait_for_state
+from tests.test_browser import generate, open_page, saved_pngs, send_a1111_png_to_txt2img, set_number, wait_for_state
 
 pytestmark = pytest.mark.browser
 
@@ -129,17 +129,9 @@ def test_clip_skip_is_remembered_used_and_shown_after_a_reload(page, server, bro
 
 
 def test_png_info_sends_clip_skip_to_the_slider_and_remembers_it(page, server, tmp_path):
-    from PIL.PngImagePlugin import PngInfo
-
-    info = PngInfo()
-    info.add_text("parameters", "a mill\nSteps: 2, Sampler: Euler, CFG scale: 7, Seed: 3, Size: 64x64, Clip skip: 3")
-    Image.new("RGB", (64, 64), (90, 90, 200)).save(tmp_path / "a1111.png", pnginfo=info)
     assert page.input_value("#clip-skip input[type=number]") == "1"
-    page.get_by_role("tab", name="PNG info").click()
-    page.set_input_files("#pnginfo-image input[type=file]", str(tmp_path / "a1111.png"))
-    page.wait_for_function("() => document.querySelector('#pnginfo-parameters textarea').value.includes('mill')")
-    page.click("#pnginfo-send-txt2img")
-    page.wait_for_function("() => document.querySelector('#txt2img-prompt textarea').value === 'a mill'")
+    send_a1111_png_to_txt2img(page, tmp_path / "a1111.png",
+                              "a mill\nSteps: 2, Sampler: Euler, CFG scale: 7, Seed: 3, Size: 64x64, Clip skip: 3", "a mill")
     page.wait_for_function("() => document.querySelector('#clip-skip input[type=number]').value === '3'")
     settings = (server.data / "model-settings.json").read_text(encoding="utf-8")
     assert '"clip_skip": 3' in settings

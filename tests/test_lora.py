@@ -3,7 +3,6 @@ and diffusers/peft keys) for the tiny SD 1.x model, loaded through the engine's 
 from __future__ import annotations
 
 import hashlib
-import os
 
 import numpy as np
 import pytest
@@ -15,6 +14,7 @@ from engine.infotext import values_from_params
 from engine.lora import lora_hash
 from engine.prompt_syntax import LoraTag, add_lora_tag, extract_loras
 from tests.conftest import loaded_engine
+from tests.tiny_models import models_linking_tiny_sd1
 
 SMALL = {"width": 64, "height": 64, "steps": 2, "seed": 11, "save_images": False}
 RANK = 4
@@ -61,9 +61,7 @@ def diffusers_lora(pipe, seed: int) -> dict:
 def lora_engine(tiny_models_dir, tmp_path_factory, plain_cpu):
     """An engine of its own (LoRAs change its model's modules), on the session's tiny SD 1.x model."""
     root = tmp_path_factory.mktemp("lora")
-    models = root / "models"
-    (models / "Stable-diffusion").mkdir(parents=True)
-    os.symlink(tiny_models_dir / "Stable-diffusion" / "tiny-sd1", models / "Stable-diffusion" / "tiny-sd1")
+    models = models_linking_tiny_sd1(root, tiny_models_dir)
     engine = loaded_engine(models, root, plain_cpu)
     pipe = engine.manager.current.pipe
     lora, lyco = models / "Lora", models / "LyCORIS"

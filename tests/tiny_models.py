@@ -151,3 +151,13 @@ def make_unet_output_constant(unet, value: float):
     unet.conv_out.weight.zero_()
     unet.conv_out.bias.fill_(value)
     return unet
+
+
+def models_linking_tiny_sd1(root: Path, tiny_models_dir: Path) -> Path:
+    """A models folder of its own under `root` whose Stable-diffusion/tiny-sd1 links the session's
+    tiny SD 1.x folder (nothing copied); other kinds of file are the caller's to add."""
+    models = root / "models"
+    (models / "Stable-diffusion").mkdir(parents=True)
+    (models / "Stable-diffusion" / "tiny-sd1").symlink_to(tiny_models_dir / "Stable-diffusion" / "tiny-sd1",
+                                                          target_is_directory=True)
+    return models
