@@ -123,6 +123,16 @@ def test_speed_fast_is_chosen_on_the_page_and_recorded(page, server):
     assert parameters.startswith("a quick sketch\nSteps: 10,") and "Speed: fast" in parameters
 
 
+def test_tiling_is_chosen_on_the_page_and_recorded(page, server):
+    page.locator("#txt2img-tiling input[type=checkbox]").check()
+    generate(page, "txt2img", "a tiled floor")
+    wait_for_state(page, "txt2img", "done")
+    page.wait_for_selector("#txt2img-gallery img")
+    with Image.open(saved_pngs(server, "txt2img")[-1]) as image:
+        assert image.info["parameters"].startswith("a tiled floor\n") and "Tiling: True" in image.info["parameters"]
+    page.locator("#txt2img-tiling input[type=checkbox]").uncheck()
+
+
 def test_hires_fix_is_chosen_on_the_page_and_recorded(page, server):
     page.locator("#txt2img-hires").get_by_text("Hires. fix", exact=True).first.click()  # open the accordion
     page.locator("#txt2img-enable-hr input[type=checkbox]").check()

@@ -248,9 +248,12 @@ class GenerationTab:
             self.reuse_seed = gr.Button("Reuse last", elem_id=f"{mode}-reuse-seed", scale=0, min_width=136)
         if mode == "txt2img":
             f.update(hires_fields(limits, engine.hires_upscaler_names()))
-        f["speed"] = gr.Radio(list(limits.speeds), value=limits.speeds[0], label="Speed", elem_id=f"{mode}-speed",
-                              info="fast: reuses the model's deep features between steps; about 2.5-3x faster "
-                                   "from 10 steps up, a slightly different image")
+        with gr.Row(equal_height=True):
+            f["speed"] = gr.Radio(list(limits.speeds), value=limits.speeds[0], label="Speed", elem_id=f"{mode}-speed",
+                                  info="fast: reuses the model's deep features between steps; about 2.5-3x faster "
+                                       "from 10 steps up, a slightly different image", scale=3)
+            f["tiling"] = gr.Checkbox(False, label="Tiling", info="seamless: the picture repeats without seams",
+                                      elem_id=f"{mode}-tiling", scale=1)
         with gr.Row():
             f["batch_count"] = gr.Slider(*limits.ranges["batch_count"], value=1, step=1, label="Batch count", elem_id=f"{mode}-batch-count")
             f["batch_size"] = gr.Slider(*limits.ranges["batch_size"], value=1, step=1, label="Batch size", elem_id=f"{mode}-batch-size")
