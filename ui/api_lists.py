@@ -23,10 +23,10 @@ from engine.errors import EaselError
 from engine.library import CHECKPOINT_SUFFIXES
 from engine.request import HIRES_UPSCALERS
 from engine.safe_files import inspect_weights, read_metadata
+from engine.styles import STYLES_FILE  # the data folder's styles.csv, the one the page reads
 
 logger = logging.getLogger(__name__)
 
-STYLES_FILE = "styles.csv"  # in the data folder, as A1111 keeps it (--styles-file)
 # A text encoder's input width by its tokenizer and projection (engine.families' specs): what an
 # embedding's vectors must be as wide as.
 ENCODER_WIDTHS = {("clip-l", False): 768, ("open-clip", False): 1024, ("open-clip", True): 1280}
