@@ -27,7 +27,7 @@ _REQUIRED = ("name", "title", "kind", "family", "file", "folder", "size", "licen
 class CatalogEntry:
     name: str            # what users type: `app.py download sd15`
     title: str
-    kind: str            # "checkpoint" or "upscaler"
+    kind: str            # "checkpoint", "upscaler", "face-restorer" or "face-detector"
     family: str
     file: str            # the file name it is saved under (and its name in the repo)
     folder: str          # the models subfolder it goes to

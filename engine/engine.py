@@ -15,6 +15,7 @@ from engine.devices import Hardware, resolve_device
 from engine.downloads import Downloads
 from engine.embeddings import Embeddings
 from engine.errors import EaselError, ModelNotFoundError, RequestError
+from engine.faces import FaceRestorers
 from engine.generator import Generator
 from engine.jobs import GenerationResult, Job, check_cancelled
 from engine.images import open_image
@@ -84,8 +85,9 @@ class Engine:
                                    manager=self.manager)
         self.loras = Loras(self.library)
         self.embeddings = Embeddings(self.library)
+        self.faces = FaceRestorers(self.library, device=resolve_device(self.hardware, config.device))
         self.generator = Generator(self.manager, self.publisher, upscalers=self.upscalers, loras=self.loras,
-                                   embeddings=self.embeddings)
+                                   embeddings=self.embeddings, faces=self.faces)
         # The page's and the API's jobs take turns on the device in arrival order (engine/turns.py).
         self.turns = TurnQueue()
         # The download catalogue and its advice for this machine; partial downloads wait in data/downloads.
@@ -296,6 +298,8 @@ class Engine:
             from engine.vae import resolve_vae
 
             resolve_vae(self.library, request.vae)  # a name outside models/VAE: RequestError("vae") now
+        if request.restore_faces:  # the restorer that will run (its file and the detector on disk), named now
+            request = replace(request, face_restorer=self.faces.resolve(request.face_restorer))
         if request.enable_hr and facts.info.inpaint_unet:
             raise RequestError("enable_hr", f"hires fix needs an ordinary checkpoint; {facts.info.label} models "
                                             "redraw through a mask")
@@ -304,6 +308,10 @@ class Engine:
     def size_step(self, model: str | None = None) -> int:
         """The step width and height must take for this model (see `size_multiple`)."""
         return size_multiple(self.model_facts(model).vae_scale_factor)
+
+    def face_restorer_names(self) -> list[str]:
+        """The face restorers with a model on disk ("GFPGAN", "CodeFormer"), the first one the default."""
+        return self.faces.names()
 
     def lora_names(self) -> list[str]:
         """The LoRAs in models/Lora and models/LyCORIS, by the name <lora:NAME:1> takes."""

@@ -17,6 +17,7 @@ from PIL import Image, ImageOps
 from engine import __version__
 from engine.embeddings import Embeddings, model_embeddings, ti_hashes
 from engine.errors import EaselError
+from engine.faces import FaceRestorers
 from engine.feature_cache import INTERVAL, MIN_STEPS, FeatureReuse
 from engine.infotext import build_infotext, params_from_values
 from engine.inpaint import InpaintJob
@@ -79,6 +80,7 @@ class Run:
     backends: set = field(default_factory=set)  # what ran the UNet's calls: "torch", "openvino", "openvino int8"
     networks: dict = field(default_factory=dict)  # infotext pairs of the job's LoRAs ("Lora hashes")
     embeddings: dict = field(default_factory=dict)  # the textual inversions the model's prompts may use
+    faces_restored: int = 0  # restore_faces: how many faces the job's pictures had redrawn
     _encoded: tuple = ()
 
     def prompts(self) -> tuple:
@@ -130,12 +132,13 @@ class Generator:
 
     def __init__(self, manager: ModelManager, publisher: Publisher, reuse_interval: int = INTERVAL,
                  upscalers: Upscalers | None = None, loras: Loras | None = None,
-                 embeddings: Embeddings | None = None):
+                 embeddings: Embeddings | None = None, faces: FaceRestorers | None = None):
         self.manager = manager
         self.publisher = publisher
         self.loras = loras            # the models folder's LoRAs; None: <lora:...> tags are refused
         self.embeddings = embeddings  # the embeddings folders' textual inversions; None: none
         self.upscalers = upscalers  # engine.upscalers.Upscalers: hires fix's upscaler models
+        self.faces = faces          # engine.faces.FaceRestorers: restore_faces' models; None: refused
         self.reuse_interval = reuse_interval  # speed "fast": one full UNet step in this many
 
     def run(self, request: GenerationRequest, model: LoadedModel, job: Job | None = None) -> GenerationResult:
@@ -155,6 +158,9 @@ class Generator:
                 infotexts.append(info)
             if stopping_early(job):  # interrupted with keep_partial: no further batch
                 break
+        if request.restore_faces:
+            run.notes.append(f"restore faces: {run.faces_restored} face(s) redrawn by {request.face_restorer}"
+                             if run.faces_restored else "restore faces: no face found in the pictures")
         published = publication.finish(grid=request.save_grid)
         if published.save_error is not None:
             run.notes.append(published.save_error)
@@ -202,7 +208,7 @@ class Generator:
         runs again (a batch's denoising from its start; a decode on its own)."""
         check_cancelled(run.job)
         if run.request.mode == "img2img" and run.request.denoising_strength == 0:
-            return [run.init_image.copy() for _ in seeds]  # nothing to denoise (A1111 returns the init image too)
+            return self._restored(run, [run.init_image.copy() for _ in seeds])  # nothing to denoise (A1111 returns the init image too)
         latents = self.manager.with_fallback(run.model, lambda: self._denoise(run, batch, seeds), run.notes)
         if stopping_early(run.job):  # the pictures as far as the steps got; no hires pass
             run.notes.append("interrupted: the pictures are as far as their steps got")
@@ -220,9 +226,25 @@ class Generator:
     def _finish_pictures(self, run: Run, latents: torch.Tensor) -> list[Image.Image]:
         images = self.manager.with_fallback(run.model, lambda: self._decode(run, latents), run.notes)
         stopping_early(run.job)
+        images = self._restored(run, images)  # before the inpaint composite, as A1111: unmasked pixels stay the init's
         if run.inpaint is not None:  # before publishing: see engine.inpaint on the watermark
             images = [run.inpaint.composite(image) for image in images]
         return images
+
+    def _restored(self, run: Run, images: list[Image.Image]) -> list[Image.Image]:
+        """The pictures with their faces restored, when the request asks (engine.faces)."""
+        request = run.request
+        if not request.restore_faces:
+            return images
+        if self.faces is None:
+            raise EaselError("restore_faces: this engine has no face restoration models")
+        run.job.say(f"Restoring faces ({request.face_restorer})")
+        out = []
+        for image in images:
+            restored = self.faces.restore(image, request.face_restorer, request.codeformer_weight, run.job)
+            run.faces_restored += restored.faces
+            out.append(restored.image)
+        return out
 
     def infotext(self, request: GenerationRequest, model: LoadedModel, seed: int, networks: dict | None = None,
                  backend: str | None = None) -> str:

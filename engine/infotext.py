@@ -77,6 +77,8 @@ INFOTEXT_FIELDS = (
     InfotextField("Schedule type", "schedule_type", unset="Automatic"),
     InfotextField("CFG scale", "cfg_scale", float),
     InfotextField("Seed", "seed", int),
+    # The restorer's name, written only when faces were restored; read back, it turns restore_faces on.
+    InfotextField("Face restoration", "face_restorer", written_when=lambda v: bool(v.get("restore_faces"))),
     InfotextField("Size-1", "width", int),
     InfotextField("Size-2", "height", int),
     InfotextField("Model hash", None),
@@ -156,6 +158,7 @@ def values_from_params(parsed: Mapping[str, object]) -> dict[str, object]:
     if "prompt" in values:
         values.setdefault("negative_prompt", "")
         values["enable_hr"] = "hr_scale" in values  # A1111 writes the Hires keys only when it was on
+        values["restore_faces"] = "face_restorer" in values  # likewise "Face restoration"
         for spec in INFOTEXT_FIELDS:
             if spec.field is not None and spec.unset is not None and spec.written_when(values):
                 values.setdefault(spec.field, spec.unset)

@@ -16,7 +16,8 @@ from engine.atomic import write_atomic
 from engine.errors import ModelNotFoundError
 
 CHECKPOINT_DIR = "Stable-diffusion"
-SUBFOLDERS = ("Stable-diffusion", "VAE", "ESRGAN", "RealESRGAN", "SwinIR", "Lora", "LyCORIS", "embeddings")
+SUBFOLDERS = ("Stable-diffusion", "VAE", "ESRGAN", "RealESRGAN", "SwinIR", "Lora", "LyCORIS", "embeddings",
+              "GFPGAN", "Codeformer")
 # Every suffix the safe reader (engine/safe_files.py) accepts; kept here too so this module needs no torch.
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 # The other model folders, by the heading `app.py models` lists them under.

@@ -46,7 +46,9 @@ RANGES = {
     "mask_blur": (0, 64),
     "inpaint_full_res_padding": (0, 256),
     "clip_skip": (1, 12),  # A1111's CLIP_stop_at_last_layers slider
+    "codeformer_weight": (0.0, 1.0),  # A1111's code_former_weight: 0 restores the most
 }
+FACE_RESTORERS = ("GFPGAN", "CodeFormer")  # A1111's names (engine.faces finds their files)
 MAX_VAE_NAME = 255
 # Hires fix's built-in ways to enlarge the first pass (A1111's names). "Latent" enlarges the latents
 # themselves (no decode in between); "Lanczos" decodes, resizes the picture, encodes again. The
@@ -86,6 +88,7 @@ class RequestLimits:
     speeds: tuple[str, ...]
     hires_upscalers: tuple[str, ...]
     masked_content: tuple[str, ...] = MASKED_CONTENT
+    face_restorers: tuple[str, ...] = FACE_RESTORERS
 
 
 LIMITS = RequestLimits(types.MappingProxyType(RANGES), 64, MAX_SIDE, MAX_PIXELS, MAX_PROMPT_CHARS, MODES,
@@ -134,6 +137,12 @@ class GenerationRequest:
     # Seamless tiling (A1111's "Tiling"): every convolution of the UNet and the VAE pads circularly,
     # so the picture repeats without seams left/right and top/bottom.
     tiling: bool = False
+    # Restore faces (A1111's): after decoding, each face found is redrawn by GFPGAN or CodeFormer and
+    # blended back (engine.faces). face_restorer None (or "Automatic"): the first on disk (the engine fills
+    # in the one that ran); codeformer_weight is CodeFormer's fidelity, ignored by GFPGAN.
+    restore_faces: bool = False
+    face_restorer: str | None = None
+    codeformer_weight: float = 0.5
 
     @property
     def total_images(self) -> int:
@@ -168,7 +177,7 @@ class GenerationRequest:
         for name in ("seed", "steps", "batch_size", "batch_count", "hr_second_pass_steps", "mask_blur",
                      "inpaint_full_res_padding"):
             values[name] = _int(name, raw[name])
-        for name in ("cfg_scale", "denoising_strength", "hr_scale"):
+        for name in ("cfg_scale", "denoising_strength", "hr_scale", "codeformer_weight"):
             values[name] = _float(name, raw[name])
         sampler, legacy_schedule = split_legacy_name(str(raw["sampler"]))
         schedule = str(raw["schedule_type"])
@@ -182,6 +191,9 @@ class GenerationRequest:
         values["save_grid"] = _bool("save_grid", raw["save_grid"])
         values["enable_hr"] = _bool("enable_hr", raw["enable_hr"])
         values["tiling"] = _bool("tiling", raw["tiling"])
+        values["restore_faces"] = _bool("restore_faces", raw["restore_faces"])
+        restorer = _choice("face_restorer", raw["face_restorer"] or "Automatic", ("Automatic", *FACE_RESTORERS))
+        values["face_restorer"] = None if restorer == "Automatic" else restorer
         for name in ("inpaint_full_res", "inpainting_mask_invert"):  # A1111's API sends 0/1
             value = raw[name]
             values[name] = _bool(name, bool(value) if type(value) is int and value in (0, 1) else value)

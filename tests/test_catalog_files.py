@@ -27,6 +27,7 @@ from engine.catalog import CATALOG_PATH
 from engine.downloads import DownloadJob
 from engine.families import OPEN_CLIP_PREFIX, SDXL_REFINER_PREFIX, Family
 from tests.fake_model_host import FakeModelHost
+from tests.face_fixtures import draw_face, write_codeformer, write_gfpgan, write_yunet_onnx
 from tests.field_files import realesrgan_x4plus
 from tests.ldm_export import ldm_config, pipeline_to_ldm, write_yaml
 from tests.tiny_models import tiny_pipeline
@@ -54,6 +55,14 @@ def pickle_bytes(write) -> bytes:
     return buffer.getvalue()
 
 
+def written_bytes(write, name: str) -> bytes:
+    """The bytes a tests/face_fixtures.py writer puts in a file called `name`."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        return write(Path(folder) / name).read_bytes()
+
+
 # name -> () -> (the file's bytes, the sidecar yaml or None). One per bundled entry.
 SHIPPED = {
     "sd15": lambda: (lambda s, y: (safetensors_bytes(s), y))(*ldm_checkpoint(Family.SD1)),
@@ -62,6 +71,10 @@ SHIPPED = {
     "sdxl-base": lambda: (lambda s, y: (safetensors_bytes(s), y))(*ldm_checkpoint(Family.SDXL)),
     "sd-x4-upscaler": lambda: (lambda s, y: (safetensors_bytes(s), y))(*ldm_checkpoint(Family.SD_X4_UPSCALER)),
     "realesrgan-x4plus": lambda: (pickle_bytes(lambda f: realesrgan_x4plus(f)), None),
+    # GFPGANv1.4.pth and codeformer.pth: a torch pickle of {"params_ema": state dict}.
+    "gfpgan-1.4": lambda: (written_bytes(lambda p: write_gfpgan(p, half=True), "GFPGANv1.4.pth"), None),
+    "codeformer": lambda: (written_bytes(lambda p: write_codeformer(p, half=True), "codeformer.pth"), None),
+    "yunet-face-detector": lambda: (written_bytes(write_yunet_onnx, "face_detection_yunet_2023mar.onnx"), None),
 }
 
 
@@ -133,6 +146,26 @@ def noise(size, seed=0) -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8), "RGB")
 
 
+def restore_a_face(engine, entry):
+    """A face restorer's or the detector's file, downloaded, restores a face (the other half of the
+    pair written here when it is not downloaded yet: a detector in the folder searched last, so a
+    downloaded one in models/GFPGAN is the one used once it is there)."""
+    from engine.faces import DETECTOR_FOLDERS, RESTORERS
+
+    if entry.kind == "face-detector":
+        assert engine.faces.detector_file() == engine.library.models_dir / entry.folder / entry.file
+    if engine.faces.detector_file() is None:
+        write_yunet_onnx(engine.library.models_dir / DETECTOR_FOLDERS[-1] / "face_detection_yunet_fixture.onnx")
+    if not engine.face_restorer_names():
+        write_gfpgan(engine.library.models_dir / RESTORERS["GFPGAN"][0] / "GFPGANv1.4.pth", half=True)
+    restorer = {"gfpgan": "GFPGAN", "codeformer": "CodeFormer"}.get(entry.family, "GFPGAN")
+    image = noise((256, 192))
+    draw_face(image, (40, 30, 124, 126))
+    restored = engine.faces.restore(image, engine.faces.resolve(restorer))
+    assert restored.faces == 1
+    return type("Result", (), {"images": [restored.image]})()
+
+
 @pytest.mark.parametrize("name", [e["name"] for e in BUNDLED])
 def test_a_catalogue_entry_downloads_and_then_works(studio, served, name):
     engine = studio.engine
@@ -146,6 +179,8 @@ def test_a_catalogue_entry_downloads_and_then_works(studio, served, name):
         result = engine.upscale(noise((32, 32)), f"SD x4: {entry.file}", 4, save=False, prompt="a red barn",
                                 steps=2, seed=1)
         assert result.images[0].size == (128, 128)
+    elif entry.kind in ("face-restorer", "face-detector"):
+        result = restore_a_face(engine, entry)
     elif entry.kind == "upscaler":
         result = engine.upscale(noise((32, 24)), Path(entry.file).stem, 4, save=False)
         assert result.images[0].size == (128, 96)

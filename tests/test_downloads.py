@@ -257,7 +257,7 @@ def test_offline_the_catalogue_still_lists_every_entry_as_needing_the_internet(t
 def test_the_bundled_catalogue_has_the_promised_models_and_pins_every_pickle():
     catalog = Catalog.load(CATALOG_PATH)
     families = {e.family for e in catalog.entries}
-    assert {"sd1", "sd2", "sd2-v", "sdxl", "esrgan", "sd-x4-upscaler"} <= families
+    assert {"sd1", "sd2", "sd2-v", "sdxl", "esrgan", "sd-x4-upscaler", "gfpgan", "codeformer", "yunet"} <= families
     for e in catalog.entries:
         assert e.size > 0 and e.licence and e.licence_url.startswith("https://")
         assert e.file.endswith(".safetensors") or e.sha256, e.name
@@ -268,10 +268,13 @@ def test_a_catalogue_pickle_without_a_sha256_is_refused_at_load(tmp_path):
         write_catalog(tmp_path, entry("p", repo_id="a/b", file="p.pth", sha256=None))
 
 
+FACES = ("gfpgan-1.4", "yunet-face-detector")  # restore faces: small, fine anywhere (CodeFormer: "ok", its licence)
+
+
 @pytest.mark.parametrize("machine,recommended,not_recommended", [
-    (Machine("cpu", 16), {"sd-turbo", "realesrgan-x4plus"}, {"sdxl-base", "sd21-768", "sd-x4-upscaler"}),
-    (Machine("cuda", 12), {"sd15", "sdxl-base", "realesrgan-x4plus"}, set()),
-    (Machine("cuda", 4), {"sd15", "realesrgan-x4plus"}, {"sdxl-base", "sd21-768", "sd-x4-upscaler"}),
+    (Machine("cpu", 16), {"sd-turbo", "realesrgan-x4plus", *FACES}, {"sdxl-base", "sd21-768", "sd-x4-upscaler"}),
+    (Machine("cuda", 12), {"sd15", "sdxl-base", "realesrgan-x4plus", *FACES}, set()),
+    (Machine("cuda", 4), {"sd15", "realesrgan-x4plus", *FACES}, {"sdxl-base", "sd21-768", "sd-x4-upscaler"}),
 ])
 def test_advice_follows_the_machine(machine, recommended, not_recommended):
     advice = {e.name: advise(e, machine) for e in Catalog.load().entries}

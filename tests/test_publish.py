@@ -112,7 +112,7 @@ def test_the_infotext_table_reads_back_what_it_wrote():
     read = values_from_params(parse_infotext(build_infotext(request.prompt, request.negative_prompt, params)))
     assert read == {"prompt": "a (red:1.2) fox", "negative_prompt": "fog", "steps": 12, "sampler": "DPM++ 2M",
                     "schedule_type": "Karras", "cfg_scale": 6.5, "seed": 99, "width": 192, "height": 128,
-                    "denoising_strength": 0.4, "speed": "fast", "enable_hr": False, "clip_skip": 1, "tiling": False}
+                    "denoising_strength": 0.4, "speed": "fast", "enable_hr": False, "clip_skip": 1, "tiling": False, "restore_faces": False}
 
 
 def test_unset_values_are_left_out_as_a1111_does_and_read_back_as_unset():

@@ -184,7 +184,7 @@ def test_png_info_reads_a_saved_file_and_sends_its_fields(studio):
     values = studio.fields_from_infotext(parsed)
     assert values == {"prompt": "a (blue:1.2) bird", "negative_prompt": "fog", "steps": 2, "sampler": "DPM++ 2M",
                       "schedule_type": "Karras", "cfg_scale": 6.5, "seed": 7, "width": 64, "height": 64, "speed": "exact",
-                      "enable_hr": False, "clip_skip": 1, "tiling": False}  # A1111: absent means 1 and off
+                      "enable_hr": False, "clip_skip": 1, "tiling": False, "restore_faces": False}  # A1111: absent means 1 and off
 
 
 def test_png_info_on_a_non_image_is_a_readable_error(studio, tmp_path):
@@ -197,7 +197,7 @@ def test_png_info_on_a_non_image_is_a_readable_error(studio, tmp_path):
 def test_unknown_sampler_from_infotext_is_left_out(studio):
     values = studio.fields_from_infotext({"Prompt": "x", "Sampler": "Made Up", "Steps": "oops"})
     assert values == {"prompt": "x", "negative_prompt": "", "schedule_type": "Automatic", "speed": "exact",
-                      "enable_hr": False, "clip_skip": 1, "tiling": False}
+                      "enable_hr": False, "clip_skip": 1, "tiling": False, "restore_faces": False}
 
 
 def test_an_infotexts_vae_is_sent_as_the_pickers_name_when_models_vae_has_it(tmp_path):
