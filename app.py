@@ -70,6 +70,11 @@ def _add_generation_options(p: argparse.ArgumentParser, img2img: bool) -> None:
     p.add_argument("--n-iter", default=None, help="number of batches (batch count)")
     p.add_argument("--grid", action="store_true", help="also save a grid of the batch")
     p.add_argument("--tiling", action="store_true", help="seamless tiling: the picture repeats without seams")
+    p.add_argument("--restore-faces", action="store_true",
+                   help="redraw each face found with GFPGAN or CodeFormer (models/GFPGAN, models/Codeformer)")
+    p.add_argument("--face-restorer", default=None, help="GFPGAN or CodeFormer (default: the first on disk)")
+    p.add_argument("--codeformer-weight", default=None,
+                   help="CodeFormer's fidelity, 0-1: 0 restores the most, 1 keeps closest to the face (default 0.5)")
     p.add_argument("--speed", default=None, help="exact (default) or fast: reuse the UNet's deep features "
                                                  "across steps, about 2.5-3x faster, a slightly different image")
     if not img2img:  # hires fix: A1111's names, as in its API
@@ -184,7 +189,8 @@ def _generate(args, mode: str) -> int:
         "steps": args.steps, "cfg_scale": args.cfg_scale, "sampler": args.sampler, "schedule_type": args.scheduler,
         "width": args.width, "height": args.height, "batch_size": args.n_samples, "batch_count": args.n_iter,
         "save_grid": args.grid or None, "speed": args.speed, "vae": args.vae, "clip_skip": args.clip_skip,
-        "tiling": args.tiling or None,
+        "tiling": args.tiling or None, "restore_faces": args.restore_faces or None,
+        "face_restorer": args.face_restorer, "codeformer_weight": args.codeformer_weight,
     }
     if mode == "txt2img":
         fields.update(enable_hr=args.enable_hr or None, hr_scale=args.hr_scale, hr_upscaler=args.hr_upscaler,

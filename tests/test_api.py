@@ -113,7 +113,7 @@ def test_a_recorded_a1111_body_is_understood_field_for_field(server):
 
 
 def test_unsupported_fields_are_accepted_and_reported_as_ignored(server):
-    extra = {"restore_faces": True, "script_name": "x/y/z plot", "script_args": [1, 2],
+    extra = {"script_name": "x/y/z plot", "script_args": [1, 2],
              "alwayson_scripts": {"ControlNet": {"args": [{"enabled": True}]}}, "some_extension_field": 3}
     response = post(server, "txt2img", {**SMALL, **extra})
     assert response.status_code == 200, response.text

@@ -119,7 +119,7 @@ def test_face_restorers_are_listed_only_where_their_models_are(lists_app):
     folder.mkdir()
     (folder / "GFPGANv1.4.pth").write_bytes(b"not read")
     try:
-        assert get(lists_app, "face-restorers") == [{"name": "GFPGAN", "cmd_dir": "GFPGAN"}]
+        assert get(lists_app, "face-restorers") == [{"name": "GFPGAN", "cmd_dir": str(folder)}]
     finally:
         (folder / "GFPGANv1.4.pth").unlink()
 

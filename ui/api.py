@@ -9,7 +9,7 @@ the same request guard. No torch: everything goes through the Engine object hand
   `Engine.make_request`, like the page's and the CLI's. A refusal is HTTP 422 in FastAPI's shape,
   `{"detail": [{"loc": ["body", FIELD], "msg": "FIELD: ...", "type": "value_error"}]}`, naming the
   A1111 field (n_iter, not batch_count).
-- Fields Easel has no use for (scripts, alwayson_scripts, restore_faces, ...) are accepted; those
+- Fields Easel has no use for (scripts, alwayson_scripts, ...) are accepted; those
   set to something other than their default are listed in the response's info as "ignored".
 - img2img with a `mask` inpaints (engine.inpaint), its fields by A1111's names and numbers;
   txt2img's `hr_resize_x` / `hr_resize_y` become the hires fix's scale (`hires_resize_scale`).
@@ -219,7 +219,7 @@ INPAINT_FIELDS = frozenset({"mask", "mask_blur", "mask_blur_x", "mask_blur_y", "
 USED_TXT2IMG = frozenset({
     "prompt", "negative_prompt", "seed", "sampler_name", "sampler_index", "scheduler", "batch_size", "n_iter",
     "steps", "cfg_scale", "width", "height", "override_settings", "override_settings_restore_afterwards",
-    "send_images", "save_images", "speed", "denoising_strength", "tiling", "styles"}) | HIRES_FIELDS
+    "send_images", "save_images", "speed", "denoising_strength", "tiling", "styles", "restore_faces"}) | HIRES_FIELDS
 USED_IMG2IMG = (USED_TXT2IMG - HIRES_FIELDS) | {"init_images", "resize_mode", "include_init_images"} | INPAINT_FIELDS
 USED_EXTRAS = frozenset({"image", "imageList", "resize_mode", "upscaling_resize", "upscaler_1"})
 
@@ -758,6 +758,7 @@ def generation_fields(body, mode: str, used: frozenset[str]) -> tuple[dict[str, 
         "steps": a1111_count(body.steps), "cfg_scale": body.cfg_scale, "width": body.width, "height": body.height,
         "batch_size": body.batch_size, "batch_count": body.n_iter, "save_images": body.save_images,
         "speed": body.speed, "denoising_strength": body.denoising_strength, "tiling": body.tiling,
+        "restore_faces": body.restore_faces,
     }
     ignored = ignored_fields(body, used)
     own, sources, own_ignored = (txt2img_fields if mode == "txt2img" else img2img_fields)(body)
@@ -824,7 +825,8 @@ def generation_info(request, result, ignored: list[str], interrupted: bool) -> d
         "subseed": -1, "all_subseeds": [-1] * n, "subseed_strength": 0,
         "width": request.width, "height": request.height, "sampler_name": request.sampler,
         "scheduler": request.schedule_type, "cfg_scale": request.cfg_scale, "steps": request.steps,
-        "batch_size": request.batch_size, "restore_faces": False, "face_restoration_model": None,
+        "batch_size": request.batch_size, "restore_faces": request.restore_faces,
+        "face_restoration_model": request.face_restorer if request.restore_faces else None,
         "sd_model_name": parsed.get("Model"), "sd_model_hash": parsed.get("Model hash"),
         "sd_vae_name": parsed.get("VAE"), "sd_vae_hash": parsed.get("VAE hash"),
         "seed_resize_from_w": -1, "seed_resize_from_h": -1,

@@ -20,7 +20,7 @@ from fastapi import Request
 from pydantic import BaseModel
 
 from engine.errors import EaselError
-from engine.library import CHECKPOINT_SUFFIXES
+from engine.faces import RESTORERS
 from engine.request import HIRES_UPSCALERS
 from engine.safe_files import inspect_weights, read_metadata
 from engine.styles import STYLES_FILE  # the data folder's styles.csv, the one the page reads
@@ -30,7 +30,6 @@ logger = logging.getLogger(__name__)
 # A text encoder's input width by its tokenizer and projection (engine.families' specs): what an
 # embedding's vectors must be as wide as.
 ENCODER_WIDTHS = {("clip-l", False): 768, ("open-clip", False): 1024, ("open-clip", True): 1280}
-FACE_RESTORERS = (("GFPGAN", "GFPGAN"), ("CodeFormer", "Codeformer"))  # A1111's name, its models folder
 _SCALE = re.compile(r"(?<![0-9a-z])(?:x([1-8])|([1-8])x)(?![0-9])", re.IGNORECASE)  # x2plus, 4x-UltraSharp
 
 
@@ -221,11 +220,10 @@ class ListRoutes:
         return [{"name": name} for name in HIRES_UPSCALERS if name.lower().startswith("latent")]
 
     def face_restorers(self):
-        """Easel restores no faces (restore_faces is ignored, and says so in a job's info); A1111's
-        restorers are listed only where their model files are in the models folder."""
+        """The restorers restore_faces can use: those with a model file on disk (engine.faces),
+        each with the folder it was found in."""
         models = self.engine.library.models_dir
-        return [{"name": name, "cmd_dir": folder} for name, folder in FACE_RESTORERS
-                if any(p.is_file() and p.name.lower().endswith(CHECKPOINT_SUFFIXES) for p in _files(models / folder))]
+        return [{"name": name, "cmd_dir": str(models / RESTORERS[name][0])} for name in self.engine.face_restorer_names()]
 
     def hypernetworks(self):
         return []  # Easel runs no hypernetworks
@@ -297,13 +295,6 @@ def embedding_parts(path: Path) -> list[tuple[int, int]] | None:
 def name_scale(stem: str) -> int:
     found = _SCALE.search(stem)
     return int(found.group(1) or found.group(2)) if found else 4
-
-
-def _files(folder: Path) -> list[Path]:
-    try:
-        return list(folder.iterdir()) if folder.is_dir() else []
-    except OSError:
-        return []
 
 
 def ram_memory() -> dict:

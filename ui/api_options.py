@@ -23,6 +23,7 @@ from typing import Any
 
 from engine.atomic import write_atomic
 from engine.errors import RequestError
+from engine.request import FACE_RESTORERS
 
 logger = logging.getLogger(__name__)
 
@@ -142,14 +143,15 @@ RESTRICT_API = frozenset({"api_enable_requests", "api_forbid_local_requests", "a
 # --- what Easel does with them ----------------------------------------------------------------------
 OUTDIRS = {"outdir_samples": None, "outdir_txt2img_samples": "txt2img", "outdir_img2img_samples": "img2img"}
 ACTED_ON = frozenset({"sd_model_checkpoint", "sd_vae", "CLIP_stop_at_last_layers", "samples_save", "samples_format",
-                      *OUTDIRS})
+                      "face_restoration_model", "code_former_weight", *OUTDIRS})
 # Kept by the engine already (per checkpoint) or a view of its state: not written to api-options.json.
 NOT_STORED = frozenset({"sd_model_checkpoint", "sd_vae", "CLIP_stop_at_last_layers", *OUTDIRS})
 FORMATS = ("png",)  # Easel saves PNG only (engine/outputs.py)
 NO_EFFECT_NOTE = (
     "Easel acts on these A1111 options: sd_model_checkpoint (loads it), sd_vae (the VAE remembered for the current "
     "checkpoint), CLIP_stop_at_last_layers (the CLIP skip remembered for the current checkpoint), samples_save "
-    "(False: API jobs save nothing even with save_images), samples_format (png only), and outdir_samples / "
+    "(False: API jobs save nothing even with save_images), samples_format (png only), face_restoration_model "
+    "(GFPGAN or CodeFormer: the one restore_faces uses, when its model is on disk) and code_former_weight, and outdir_samples / "
     "outdir_txt2img_samples / outdir_img2img_samples (a read-only view of Easel's output folders). Every other key, "
     "jpeg_quality, enable_pnginfo, eta_ddim, eta_ancestral and eta_noise_seed_delta included, is checked, stored in "
     f"<data_dir>/{OPTIONS_FILE} and returned by GET /options, and has no effect on Easel's jobs.")
@@ -250,6 +252,8 @@ class Options:
                 raise RequestError(key, f"must be a whole number from 1 to 12, got {value!r}")
         if key == "samples_format" and value not in FORMATS:
             raise RequestError(key, f"Easel saves only {', '.join(FORMATS)}, got {value!r}")
+        if key == "face_restoration_model" and value not in FACE_RESTORERS:
+            raise RequestError(key, f"must be one of {', '.join(FACE_RESTORERS)}, got {value!r}")
         if key == "samples_save" and not isinstance(value, bool):
             raise RequestError(key, f"must be true or false, got {value!r}")
         if key in OUTDIRS and value != self.outdirs()[key]:
@@ -306,7 +310,19 @@ class Options:
         if values.get("CLIP_stop_at_last_layers") is not None:
             fields["clip_skip"] = values["CLIP_stop_at_last_layers"]
             sources["clip_skip"] = "override_settings.CLIP_stop_at_last_layers"
+        fields.update(self.face_fields(values))
         return fields, sources, sorted(ignored), values
+
+    def face_fields(self, values: dict[str, Any]) -> dict[str, Any]:
+        """restore_faces' restorer and CodeFormer weight from the job's overrides, else the stored
+        options. The restorer is a preference: A1111's default (CodeFormer) or a stored name whose
+        model is not on disk leaves the choice to the engine (the first on disk), since A1111 would
+        download the missing one and clients post /options back whole."""
+        restorer = values.get("face_restoration_model", self.store.data.get("face_restoration_model"))
+        fields = {"codeformer_weight": values.get("code_former_weight", self.store.get("code_former_weight"))}
+        if restorer in self.engine.face_restorer_names():
+            fields["face_restorer"] = restorer
+        return fields
 
     def samples_save(self, values: dict[str, Any]) -> bool:
         """Whether this job may save at all (A1111: samples_save and the body's save_images)."""

@@ -254,6 +254,15 @@ class GenerationTab:
                                        "from 10 steps up, a slightly different image", scale=3)
             f["tiling"] = gr.Checkbox(False, label="Tiling", info="seamless: the picture repeats without seams",
                                       elem_id=f"{mode}-tiling", scale=1)
+        with gr.Row(equal_height=True):
+            f["restore_faces"] = gr.Checkbox(False, label="Restore faces", elem_id=f"{mode}-restore-faces", scale=1,
+                                             info="redraws each face found (GFPGAN or CodeFormer, from the Models tab)")
+            f["face_restorer"] = gr.Dropdown(["Automatic", *limits.face_restorers], value="Automatic",
+                                             label="Face restorer", elem_id=f"{mode}-face-restorer", scale=1,
+                                             info="Automatic: the first on disk")
+            f["codeformer_weight"] = gr.Slider(*limits.ranges["codeformer_weight"], value=0.5, step=0.05,
+                                               label="CodeFormer weight", elem_id=f"{mode}-codeformer-weight",
+                                               info="0: restores the most; 1: closest to the face as drawn", scale=2)
         with gr.Row():
             f["batch_count"] = gr.Slider(*limits.ranges["batch_count"], value=1, step=1, label="Batch count", elem_id=f"{mode}-batch-count")
             f["batch_size"] = gr.Slider(*limits.ranges["batch_size"], value=1, step=1, label="Batch size", elem_id=f"{mode}-batch-size")
