@@ -35,6 +35,7 @@ UNSUPPORTED_KINDS = (
 FAMILY_BY_WIDTH = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}
 _TRANSFORMER_KEYS = ("double_blocks", "single_blocks", "joint_blocks", "lora_transformer_", "transformer.")
 _DOWN_PARTS = ("lora_down", "lora_A", ".down.", "lora.down")
+_UP_PARTS = ("lora_up", "lora_B", ".up.", "lora.up")
 # LCM-LoRA (and kohya conversions of it): few-step sampling. Named so, or saying so in its metadata.
 _LCM_WORD = re.compile(r"(^|[^a-z])lcm([^a-z]|$)")
 _LCM_METADATA = ("ss_output_name", "modelspec.title", "modelspec.description", "ss_training_comment")
@@ -46,6 +47,7 @@ class LoraFile:
     entry: ModelEntry
     key: tuple       # (path, size, mtime): a changed file is a new adapter
     hash: str        # A1111's short hash (12 hex digits)
+    zero: bool = False  # every up (B) matrix is 0: the LoRA changes nothing, at any weight
 
     @property
     def adapter(self) -> str:
@@ -163,7 +165,7 @@ class Loras:
         stat = entry.path.stat()
         key = (str(entry.path), stat.st_size, stat.st_mtime_ns)
         if key not in self._files:
-            self._files[key] = LoraFile(_stem(entry), entry, key, lora_hash(entry.path))
+            self._files[key] = LoraFile(_stem(entry), entry, key, lora_hash(entry.path), _all_zero(entry.path))
         return self._files[key]
 
     def apply(self, loaded, prompt: str) -> dict[str, str]:
@@ -183,6 +185,20 @@ class Loras:
             file = self._file(self.resolve(tag.name))
             _, te, unet, said = wanted.get(file.adapter, (file, 0.0, 0.0, tag.name))
             wanted[file.adapter] = (file, te + tag.te_weight, unet + tag.unet_weight, said)
+        # A LoRA at weight 0 (both parts), or whose up matrices are all 0, changes nothing: it is not
+        # put on the model at all, so the job is the plain one, bit for bit, on every backend (people
+        # sweep weights 0, 0.25, ... 1; with peft layers at scale 0 the text encoder would leave
+        # OpenVINO and the 0 would move pixels). Its hash is still recorded: the prompt names it.
+        # A1111's pair: the name as the prompt gives it, without ':' and ','.
+        hashes = {"Lora hashes": ", ".join(f"{re.sub('[:,]', '', said)}: {file.hash}"
+                                           for file, _, _, said in wanted.values())}
+        for file, *_rest in wanted.values():  # a file of the wrong kind or family is refused at any weight
+            self._check(loaded, file)
+        wanted = {adapter: value for adapter, value in wanted.items()
+                  if (value[1] != 0 or value[2] != 0) and not value[0].zero}
+        if not wanted:
+            self.apply(loaded, "")  # as a prompt without tags: every adapter off
+            return hashes
         stale = [adapter for adapter in loaded.loras if adapter not in wanted]
         if stale:
             pipe.delete_adapters(stale)
@@ -200,20 +216,25 @@ class Loras:
                 for adapter, te, unet in weights])
             loaded.encoder.clear_cache()  # the text encoders' output changed with them
             loaded.lora_weights = weights
-        # A1111: the name as the prompt gives it, without ':' and ','.
-        pairs = [f"{re.sub('[:,]', '', said)}: {file.hash}" for file, _, _, said in wanted.values()]
-        return {"Lora hashes": ", ".join(pairs)}
+        return hashes
+
+    @staticmethod
+    def _check(loaded, file: LoraFile) -> None:
+        """EaselError when the file is a LyCORIS kind diffusers cannot load, or for another family."""
+        from engine.safe_files import read_shapes
+
+        shapes = read_shapes(file.entry.path)
+        kind = unsupported_kind(shapes)
+        if kind is not None:
+            raise EaselError(f"lora: {file.name} is a {kind} network (LyCORIS); diffusers cannot load that kind, "
+                             "so Easel cannot: LoRA and LoCon files work")
+        check_family(file.name, shapes, loaded)
 
     @staticmethod
     def _load(loaded, file: LoraFile) -> None:
         from engine.safe_files import read_tensors
 
         state = read_tensors(file.entry.path)
-        kind = unsupported_kind(state)
-        if kind is not None:
-            raise EaselError(f"lora: {file.name} is a {kind} network (LyCORIS); diffusers cannot load that kind, "
-                             "so Easel cannot: LoRA and LoCon files work")
-        check_family(file.name, {k: tuple(v.shape) for k, v in state.items()}, loaded)
         try:
             with warnings.catch_warnings():
                 # peft warns on every adapter after the first; several at once is what Easel wants.
@@ -222,6 +243,18 @@ class Loras:
         except (ValueError, KeyError, RuntimeError) as error:
             lines = str(error).strip().splitlines() or [type(error).__name__]
             raise EaselError(f"lora: {file.name} could not be loaded: {lines[0][:300]}") from None
+
+
+def _all_zero(path: Path) -> bool:
+    """Whether every up (B) matrix of the LoRA file is 0 (then its product with any down matrix is)."""
+    from engine.safe_files import read_tensors
+
+    try:
+        state = read_tensors(path)
+    except EaselError:
+        return False  # unreadable: loading it says why
+    ups = [t for k, t in state.items() if any(part in k for part in _UP_PARTS)]
+    return bool(ups) and all(not t.any() for t in ups)
 
 
 def strip_loras(prompt: str) -> str:
