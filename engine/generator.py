@@ -351,20 +351,35 @@ class Generator:
         interval = self.reuse_interval if reuse else None
         unload_before_steps(run.model.pipe)  # the prompts (and any init image) are encoded by now
         compiled = run.model.openvino
-        lora = compiled is not None and any(unet_weight for _, _, unet_weight in run.model.lora_weights)
-        if lora:
-            why = "the LoRA ran on torch: the OpenVINO UNet holds the checkpoint's own weights"
-            if why not in run.notes:
-                run.notes.append(why)
+        if compiled is not None and any(unet_weight for _, _, unet_weight in run.model.lora_weights):
+            compiled = self._lora_unet(run, compiled, unet)  # None: this LoRA set runs on torch
         tiling = compiled is not None and run.request.tiling
         if tiling and TILING_ON_TORCH not in run.notes:
             run.notes.append(TILING_ON_TORCH)
-        if compiled is None or lora or tiling:
+        if compiled is None or tiling:
             with FeatureReuse(unet, interval) if reuse else contextlib.nullcontext():
                 yield None
             return
         with compiled.running(unet, interval) as record:
             yield record
+
+    @staticmethod
+    def _lora_unet(run: Run, compiled, unet):
+        """The OpenVINO UNet with the job's LoRAs fused in (engine.openvino_lora), or None, with a
+        note, when this set of LoRAs cannot be fused (it runs on torch)."""
+        try:
+            fused, seconds = compiled.for_loras(unet)
+        except Exception as error:  # noqa: BLE001 - compiling failed: torch still has the LoRA layers
+            fused, seconds = error, None
+        if isinstance(fused, Exception):
+            why = f"the LoRA ran on torch: {str(fused).splitlines()[0] if str(fused) else type(fused).__name__}"
+            if why not in run.notes:
+                run.notes.append(why)
+            return None
+        if seconds is not None:
+            run.notes.append(f"the LoRAs were fused into the OpenVINO UNet in {seconds:.1f} s, once for this set of "
+                             "LoRAs and weights")
+        return fused
 
     @staticmethod
     def _callback(run: Run, batch: int):

@@ -52,6 +52,7 @@ run holds one copy of each part's weights: its peak is below stock diffusers' (d
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import json
@@ -74,12 +75,14 @@ from engine.devices import cast_floating
 from engine.feature_cache import HOOK_NAME as REUSE_HOOK_NAME
 from engine.feature_cache import FeatureReuse, ReuseClock, feature_part, step_key
 from engine.mapped_pages import returning_pages
+from engine.openvino_lora import FuseError, LoraVariant, fused_compile
 
 logger = logging.getLogger(__name__)
 
 # Bump when what is converted changes (the traced wrapper, the inputs): old entries stop matching.
 FORMAT = 3
 HOOK_NAME = "easel_openvino"
+TRACED_PREFIX = "self.unet."  # the converted graph's weight names: the traced wrapper's attribute, then the module path
 OUTPUTS = ("noise", "features")  # the full graph's outputs; the reuse graph has the first
 # SD 1.5's UNet is 3.4 GB as an f32 graph, SDXL's 10 GB: room for a few of each.
 DEFAULT_CACHE_LIMIT = 32 * 2**30
@@ -453,6 +456,26 @@ class OpenVINOUNet:
         self.seconds = seconds        # converting (or reading) plus compiling
         self.compression = compression  # "int8": NNCF-compressed weights; None: f32 (or f16) weights
         self.device = device            # where it was compiled: "CPU" or an Intel GPU ("GPU.0")
+        self._loras = LoraVariant()     # the last LoRA set's fused graphs (engine.openvino_lora)
+
+    def for_loras(self, unet: torch.nn.Module):
+        """(this UNet compiled with `unet`'s active LoRAs fused in, the seconds fusing and compiling
+        took now, or None when the set's graphs were already made); a FuseError instead of the
+        UNet when the set cannot be fused (then it runs on torch)."""
+        if self.compression:
+            return FuseError("int8-compressed OpenVINO weights cannot take a LoRA's deltas"), None
+
+        def build(deltas):
+            parts = []
+            for part, every in ((self.compiled, True), (self.compiled_reuse, False)):
+                # The reuse graph holds a few layers only: the deltas of the others are not its.
+                compile_fused = functools.partial(fused_compile, part.folder / "model.xml", TRACED_PREFIX, deltas,
+                                                  part.device, part.config, every)
+                parts.append(CompiledPart(compile_fused, part.folder, part.device, part.config))
+            return OpenVINOUNet(*parts, self.names, self.precision, True, 0.0, None, self.device)
+
+        value, built = self._loras.get(unet, build)
+        return value, (self._loras.seconds if built else None)
 
     @property
     def label(self) -> str:
@@ -635,10 +658,11 @@ class CompiledPart:
     compiles it again from the entry's blob: for parts that are idle most of a job (the text
     encoders during the steps and the decode)."""
 
-    def __init__(self, compile: Callable[[], object], folder: Path, device: str = "CPU"):
+    def __init__(self, compile: Callable[[], object], folder: Path, device: str = "CPU", config: dict | None = None):
         self._compile = compile
         self.folder = folder
         self.device = device  # "CPU", or an Intel GPU ("GPU.0")
+        self.config = config or {}  # what it was compiled with (a LoRA variant is compiled alike)
         self.compiled = None
         self.load()
 
@@ -688,7 +712,7 @@ def compile_entry(cache: OpenVINOCache, key: str, xml: Path, precision: str = "f
     if threads and device == "CPU":
         config["INFERENCE_NUM_THREADS"] = threads
     try:
-        return CompiledPart(lambda: cache.compile(xml, device, config), xml.parent, device)
+        return CompiledPart(lambda: cache.compile(xml, device, config), xml.parent, device, config)
     except RuntimeError:
         if device == "CPU":
             cache.remove(key)

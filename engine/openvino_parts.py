@@ -20,8 +20,9 @@ not cover runs the torch forward instead.
   and whose output goes in as an input. That is where textual-inversion embeddings write their
   vectors (`engine.embeddings.embeddings_in_place` hooks the token embedding), so prompts with an
   embedding run on OpenVINO too, with no second graph and no torch fallback for them. A LoRA puts
-  peft layers into the encoder; the graph holds the checkpoint's own weights, so an encoder with
-  LoRA layers runs on torch (as `generator._unet_backend` does for the UNet).
+  peft layers into the encoder; their deltas are fused into a compiled copy of the graph, once per
+  set of LoRAs and weights (engine.openvino_lora, as the UNet's), and a set that cannot be fused
+  runs on torch.
 
 A user-chosen VAE (engine/vae.py) is another module with other weights: `ModelManager.apply_vae`
 converts it too, keyed by its own file's hash; the checkpoint's VAE keeps its hooks for when
@@ -37,6 +38,7 @@ to trade any precision for.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 import warnings
@@ -47,12 +49,14 @@ import torch
 
 from engine import compat  # noqa: F401 - torchvision shim before transformers/diffusers
 from diffusers.hooks import HookRegistry, ModelHook
-from engine.openvino_backend import (OpenVINOCache, _array, cache_key, compile_entry, convert_model, load_or_convert,
-                                     park_weights)
+from engine.openvino_backend import (CompiledPart, OpenVINOCache, _array, cache_key, compile_entry, convert_model,
+                                     load_or_convert, park_weights)
+from engine.openvino_lora import FuseError, LoraVariant, active_lora_layers, fused_compile
 
 logger = logging.getLogger(__name__)
 
 HOOK_NAME = "easel_openvino_part"
+TEXT_PREFIX = "self.encoder."  # the text encoder graph's weight names: _TextTraceable's attribute, then the module path
 
 # Part name -> what users read in notes.
 LABELS = {"vae_decoder": "VAE decoder", "vae_encoder": "VAE encoder",
@@ -69,6 +73,31 @@ class OpenVINOPart:
         self.seconds = seconds        # converting (or reading) plus compiling
         self.calls = 0
         self.failed = False           # compiling again after unload() failed: warned once
+        self._loras = LoraVariant()   # the last LoRA set's fused graph (text encoders: engine.openvino_lora)
+
+    def for_loras(self, module: torch.nn.Module, prefix: str) -> "OpenVINOPart | None":
+        """This part compiled with `module`'s active LoRAs fused in, or None when they cannot be
+        (then the module runs on torch, as it did before LoRAs reached OpenVINO)."""
+        part = self.compiled
+
+        def build(deltas):
+            compile_fused = functools.partial(fused_compile, part.folder / "model.xml", prefix, deltas,
+                                              part.device, part.config)
+            return OpenVINOPart(self.name, CompiledPart(compile_fused, part.folder, part.device, part.config),
+                                True, 0.0)
+
+        try:
+            variant, built = self._loras.get(module, build)
+        except Exception as error:  # noqa: BLE001 - compiling failed: torch still has the LoRA layers
+            logger.warning("OpenVINO could not fuse the LoRAs into the %s (%s); it runs on torch", LABELS[self.name], error)
+            return None
+        if isinstance(variant, FuseError):
+            if built:
+                logger.warning("The LoRAs run on torch in the %s: %s", LABELS[self.name], variant)
+            return None
+        if built:
+            logger.info("LoRAs fused into the OpenVINO %s in %.1f s", LABELS[self.name], self._loras.seconds)
+        return variant
 
     def ready(self) -> bool:
         """Whether the compiled model can run: compiled again here if it was unloaded. A part that
@@ -202,16 +231,6 @@ def parts_on_torch(*modules: torch.nn.Module):
             hook.on_torch = False
 
 
-def has_lora_layers(module: torch.nn.Module) -> bool:
-    """Whether peft put LoRA layers into the module (diffusers' load_lora_weights does; unloading
-    takes them out again)."""
-    try:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-    except ImportError:  # no peft: no LoRA can have been loaded
-        return False
-    return any(isinstance(m, BaseTunerLayer) for m in module.modules())
-
-
 _TEXT_KWARGS = {"input_ids", "output_hidden_states", "return_dict"}
 
 
@@ -230,11 +249,14 @@ class _RunTextEncoder(ModelHook):
             return self.fn_ref.original_forward(*args, **kwargs)
         ids = args[0] if args else kwargs.get("input_ids")
         others = {k: v for k, v in kwargs.items() if k not in _TEXT_KWARGS and v is not None and v is not False}
+        part = self.part
+        if active_lora_layers(module):  # the job's LoRAs, fused into a graph of their own
+            part = part.for_loras(module, TEXT_PREFIX)
         if len(args) > 1 or others or kwargs.get("return_dict") is False or not torch.is_tensor(ids) or \
-                ids.dim() != 2 or has_lora_layers(module) or not self.part.ready():
+                ids.dim() != 2 or part is None or not part.ready():
             return self.fn_ref.original_forward(*args, **kwargs)
         token_embeds = module.get_input_embeddings()(ids)
-        last, penultimate, pooled = self.part(ids, token_embeds)
+        last, penultimate, pooled = part(ids, token_embeds)
         dtype, device = token_embeds.dtype, token_embeds.device
         last, penultimate, pooled = (t.to(dtype=dtype, device=device) for t in (last, penultimate, pooled))
         hidden = (penultimate, last) if kwargs.get("output_hidden_states") else None

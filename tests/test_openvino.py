@@ -309,7 +309,7 @@ def test_openvinos_mapped_weights_are_handed_back_after_a_job_and_read_again_ali
     assert np.array_equal(pixels(first), pixels(again))
 
 
-def test_a_lora_runs_on_the_parked_torch_unet_like_on_torch(tiny_models_dir, tmp_path, ov_cpu, plain_cpu):
+def test_a_lora_runs_fused_into_the_openvino_unet_like_on_torch(tiny_models_dir, tmp_path, ov_cpu, plain_cpu):
     import os
 
     from safetensors.torch import save_file
@@ -324,8 +324,12 @@ def test_a_lora_runs_on_the_parked_torch_unet_like_on_torch(tiny_models_dir, tmp
     plain = loaded_engine(models, tmp_path / "torch", plain_cpu)
     fields = dict(prompt="a red fox <lora:style:0.8>")
     with_lora = run(ov, **fields)
-    assert any("the LoRA ran on torch" in note for note in with_lora.notes)
+    assert any(note.startswith("the LoRAs were fused into the OpenVINO UNet in") for note in with_lora.notes)
+    assert "Backend: openvino" in with_lora.infotexts[0] and "torch" not in with_lora.infotexts[0]
     assert_close(with_lora.images[0], run(plain, **fields).images[0])
+    again = run(ov, **fields)  # the same set: its fused graphs again, no second fuse
+    assert not any("fused" in note for note in again.notes)
+    assert np.array_equal(pixels(again.images[0]), pixels(with_lora.images[0]))
     assert_close(run(ov).images[0], run(plain).images[0])  # and back to the checkpoint's own weights
 
 

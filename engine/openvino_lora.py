@@ -1,0 +1,138 @@
+"""LoRAs on the OpenVINO parts (the UNet's two graphs and the text encoders): the LoRA set's weight
+deltas are added to the cached graph's weights and that graph is compiled, once per set of LoRAs
+and weights; jobs with the same set run it at the plain graph's speed.
+
+Why fusing (issue 23), of the three ways the field uses:
+- OpenVINO GenAI's adapters keep the LoRA matrices as graph state and change weights per call
+  without recompiling, but they belong to its own pipelines and model layout (optimum's export);
+  Easel's graphs are its own conversions of the loaded modules.
+- Graph inputs for the deltas (x -> x@W + (x@A)@B per layer) would make a weight change free, but
+  every plain job would carry ~300 extra small matmuls with runtime weights, LoRAs on 3x3 convs
+  (LoCon, LCM-LoRA's resnets) need convolutions with runtime weights, and a plain job's pixels would
+  no longer be the plain graph's.
+- Fusing (W + sum of scale * B@A, what ComfyUI and Forge do on torch) takes every layer kind peft
+  loads (Linear, 1x1 and 3x3 convs) with no change to the graph: the jobs after the first run at
+  exactly the plain graph's speed. A new set of LoRAs or weights pays the fuse and a compile
+  (bench/lora_openvino.py measures it; docs/benchmarks.md). Only the last set's compiled graph is
+  kept, beside the plain one; a job without LoRAs runs the plain graph, untouched.
+
+The deltas come from peft's own layers (`get_delta_weight`: scale, alpha/rank, conv kernels and
+fan-in/fan-out as peft applies them on torch), so a LoRA means here what it means on torch, in
+every key layout diffusers loads. Each delta is added to the weight constant the conversion named
+after the module (`self.<wrapper>.<module path>.weight`, or `..._compressed` for weights stored as
+f16); a delta with no such constant (a graph that folded it away), or int8-compressed weights,
+leave that LoRA set on torch, and the job's notes say why.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def active_lora_layers(module: torch.nn.Module):
+    """(module path, peft LoRA layer) for each layer with an active adapter at a nonzero scale."""
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:  # no peft: no LoRA can have been loaded
+        return []
+    found = []
+    for name, layer in module.named_modules():
+        if isinstance(layer, LoraLayer) and any(layer.scaling.get(a, 0) != 0 and a in layer.lora_A
+                                                for a in layer.active_adapters):
+            found.append((name, layer))
+    return found
+
+
+def lora_key(module: torch.nn.Module) -> tuple:
+    """What the module's LoRA deltas depend on: each active adapter (named after its file's hash,
+    engine.lora) and its scale, layer by layer. Equal keys: equal deltas."""
+    return tuple((name, tuple(sorted((a, float(layer.scaling[a])) for a in layer.active_adapters
+                                     if a in layer.lora_A)))
+                 for name, layer in active_lora_layers(module))
+
+
+def lora_deltas(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """{module path: the sum of its active adapters' delta weights} in float32, as peft adds them."""
+    deltas = {}
+    with torch.no_grad():
+        for name, layer in active_lora_layers(module):
+            total = None
+            for adapter in layer.active_adapters:
+                if adapter in layer.lora_A and layer.scaling.get(adapter, 0) != 0:
+                    delta = layer.get_delta_weight(adapter).float()
+                    total = delta if total is None else total + delta
+            if total is not None:
+                deltas[name] = total
+    return deltas
+
+
+class FuseError(Exception):
+    """A delta this graph cannot take (its weight constant is not there): the set stays on torch."""
+
+
+def fused_model(xml: Path, prefix: str, deltas: dict[str, torch.Tensor], every: bool = True):
+    """The cached graph at `xml` with each delta added to its module's weight constant (named
+    `prefix + path + ".weight"`, or with "_compressed" for f16-stored weights): a new
+    openvino.Model; the constants it does not replace stay memory-mapped from the entry. `every`:
+    each delta must find its weight (FuseError if not); False for a graph of some layers only."""
+    import openvino
+
+    model = openvino.Core().read_model(str(xml))
+    constants = {op.get_friendly_name(): op for op in model.get_ordered_ops() if op.get_type_name() == "Constant"}
+    for path, delta in deltas.items():
+        name = f"{prefix}{path}.weight"
+        op = constants.get(name) or constants.get(name + "_compressed")
+        if op is None:
+            if every:
+                raise FuseError(f"the graph has no weight for {path}")
+            continue
+        base = op.get_data()
+        if base.dtype not in (np.float32, np.float16) or int(np.prod(base.shape)) != delta.numel():
+            raise FuseError(f"{path}'s weight in the graph is {base.dtype} {tuple(base.shape)}, "
+                            f"not a float of {tuple(delta.shape)}")
+        fused = (base.astype(np.float32) + delta.numpy().reshape(base.shape)).astype(base.dtype)
+        replacement = openvino.op.Constant(fused)
+        replacement.set_friendly_name(op.get_friendly_name())
+        op.output(0).replace(replacement.output(0))
+    return model
+
+
+def fused_compile(xml: Path, prefix: str, deltas: dict[str, torch.Tensor], device: str, config: dict,
+                  every: bool = True):
+    """`fused_model` compiled for `device` with `config` (no blob cache: each set is compiled once,
+    and a blob per set would fill the disk with copies of the model)."""
+    import openvino
+
+    model = fused_model(xml, prefix, deltas, every)
+    return openvino.Core().compile_model(model, device, config)
+
+
+class LoraVariant:
+    """The last LoRA set's compiled variant of something (a UNet's graphs, a text encoder): made by
+    `build(deltas)` when the module's LoRA key changes, kept until the next set replaces it."""
+
+    def __init__(self):
+        self.key: tuple | None = None
+        self.value = None
+        self.seconds = 0.0  # what building the current one took
+
+    def get(self, module: torch.nn.Module, build):
+        """(the variant for `module`'s active LoRAs, whether it was built now). `build` raises
+        FuseError when the set cannot be fused; that is remembered, so the set is not tried again."""
+        key = lora_key(module)
+        if key != self.key:
+            self.key, self.value = None, None  # the old set's compiled graph goes first: one at a time
+            started = time.monotonic()
+            try:
+                self.value = build(lora_deltas(module))
+            except FuseError as error:
+                self.value = error
+            self.key, self.seconds = key, time.monotonic() - started
+            return self.value, True
+        return self.value, False

@@ -1,0 +1,114 @@
+"""LoRAs on the OpenVINO backend (engine/openvino_lora.py): fused into the UNet's and the text
+encoder's graphs once per set of LoRAs and weights, agreeing with torch's LoRA; weight 0 and an
+all-zero LoRA give the plain image exactly; a set changed or taken off leaves nothing behind.
+
+Tolerance as tests/test_openvino.py's: the graphs compute in f32 like torch, in another order
+(at most 2 levels anywhere, under 0.1 on average)."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("openvino")
+
+from safetensors.torch import save_file  # noqa: E402
+
+from tests.conftest import loaded_engine  # noqa: E402
+from tests.test_lora import diffusers_lora, kohya_lora  # noqa: E402
+from tests.test_openvino import BASE, assert_close, pixels  # noqa: E402
+from tests.tiny_models import models_linking_tiny_sd1  # noqa: E402
+
+FUSED = "the LoRAs were fused into the OpenVINO UNet in"
+
+
+@pytest.fixture(scope="module")
+def models(tiny_models_dir, tmp_path_factory, plain_cpu):
+    root = tmp_path_factory.mktemp("ov-lora-models")
+    models = models_linking_tiny_sd1(root, tiny_models_dir)
+    pipe = loaded_engine(models, root / "probe", plain_cpu).manager.current.pipe
+    (models / "Lora").mkdir()
+    save_file(kohya_lora(pipe, 1), str(models / "Lora" / "style.safetensors"))
+    save_file(diffusers_lora(pipe, 2), str(models / "Lora" / "ink.safetensors"))
+    blank = {k: torch.zeros_like(v) if "lora_up" in k else v for k, v in kohya_lora(pipe, 3).items()}
+    save_file(blank, str(models / "Lora" / "blank.safetensors"))
+    return models
+
+
+@pytest.fixture(scope="module")
+def ov(models, tmp_path_factory, plain_cpu):
+    return loaded_engine(models, tmp_path_factory.mktemp("ov-lora"), replace(plain_cpu, openvino=True))
+
+
+@pytest.fixture(scope="module")
+def on_torch(models, tmp_path_factory, plain_cpu):
+    return loaded_engine(models, tmp_path_factory.mktemp("torch-lora"), plain_cpu)
+
+
+def run(engine, prompt):
+    return engine.generate(engine.make_request({**BASE, "prompt": prompt}))
+
+
+def text_encoder_part(engine):
+    from engine.openvino_parts import HOOK_NAME
+
+    return engine.manager.current.pipe.text_encoder._diffusers_hook.get_hook(HOOK_NAME).part
+
+
+@pytest.mark.parametrize("tags", ["<lora:style:0.8>", "<lora:ink:0.6>", "<lora:style:0.5> <lora:ink:0.7>"],
+                         ids=["kohya", "diffusers", "two"])
+def test_a_lora_set_runs_on_openvino_and_agrees_with_torch(ov, on_torch, tags):
+    prompt = f"a red fox in the snow {tags}"
+    result = run(ov, prompt)
+    assert any(note.startswith(FUSED) for note in result.notes), result.notes
+    assert "Backend: openvino," in result.infotexts[0]
+    assert not any("ran on torch" in note for note in result.notes)
+    assert_close(result.images[0], run(on_torch, prompt).images[0])
+
+
+def test_text_encoder_only_weights_fuse_the_encoder_and_leave_the_unet_plain(ov, on_torch):
+    prompt = "a red fox in the snow <lora:style:0.9:0>"
+    result = run(ov, prompt)
+    assert not any(note.startswith(FUSED) for note in result.notes)  # the UNet's own graph
+    assert text_encoder_part(ov)._loras.value.calls >= 1
+    assert_close(result.images[0], run(on_torch, prompt).images[0])
+
+
+def test_unet_only_weights_fuse_the_unet_and_leave_the_encoder_plain(ov, on_torch):
+    part = text_encoder_part(ov)
+    before = part.calls
+    prompt = "a red fox in the snow <lora:style:0:0.9>"
+    result = run(ov, prompt)
+    assert any(note.startswith(FUSED) for note in result.notes)
+    assert part.calls > before  # the checkpoint's own text encoder graph
+    assert_close(result.images[0], run(on_torch, prompt).images[0])
+
+
+@pytest.mark.parametrize("engine_name", ["ov", "on_torch"])
+@pytest.mark.parametrize("tags", ["<lora:style:0>", "<lora:blank:1>", "<lora:style:0:0>"])
+def test_weight_zero_and_an_all_zero_lora_give_the_plain_pixels_exactly(request, engine_name, tags):
+    engine = request.getfixturevalue(engine_name)
+    plain = run(engine, "a red fox in the snow")
+    tagged = run(engine, f"a red fox in the snow {tags}")
+    assert np.array_equal(pixels(tagged.images[0]), pixels(plain.images[0]))
+    assert "Lora hashes" in tagged.infotexts[0]  # still recorded: the prompt names it
+    assert tagged.notes == plain.notes
+
+
+def test_a_new_weight_is_fused_again_and_agrees_with_torch(ov, on_torch):
+    run(ov, "a red fox <lora:style:0.3>")
+    again = run(ov, "a red fox <lora:style:0.3>")
+    assert not any(note.startswith(FUSED) for note in again.notes)  # the same set: no second fuse
+    changed = run(ov, "a red fox <lora:style:1.2>")
+    assert any(note.startswith(FUSED) for note in changed.notes)
+    assert_close(changed.images[0], run(on_torch, "a red fox <lora:style:1.2>").images[0])
+
+
+def test_after_lora_jobs_a_plain_job_is_a_fresh_engines_pixels(ov, models, tmp_path, plain_cpu):
+    for tags in ("<lora:style:0.8>", "<lora:style:0.4> <lora:ink:1>", "<lora:ink:0.5:0>"):
+        run(ov, f"a red fox {tags}")
+    after = run(ov, "a red fox in the snow")
+    fresh = loaded_engine(models, tmp_path, replace(plain_cpu, openvino=True))
+    assert np.array_equal(pixels(after.images[0]), pixels(run(fresh, "a red fox in the snow").images[0]))
