@@ -22,7 +22,7 @@ from engine.images import open_image
 from engine.infotext import parse_infotext, printable, read_infotext
 from engine.library import ModelLibrary
 from engine.lora import Loras
-from engine.manager import FEW_STEP_DEFAULTS, LoadedModel, ModelFacts, ModelManager, ModelSettings
+from engine.manager import LoadedModel, ModelFacts, ModelManager, ModelSettings
 from engine.outputs import OutputSettings, remove_leftovers
 from engine.publish import Publisher
 from engine.request import HIRES_UPSCALERS, LIMITS, GenerationRequest, size_multiple
@@ -318,12 +318,14 @@ class Engine:
         return self.loras.names()
 
     def lora_defaults(self, prompt: str, facts: ModelFacts | None = None) -> dict[str, Any]:
-        """Request fields an LCM-LoRA in the prompt wants (LCM sampler, few steps, CFG 1) unless the
-        model is itself few-step; {} otherwise. RequestError naming `prompt` for a tag that does not
+        """Request fields a step-distilled LoRA in the prompt wants (engine.lora.step_lora: LCM-LoRA,
+        Hyper-SD, SDXL-Lightning, DMD2, TCD; the sampler, steps and CFG their authors publish) unless
+        the model is itself few-step; {} otherwise. RequestError naming `prompt` for a tag that does not
         read or names no file in the LoRA folders."""
         facts = facts or self.model_facts()
-        if facts.distillation == "none" and self.loras.few_step(prompt):
-            return dict(FEW_STEP_DEFAULTS["lcm-lora"])
+        step = self.loras.step_lora(prompt, facts.info.label)  # also refuses one of another family
+        if facts.distillation == "none" and step is not None:
+            return dict(step.fields)
         return {}
 
     def model_defaults(self, model: str | None = None) -> dict[str, Any]:

@@ -113,6 +113,46 @@ def is_lcm(name: str, metadata: Mapping[str, str]) -> bool:
     return any(_LCM_WORD.search(t.lower()) for t in texts)
 
 
+@dataclass(frozen=True)
+class StepLora:
+    """A step-distilled LoRA: few-step sampling with the settings its authors publish."""
+    kind: str                     # "Hyper-SD", "SDXL-Lightning", "DMD2", "TCD", "LCM-LoRA"
+    fields: Mapping[str, object]  # request fields: sampler, schedule_type, steps, cfg_scale
+    families: tuple[str, ...]     # the family labels (engine.families) it is released for, by prefix
+
+
+_STEPS = re.compile(r"(\d+)[-_ ]?steps?")
+# In A1111's terms: CFG 1 is "no guidance" (diffusers' guidance_scale 0 or 1), and Euler with SGM
+# Uniform is Euler on evenly spaced trailing timesteps, what SDXL-Lightning's and Hyper-SD's authors
+# run (EulerDiscreteScheduler / DDIM with timestep_spacing="trailing"). TCD's own sampler (gamma
+# 0.3) is not one of A1111's; LCM's is TCD's gamma-1 case, which its authors show works too. DMD2's
+# authors run LCMScheduler at 4 steps (timesteps 999, 749, 499, 249; LCM's own 4 are within 10 of them).
+_EULER_TRAILING = {"sampler": "Euler", "schedule_type": "SGM Uniform"}
+# LCM-LoRA's authors use CFG 1-2; its UNet takes no guidance embedding, so above 1 costs a second pass.
+_LCM_SAMPLING = {"sampler": "LCM", "schedule_type": "Automatic", "steps": 4, "cfg_scale": 1.0}
+
+
+def step_lora(name: str, metadata: Mapping[str, str]) -> StepLora | None:
+    """The step-distilled LoRA a file is, by the words its release's file names carry (Hyper-SD15-
+    8steps-lora, sdxl_lightning_4step_lora, dmd2_sdxl_4step_lora, TCD-SD15-LoRA, lcm-lora-sdv1-5)
+    or its metadata says; None for any other LoRA."""
+    text = " ".join([name, *(str(metadata.get(k, "")) for k in _LCM_METADATA)]).lower()
+    found = _STEPS.search(text)
+    steps = int(found.group(1)) if found and 1 <= int(found.group(1)) <= 16 else None
+    if re.search(r"hyper[-_ ]?sd", text):  # its CFG LoRAs (8steps-CFG, 12steps-CFG) are run at CFG 5-8
+        return StepLora("Hyper-SD", {**_EULER_TRAILING, "steps": steps or 8, "cfg_scale": 5.0 if "cfg" in text else 1.0},
+                        ("SD 1.x", "SDXL"))
+    if "lightning" in text:
+        return StepLora("SDXL-Lightning", {**_EULER_TRAILING, "steps": steps or 4, "cfg_scale": 1.0}, ("SDXL",))
+    if re.search(r"(^|[^a-z])dmd2?([^a-z]|$)", text):
+        return StepLora("DMD2", dict(_LCM_SAMPLING), ("SDXL",))
+    if re.search(r"(^|[^a-z])tcd([^a-z]|$)", text):
+        return StepLora("TCD", dict(_LCM_SAMPLING), ("SD 1.x", "SDXL"))
+    if is_lcm(name, metadata):
+        return StepLora("LCM-LoRA", dict(_LCM_SAMPLING), ("SD 1.x", "SDXL"))
+    return None
+
+
 class Loras:
     """The LoRA files in the models folder, and putting a prompt's LoRAs on a loaded model."""
 
@@ -147,19 +187,27 @@ class Loras:
             self.resolve(tag.name)
         return tags
 
-    def few_step(self, prompt: str) -> bool:
-        """Whether the prompt uses an LCM-LoRA (by name or by its metadata)."""
+    def step_lora(self, prompt: str, family_label: str) -> StepLora | None:
+        """The step-distilled LoRA (step_lora) the prompt uses at a weight above 0, if any;
+        RequestError naming `prompt` when it is one released for another family than `family_label`."""
         from engine.safe_files import read_metadata
 
         for tag in self.check(prompt):
+            if tag.unet_weight == 0:
+                continue
             entry = self.resolve(tag.name)
             try:
                 metadata = read_metadata(entry.path)
             except EaselError:
                 metadata = {}  # an unreadable file says why when it is loaded
-            if is_lcm(_stem(entry), metadata):
-                return True
-        return False
+            found = step_lora(_stem(entry), metadata)
+            if found is None:
+                continue
+            if not family_label.startswith(found.families):
+                raise RequestError("prompt", f"<lora:{tag.name}> is {found.kind}, a step LoRA released for "
+                                             f"{' and '.join(found.families)}; this checkpoint is {family_label}")
+            return found
+        return None
 
     def _file(self, entry: ModelEntry) -> LoraFile:
         stat = entry.path.stat()

@@ -48,9 +48,6 @@ FEW_STEP_DEFAULTS = {
     "lcm": {"sampler": "LCM", "schedule_type": "Automatic", "steps": 4, "cfg_scale": 1.5},
     # Adversarially distilled (SD-Turbo, SDXL-Turbo): Euler a in 1-4 steps, no CFG (CFG 1 = one UNet pass).
     "turbo": {"sampler": "Euler a", "schedule_type": "Automatic", "steps": 4, "cfg_scale": 1.0},
-    # An LCM-LoRA on an ordinary UNet (engine.lora): the LCM sampler and 4 steps, but its UNet takes
-    # no guidance embedding, so CFG above 1 would cost a second pass; LCM-LoRA's authors use 1-2.
-    "lcm-lora": {"sampler": "LCM", "schedule_type": "Automatic", "steps": 4, "cfg_scale": 1.0},
 }
 
 

@@ -72,6 +72,8 @@ def lora_engine(tiny_models_dir, tmp_path_factory, plain_cpu):
     save_file(kohya_lora(pipe, 3), str(lyco / "second.safetensors"))
     save_file(kohya_lora(pipe, 4), str(lora / "lcm-lora-tiny.safetensors"))
     save_file(kohya_lora(pipe, 5), str(lora / "speedy.safetensors"), metadata={"modelspec.title": "LCM LoRA SD1.5"})
+    for seed, name in enumerate(STEP_LORAS, 10):  # the releases' file names (random weights)
+        save_file(kohya_lora(pipe, seed), str(lora / f"{name}.safetensors"))
     # Shaped for SDXL: a second text encoder and 2048-wide cross-attention.
     save_file({"lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.zeros(RANK, 1280),
                "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.zeros(1280, RANK),
@@ -188,6 +190,35 @@ def test_fields_given_win_over_the_lcm_lora_defaults(lora_engine):
     request = lora_engine.make_request({"prompt": "a red barn <lora:lcm-lora-tiny:1>", "steps": 6, **{
         k: v for k, v in SMALL.items() if k != "steps"}})
     assert (request.sampler, request.steps) == ("LCM", 6)
+
+
+# File name -> the sampler, schedule, steps and CFG its authors publish (engine.lora.step_lora).
+STEP_LORAS = {
+    "Hyper-SD15-8steps-lora": ("Euler", "SGM Uniform", 8, 1.0),
+    "Hyper-SD15-1step-lora": ("Euler", "SGM Uniform", 1, 1.0),
+    "Hyper-SD15-8steps-CFG-lora": ("Euler", "SGM Uniform", 8, 5.0),
+    "TCD-SD15-LoRA": ("LCM", "Automatic", 4, 1.0),
+    "sdxl_lightning_4step_lora": None,  # SDXL only: refused on this SD 1.x model
+    "dmd2_sdxl_4step_lora": None,
+}
+
+
+@pytest.mark.parametrize("name", [n for n, settings in STEP_LORAS.items() if settings])
+def test_a_step_lora_gets_its_authors_settings_and_the_infotext_records_them(lora_engine, name):
+    request = lora_engine.make_request({"prompt": f"a red barn <lora:{name}:1>", "width": 64, "height": 64,
+                                        "save_images": False})
+    sampler, schedule, steps, cfg = STEP_LORAS[name]
+    assert (request.sampler, request.schedule_type, request.steps, request.cfg_scale) == (sampler, schedule, steps, cfg)
+    info = lora_engine.generate(request).infotexts[0]
+    assert f"Steps: {steps}, Sampler: {sampler}," in info and f"CFG scale: {cfg}" in info
+    assert ("Schedule type: SGM Uniform" in info) == (schedule == "SGM Uniform")
+
+
+@pytest.mark.parametrize("name,kind", [("sdxl_lightning_4step_lora", "SDXL-Lightning"), ("dmd2_sdxl_4step_lora", "DMD2")])
+def test_a_step_lora_of_another_family_is_refused_naming_both(lora_engine, name, kind):
+    with pytest.raises(RequestError, match=rf"prompt: <lora:{name}> is {kind}, a step LoRA released for SDXL; "
+                                           r"this checkpoint is SD 1.x"):
+        lora_engine.make_request({"prompt": f"a red barn <lora:{name}:1>"})
 
 
 def test_an_ordinary_lora_keeps_the_defaults(lora_engine):
