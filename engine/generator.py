@@ -353,6 +353,8 @@ class Generator:
         compiled = run.model.openvino
         if compiled is not None and any(unet_weight for _, _, unet_weight in run.model.lora_weights):
             compiled = self._lora_unet(run, compiled, unet)  # None: this LoRA set runs on torch
+        elif compiled is not None:
+            compiled.drop_loras()  # its memory goes before the plain graphs are compiled again
         tiling = compiled is not None and run.request.tiling
         if tiling and TILING_ON_TORCH not in run.notes:
             run.notes.append(TILING_ON_TORCH)

@@ -466,6 +466,10 @@ class OpenVINOUNet:
             return FuseError("int8-compressed OpenVINO weights cannot take a LoRA's deltas"), None
 
         def build(deltas):
+            # One compiled UNet in memory at a time: the plain graphs go while a LoRA set's run
+            # (compiled again from their blob, a few seconds, when a job without LoRAs comes).
+            self.compiled.unload()
+            self.compiled_reuse.unload()
             parts = []
             for part, every in ((self.compiled, True), (self.compiled_reuse, False)):
                 # The reuse graph holds a few layers only: the deltas of the others are not its.
@@ -476,6 +480,10 @@ class OpenVINOUNet:
 
         value, built = self._loras.get(unet, build)
         return value, (self._loras.seconds if built else None)
+
+    def drop_loras(self) -> None:
+        """Forget the last LoRA set's graphs (a job without LoRAs is about to run the plain ones)."""
+        self._loras.clear()
 
     @property
     def label(self) -> str:

@@ -112,3 +112,12 @@ def test_after_lora_jobs_a_plain_job_is_a_fresh_engines_pixels(ov, models, tmp_p
     after = run(ov, "a red fox in the snow")
     fresh = loaded_engine(models, tmp_path, replace(plain_cpu, openvino=True))
     assert np.array_equal(pixels(after.images[0]), pixels(run(fresh, "a red fox in the snow").images[0]))
+
+
+def test_one_compiled_unet_is_kept_at_a_time(ov):
+    unet = ov.manager.current.openvino
+    run(ov, "a red fox <lora:style:0.6>")
+    assert not unet.compiled.loaded and not unet.compiled_reuse.loaded  # the LoRA set's graphs replace them
+    assert unet._loras.value.compiled.loaded
+    run(ov, "a red fox")
+    assert unet.compiled.loaded and unet._loras.value is None  # plain again: the set's graphs are gone
