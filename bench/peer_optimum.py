@@ -47,6 +47,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from lora_openvino import cpu_model, loadavg  # bench/ is this script's own folder: same machine line
+
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / "bench" / "cache"
 EASEL_PYTHON = ROOT / "venv" / "bin" / "python"
@@ -232,23 +234,6 @@ def measure(argv: list[str]) -> dict:
     if proc.returncode or result is None:
         record["tail"] = text[-3000:]
     return record
-
-
-def loadavg() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "?"
-
-
-def cpu_model() -> str:
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:
