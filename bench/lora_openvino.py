@@ -49,6 +49,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 CACHE = ROOT / "bench" / "cache"
+SEEN = ".lora-sets-seen"  # engine.openvino_lora.SEEN (not imported: this parent process stays light)
 PROMPT = "a photograph of an astronaut riding a horse on the moon, detailed, 8k"
 RANK = 16
 LORAS = {"lora_a": 1, "lora_b": 2, "lora_c": 3}  # name: seed
@@ -210,9 +211,11 @@ def ov_entries(data_dir: Path) -> set[str]:
 
 def clear_lora_entries(data_dir: Path, base: set[str]) -> list[str]:
     """Remove the OpenVINO cache entries not in `base` (the plain job's), or whose meta.json says
-    lora: what a LoRA set added. Returns the names removed."""
+    lora, and the markers of sets fused before (engine.openvino_lora.stored_variant): what a LoRA
+    set added. Returns the names removed."""
     root = data_dir / "cache" / "openvino"
     removed = []
+    shutil.rmtree(root / SEEN, ignore_errors=True)  # the sets fused before: the next fuse is a first one again
     for name in sorted(ov_entries(data_dir)):
         meta = root / name / "meta.json"
         says_lora = meta.is_file() and "lora" in meta.read_text(encoding="utf-8", errors="replace").lower()

@@ -24,7 +24,7 @@ from engine.inpaint import InpaintJob
 from engine.jobs import GenerationResult, Job, ProgressUpdate, check_cancelled, stopping_early
 from engine.lora import Loras, strip_loras
 from engine.manager import LoadedModel, ModelManager
-from engine.openvino_parts import unload_before_steps
+from engine.openvino_parts import compiled_in, unload_before_steps
 from engine.publish import Publisher
 from engine.preview import latents_to_preview
 from engine.request import MAX_SEED, GenerationRequest, hires_size, size_multiple
@@ -81,6 +81,8 @@ class Run:
     networks: dict = field(default_factory=dict)  # infotext pairs of the job's LoRAs ("Lora hashes")
     embeddings: dict = field(default_factory=dict)  # the textual inversions the model's prompts may use
     faces_restored: int = 0  # restore_faces: how many faces the job's pictures had redrawn
+    step_lora: str | None = None  # the kind of step-distilled LoRA the prompt runs ("LCM-LoRA", ...): engine.lora
+    decode_noted: bool = False  # the note on a step LoRA's bf16 decode is in `notes`
     _encoded: tuple = ()
 
     def prompts(self) -> tuple:
@@ -172,6 +174,9 @@ class Generator:
         the embeddings that fit it, before anything is encoded or sampled."""
         if self.loras is not None:
             run.networks = self.loras.apply(run.model, run.request.prompt)
+            step = self.loras.step_lora(run.request.prompt, run.model.info.label)
+            if step is not None and run.model.distillation == "none":  # as Engine.lora_defaults
+                run.step_lora = step.kind
         elif strip_loras(run.request.prompt) != run.request.prompt:
             raise EaselError("lora: this engine has no LoRA folder; <lora:...> tags cannot be used")
         if self.embeddings is not None:
@@ -378,7 +383,9 @@ class Generator:
             if why not in run.notes:
                 run.notes.append(why)
             return None
-        if seconds is not None:
+        if seconds is not None and fused.from_cache:
+            run.notes.append(f"the OpenVINO UNet with these LoRAs was read from the cache in {seconds:.1f} s")
+        elif seconds is not None:
             run.notes.append(f"the LoRAs were fused into the OpenVINO UNet in {seconds:.1f} s, once for this set of "
                              "LoRAs and weights")
         return fused
@@ -408,7 +415,7 @@ class Generator:
     def _decode(self, run: Run, latents: torch.Tensor) -> list[Image.Image]:
         model = run.model
         pipe = model.pipe
-        with torch.inference_mode():
+        with torch.inference_mode(), self._decoder_precision(run):
             pixels = self._vae_decode(pipe, latents)
             if not torch.isfinite(pixels).all() and model.plan.vae_dtype != torch.float32:
                 # A1111's black images: this VAE overflows in half precision. The manager keeps it in
@@ -418,6 +425,24 @@ class Generator:
         if not torch.isfinite(pixels).all():
             raise EaselError(f"model: {model.entry.name} produced an invalid (NaN) image even in fp32")
         return pipe.image_processor.postprocess(pixels.float(), output_type="pil", do_denormalize=[True] * len(pixels))
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _decoder_precision(run: Run):
+        """A step LoRA's job decodes in bf16 where the plan runs the UNet in native bf16 on OpenVINO:
+        the decode is then a third of a 4-step job, and bf16 halves it (12.6 s to 6.3 s at 512² on a
+        2-core Zen 4: docs/benchmarks.md), as FastSD CPU's OpenVINO mode decodes. Every other job
+        keeps the f32 decode (bf16 is up to 11 levels off); the job's notes say when it happened."""
+        model = run.model
+        if run.step_lora is None or model.openvino is None or model.plan.openvino_precision != "bf16":
+            yield
+            return
+        with compiled_in(model.pipe.vae.decoder, "bf16") as part:
+            if part is not None and not run.decode_noted:
+                run.notes.append(f"the VAE decoded in bf16 for {run.step_lora}'s few-step job (about twice "
+                                 "as fast as f32; every other job decodes in f32)")
+                run.decode_noted = True
+            yield
 
     @staticmethod
     def _vae_decode(pipe, latents: torch.Tensor) -> torch.Tensor:

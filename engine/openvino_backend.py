@@ -75,7 +75,7 @@ from engine.devices import cast_floating
 from engine.feature_cache import HOOK_NAME as REUSE_HOOK_NAME
 from engine.feature_cache import FeatureReuse, ReuseClock, feature_part, step_key
 from engine.mapped_pages import returning_pages
-from engine.openvino_lora import FuseError, LoraVariant, fused_compile
+from engine.openvino_lora import FuseError, LoraVariant, fused_compile, stored_variant
 
 logger = logging.getLogger(__name__)
 
@@ -465,18 +465,26 @@ class OpenVINOUNet:
         if self.compression:
             return FuseError("int8-compressed OpenVINO weights cannot take a LoRA's deltas"), None
 
-        def build(deltas):
+        def build(deltas, key):
             # One compiled UNet in memory at a time: the plain graphs go while a LoRA set's run
             # (compiled again from their blob, a few seconds, when a job without LoRAs comes).
             self.compiled.unload()
             self.compiled_reuse.unload()
-            parts = []
+            parts, read = [], True
             for part, every in ((self.compiled, True), (self.compiled_reuse, False)):
                 # The reuse graph holds a few layers only: the deltas of the others are not its.
-                compile_fused = functools.partial(fused_compile, part.folder / "model.xml", TRACED_PREFIX, deltas,
-                                                  part.device, part.config, every)
-                parts.append(CompiledPart(compile_fused, part.folder, part.device, part.config))
-            return OpenVINOUNet(*parts, self.names, self.precision, True, 0.0, None, self.device)
+                base = part.folder / "model.xml"
+                cache = OpenVINOCache(part.folder.parent)  # the plain entry's own cache
+                xml, how = stored_variant(cache, base, key, TRACED_PREFIX, deltas, every, stored_weights(self.precision))
+                read = read and how == "read"
+                if xml is None:  # fused in memory this time (see stored_variant)
+                    compile_fused = functools.partial(fused_compile, base, TRACED_PREFIX, deltas(),
+                                                      part.device, part.config, every)
+                else:
+                    compile_fused = functools.partial(cache.compile, xml, part.device, part.config)
+                parts.append(CompiledPart(compile_fused, (xml or base).parent, part.device, part.config))
+            # from_cache: read from the cache, not fused by this job (the job's note says which)
+            return OpenVINOUNet(*parts, self.names, self.precision, read, 0.0, None, self.device)
 
         value, built = self._loras.get(unet, build)
         return value, (self._loras.seconds if built else None)

@@ -17,6 +17,11 @@ Why fusing (issue 23), of the three ways the field uses:
   is kept at a time: a LoRA set's replaces the plain one (compiled again from its blob for the next
   job without LoRAs, which runs the plain graph, untouched). Text encoders keep both: they are small.
 
+Fused UNet graphs are also stored in the OpenVINO cache, from a set's second fuse on
+(stored_variant): every CLI run is a new process, and without the store each paid the fuse again
+(4-5 s of a 4-step LCM-LoRA job of ~40 s, measured on a 2-core Zen 4); read back it is ~1 s. Not on
+the first fuse: a weight sweep would write a 1.7 GB graph (SD 1.5, f16) per weight, each used once.
+
 The deltas come from peft's own layers (`get_delta_weight`: scale, alpha/rank, conv kernels and
 fan-in/fan-out as peft applies them on torch), so a LoRA means here what it means on torch, in
 every key layout diffusers loads. Each delta is added to the weight constant the conversion named
@@ -26,6 +31,7 @@ leave that LoRA set on torch, and the job's notes say why.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from pathlib import Path
@@ -114,9 +120,40 @@ def fused_compile(xml: Path, prefix: str, deltas: dict[str, torch.Tensor], devic
     return openvino.Core().compile_model(model, device, config)
 
 
+SEEN = ".lora-sets-seen"  # in the cache's root: one empty file per LoRA set fused once (stored_variant)
+
+
+def variant_key(base_entry: str, set_key: tuple) -> str:
+    """The cache key of a LoRA set's fused graph: the plain graph's entry and what the deltas
+    depend on (lora_key: adapters named after their files' hashes, scales layer by layer)."""
+    return hashlib.sha256(repr(("lora", base_entry, set_key)).encode()).hexdigest()[:32]
+
+
+def stored_variant(cache, xml: Path, set_key: tuple, prefix: str, deltas, every: bool,
+                   stored: str) -> tuple[Path | None, str]:
+    """(the model.xml of this LoRA set's fused graph in `cache`, an OpenVINOCache, and "read" or
+    "stored" by this call), or (None, "memory") when it is to be fused in memory. A set is stored the second time it is fused (in this process or any
+    other): its next process compiles it from the entry and OpenVINO's blob instead of fusing
+    again (fusing and compiling the UNet took 4-5 s of a 4-step 40 s job on a 2-core Zen 4,
+    docs/benchmarks.md). The first time writes only a marker, so a sweep over weights (each
+    weight a set of its own) does not fill the disk with a 1.7 GB graph per weight. `deltas()`
+    gives the deltas, computed only when fusing; FuseError as fused_model."""
+    key = variant_key(xml.parent.name, set_key)
+    found = cache.load(key)
+    if found is not None:
+        return found, "read"
+    marker = cache.root / SEEN / key
+    if not marker.exists():
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+        return None, "memory"
+    return cache.store(key, fused_model(xml, prefix, deltas(), every), stored), "stored"
+
+
 class LoraVariant:
     """The last LoRA set's compiled variant of something (a UNet's graphs, a text encoder): made by
-    `build(deltas)` when the module's LoRA key changes, kept until the next set replaces it."""
+    `build(deltas, key)` when the module's LoRA key changes (`deltas()` computes the set's deltas:
+    not needed when the variant is read from the cache), kept until the next set replaces it."""
 
     def __init__(self):
         self.key: tuple | None = None
@@ -133,8 +170,15 @@ class LoraVariant:
         if key != self.key:
             self.key, self.value = None, None  # the old set's compiled graph goes first: one at a time
             started = time.monotonic()
+            computed = []
+
+            def deltas():
+                if not computed:
+                    computed.append(lora_deltas(module))
+                return computed[0]
+
             try:
-                self.value = build(lora_deltas(module))
+                self.value = build(deltas, key)
             except FuseError as error:
                 self.value = error
             self.key, self.seconds = key, time.monotonic() - started

@@ -33,7 +33,9 @@ Precision: f32, as the plan keeps the text encoder and VAE in fp32 on the CPU. M
 bench/openvino_parts.py on a quiet Zen 4 EPYC with native bf16 (docs/benchmarks.md): a 512² decode
 took 9.9 s on torch, 5.5 s in OpenVINO f32 (identical 8-bit pixels) and 2.9 s in bf16, but bf16 was
 up to 11 levels off; the text encoder's chunk took 0.15 s on torch and 0.07 s in f32, too little
-to trade any precision for.
+to trade any precision for. The one exception is a step LoRA's few-step job on a CPU with native
+bf16 (engine.generator's _decoder_precision, with a note): there the decode is a third of the job,
+and `compiled_in` runs the same graph compiled with the bf16 hint, as FastSD CPU's OpenVINO mode does.
 """
 from __future__ import annotations
 
@@ -74,14 +76,34 @@ class OpenVINOPart:
         self.calls = 0
         self.failed = False           # compiling again after unload() failed: warned once
         self._loras = LoraVariant()   # the last LoRA set's fused graph (text encoders: engine.openvino_lora)
+        self.precision: str | None = None  # a compile hint other than the part's own for now (see in_precision)
+        self._other: tuple[str, CompiledPart] | None = None  # (hint, the part compiled with it)
+
+    @property
+    def running(self) -> CompiledPart:
+        """What a call runs: the part as compiled, or its variant in `precision` while one is asked for.
+        One of the two is loaded at a time: switching unloads the other (compiled again from its
+        blob when asked for again: ~0.2 s for SD 1.5's VAE decoder)."""
+        own = self.compiled
+        if self.precision is None or self.precision == own.config.get("INFERENCE_PRECISION_HINT"):
+            if self._other is not None:
+                self._other[1].unload()
+            return own
+        if self._other is None or self._other[0] != self.precision:
+            config = {**own.config, "INFERENCE_PRECISION_HINT": self.precision}
+            xml, cache = own.folder / "model.xml", OpenVINOCache(own.folder.parent)  # the entry's own cache
+            self._other = (self.precision, CompiledPart(lambda: cache.compile(xml, own.device, config),
+                                                        own.folder, own.device, config))
+        own.unload()
+        return self._other[1]
 
     def for_loras(self, module: torch.nn.Module, prefix: str) -> "OpenVINOPart | None":
         """This part compiled with `module`'s active LoRAs fused in, or None when they cannot be
         (then the module runs on torch, as it did before LoRAs reached OpenVINO)."""
         part = self.compiled
 
-        def build(deltas):
-            compile_fused = functools.partial(fused_compile, part.folder / "model.xml", prefix, deltas,
+        def build(deltas, key):
+            compile_fused = functools.partial(fused_compile, part.folder / "model.xml", prefix, deltas(),
                                               part.device, part.config)
             return OpenVINOPart(self.name, CompiledPart(compile_fused, part.folder, part.device, part.config),
                                 True, 0.0)
@@ -103,7 +125,7 @@ class OpenVINOPart:
         """Whether the compiled model can run: compiled again here if it was unloaded. A part that
         cannot be (its cache entry removed meanwhile) runs on torch: warned once, never a failed job."""
         try:
-            self.compiled.load()
+            self.running.load()
             return True
         except Exception as error:  # noqa: BLE001 - the torch module is still there to run it
             if not self.failed:
@@ -114,16 +136,19 @@ class OpenVINOPart:
 
     def unload(self) -> None:
         self.compiled.unload()
+        if self._other is not None:
+            self._other[1].unload()
 
     def __call__(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
         self.calls += 1
+        compiled = self.running
         try:
-            results = self.compiled([_array(t) if t.is_floating_point() else t.detach().cpu().numpy() for t in tensors])
-            return [torch.from_numpy(results[port].copy()) for port in self.compiled.outputs]
+            results = compiled([_array(t) if t.is_floating_point() else t.detach().cpu().numpy() for t in tensors])
+            return [torch.from_numpy(results[port].copy()) for port in compiled.outputs]
         finally:
             # A part runs once or twice a job: its activations (a 512² decode's ~1 GB) are not
             # kept while the UNet runs. Allocating them again costs <1% of a decode (benchmarks.md).
-            self.compiled.release_memory()
+            compiled.release_memory()
 
 
 # --- the VAE's encoder and decoder: one image tensor in, one out -----------------------------------
@@ -229,6 +254,23 @@ def parts_on_torch(*modules: torch.nn.Module):
     finally:
         for hook in hooks:
             hook.on_torch = False
+
+
+@contextlib.contextmanager
+def compiled_in(module: torch.nn.Module, precision: str):
+    """Inside the block, the module's compiled part (the VAE decoder for a step LoRA's few-step
+    job: engine.generator) runs compiled with the compile hint `precision` ("bf16") instead of its
+    own; yields that part, or None when the module has none on the CPU (nothing changes then).
+    The same cached graph: only OpenVINO's compile differs, and its blob is cached beside the f32 one."""
+    part = attached(module)
+    if part is None or part.compiled.device != "CPU":
+        yield None
+        return
+    part.precision = precision
+    try:
+        yield part
+    finally:
+        part.precision = None
 
 
 _TEXT_KWARGS = {"input_ids", "output_hidden_states", "return_dict"}

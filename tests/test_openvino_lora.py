@@ -22,6 +22,8 @@ from tests.test_openvino import BASE, assert_close, pixels  # noqa: E402
 from tests.tiny_models import models_linking_tiny_sd1  # noqa: E402
 
 FUSED = "the LoRAs were fused into the OpenVINO UNet in"
+READ = "the OpenVINO UNet with these LoRAs was read from the cache in"
+BF16_DECODE = "the VAE decoded in bf16 for LCM-LoRA's few-step job"
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +36,7 @@ def models(tiny_models_dir, tmp_path_factory, plain_cpu):
     save_file(diffusers_lora(pipe, 2), str(models / "Lora" / "ink.safetensors"))
     blank = {k: torch.zeros_like(v) if "lora_up" in k else v for k, v in kohya_lora(pipe, 3).items()}
     save_file(blank, str(models / "Lora" / "blank.safetensors"))
+    save_file(kohya_lora(pipe, 4), str(models / "Lora" / "lcm-lora-tiny.safetensors"))  # a step LoRA by its name
     return models
 
 
@@ -121,3 +124,75 @@ def test_one_compiled_unet_is_kept_at_a_time(ov):
     assert unet._loras.value.compiled.loaded
     run(ov, "a red fox")
     assert unet.compiled.loaded and unet._loras.value is None  # plain again: the set's graphs are gone
+
+
+def _entries(root) -> set[str]:
+    folder = root / "data" / "cache" / "openvino"
+    return {p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")}
+
+
+def test_a_lora_set_is_stored_the_second_time_it_is_fused_and_read_from_the_cache_after(models, tmp_path, plain_cpu):
+    """Each engine is a new process's: the first fuses in memory, the second fuses and stores, the
+    third compiles the stored graph; all three give the same pixels."""
+    prompt = "a red fox <lora:style:0.7>"
+    results, entries = [], []
+    for _ in range(3):
+        engine = loaded_engine(models, tmp_path, replace(plain_cpu, openvino=True))
+        if not entries:
+            entries.append(_entries(tmp_path))  # the checkpoint's own
+        results.append(run(engine, prompt))
+        entries.append(_entries(tmp_path))
+    first, second, third = results
+    assert any(note.startswith(FUSED) for note in first.notes) and entries[1] == entries[0]
+    assert any(note.startswith(FUSED) for note in second.notes) and len(entries[2] - entries[1]) == 2  # both graphs
+    assert any(note.startswith(READ) for note in third.notes) and entries[3] == entries[2]
+    assert not any(note.startswith(FUSED) for note in third.notes)
+    for other in (second, third):
+        assert np.array_equal(pixels(other.images[0]), pixels(first.images[0]))
+
+
+def test_a_weight_sweep_writes_no_graph_to_the_cache(models, tmp_path, plain_cpu):
+    engine = loaded_engine(models, tmp_path, replace(plain_cpu, openvino=True))
+    before = _entries(tmp_path)
+    for weight in (0.25, 0.5, 0.75, 1):
+        assert any(note.startswith(FUSED) for note in run(engine, f"a red fox <lora:style:{weight}>").notes)
+    assert _entries(tmp_path) == before
+
+
+def test_a_step_lora_job_on_a_bf16_plan_decodes_in_bf16_and_says_so(models, tmp_path, plain_cpu):
+    import openvino
+
+    from engine.openvino_parts import attached
+
+    engine = loaded_engine(models, tmp_path, replace(plain_cpu, openvino=True, cpu_bf16=True))
+    decoder = attached(engine.manager.current.pipe.vae.decoder)
+    step = run(engine, "a red fox <lora:lcm-lora-tiny:1>")
+    assert any(note.startswith(BF16_DECODE) for note in step.notes), step.notes
+    hint, variant = decoder._other
+    assert hint == "bf16" and variant.compiled.get_property("INFERENCE_PRECISION_HINT") == openvino.Type.bf16
+    assert not decoder.compiled.loaded  # one decoder in memory at a time
+    plain = run(engine, "a red fox")
+    assert not any(note.startswith(BF16_DECODE) for note in plain.notes)
+    assert decoder.compiled.loaded and not variant.loaded  # the f32 decoder again
+
+
+def test_a_step_lora_job_on_an_f32_plan_keeps_the_f32_decode(ov):
+    step = run(ov, "a red fox <lora:lcm-lora-tiny:1>")
+    assert not any("bf16" in note for note in step.notes), step.notes
+
+
+def test_a_decoder_compiled_in_bf16_computes_in_bf16(ov):
+    """compiled_in is the same graph compiled with another hint: bf16 rounding, not other weights."""
+    from engine.openvino_parts import compiled_in
+
+    vae = ov.manager.current.pipe.vae
+    latents = torch.randn(1, vae.config.latent_channels, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        f32 = vae.decoder(latents)
+        with compiled_in(vae.decoder, "bf16") as part:
+            assert part is not None
+            bf16 = vae.decoder(latents)
+        again = vae.decoder(latents)
+    assert torch.equal(again, f32)
+    assert not torch.equal(bf16, f32)
+    assert (bf16 - f32).abs().max() < 0.05 * f32.abs().max()
