@@ -60,6 +60,7 @@ VARIANTS = {  # name: (prompt suffix, steps or None for --steps)
     "lora0": (" <lora:lora_a:0>", None),
     "three": (" <lora:lora_a:0.5> <lora:lora_b:0.5> <lora:lora_c:0.5>", None),
     "lcm4": (f" <lora:{LCM_NAME}:1>", 4),
+    "lightning4": (" <lora:sdxl_lightning_4step_lora:1>", 4),  # SDXL only: bench/sdxl_step_lora.py
 }
 # Module weights a LoRA covers (diffusers names in the model's safetensors).
 ATTN = re.compile(r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)\.weight$")
@@ -215,11 +216,12 @@ def clear_lora_entries(data_dir: Path, base: set[str]) -> list[str]:
     set added. Returns the names removed."""
     root = data_dir / "cache" / "openvino"
     removed = []
+    seen = {p.name for p in (root / SEEN).iterdir()} if (root / SEEN).is_dir() else set()  # a stored set's entry has its marker's name
     shutil.rmtree(root / SEEN, ignore_errors=True)  # the sets fused before: the next fuse is a first one again
     for name in sorted(ov_entries(data_dir)):
         meta = root / name / "meta.json"
         says_lora = meta.is_file() and "lora" in meta.read_text(encoding="utf-8", errors="replace").lower()
-        if name not in base or says_lora:
+        if name not in base or name in seen or says_lora:
             shutil.rmtree(root / name, ignore_errors=True)
             removed.append(name)
     return removed

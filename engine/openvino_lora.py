@@ -123,10 +123,17 @@ def fused_compile(xml: Path, prefix: str, deltas: dict[str, torch.Tensor], devic
 SEEN = ".lora-sets-seen"  # in the cache's root: one empty file per LoRA set fused once (stored_variant)
 
 
+FUSE_FORMAT = 1  # bump when how deltas are made or added changes: stored sets stop matching
+
+
 def variant_key(base_entry: str, set_key: tuple) -> str:
-    """The cache key of a LoRA set's fused graph: the plain graph's entry and what the deltas
-    depend on (lora_key: adapters named after their files' hashes, scales layer by layer)."""
-    return hashlib.sha256(repr(("lora", base_entry, set_key)).encode()).hexdigest()[:32]
+    """The cache key of a LoRA set's fused graph: the plain graph's entry (its key holds the
+    checkpoint, the part and OpenVINO's version), what the deltas depend on (lora_key: adapters
+    named after their files' hashes, scales layer by layer), and how they were made (peft's
+    get_delta_weight, this module's FUSE_FORMAT)."""
+    import peft
+
+    return hashlib.sha256(repr(("lora", FUSE_FORMAT, peft.__version__, base_entry, set_key)).encode()).hexdigest()[:32]
 
 
 def stored_variant(cache, xml: Path, set_key: tuple, prefix: str, deltas, every: bool,
