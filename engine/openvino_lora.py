@@ -31,6 +31,7 @@ leave that LoRA set on torch, and the job's notes say why.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import time
@@ -121,8 +122,6 @@ def fused_compile(xml: Path, prefix: str, deltas: dict[str, torch.Tensor], devic
 
 
 SEEN = ".lora-sets-seen"  # in the cache's root: one empty file per LoRA set fused once (stored_variant)
-
-
 FUSE_FORMAT = 1  # bump when how deltas are made or added changes: stored sets stop matching
 
 
@@ -139,8 +138,9 @@ def variant_key(base_entry: str, set_key: tuple) -> str:
 def stored_variant(cache, xml: Path, set_key: tuple, prefix: str, deltas, every: bool,
                    stored: str) -> tuple[Path | None, str]:
     """(the model.xml of this LoRA set's fused graph in `cache`, an OpenVINOCache, and "read" or
-    "stored" by this call), or (None, "memory") when it is to be fused in memory. A set is stored the second time it is fused (in this process or any
-    other): its next process compiles it from the entry and OpenVINO's blob instead of fusing
+    "stored" by this call), or (None, "memory") when it is to be fused in memory.
+
+    A set is stored the second time it is fused (in this process or any other): its next process compiles it from the entry and OpenVINO's blob instead of fusing
     again (fusing and compiling the UNet took 4-5 s of a 4-step 40 s job on a 2-core Zen 4,
     docs/benchmarks.md). The first time writes only a marker, so a sweep over weights (each
     weight a set of its own) does not fill the disk with a 1.7 GB graph per weight. `deltas()`
@@ -177,13 +177,7 @@ class LoraVariant:
         if key != self.key:
             self.key, self.value = None, None  # the old set's compiled graph goes first: one at a time
             started = time.monotonic()
-            computed = []
-
-            def deltas():
-                if not computed:
-                    computed.append(lora_deltas(module))
-                return computed[0]
-
+            deltas = functools.cache(lambda: lora_deltas(module))  # computed once, and only if fusing
             try:
                 self.value = build(deltas, key)
             except FuseError as error:

@@ -76,7 +76,7 @@ class OpenVINOPart:
         self.calls = 0
         self.failed = False           # compiling again after unload() failed: warned once
         self._loras = LoraVariant()   # the last LoRA set's fused graph (text encoders: engine.openvino_lora)
-        self.precision: str | None = None  # a compile hint other than the part's own for now (see in_precision)
+        self.precision: str | None = None  # a compile hint other than the part's own, set by compiled_in
         self._other: tuple[str, CompiledPart] | None = None  # (hint, the part compiled with it)
 
     @property
