@@ -162,25 +162,25 @@ def _add_serve_options(p: argparse.ArgumentParser) -> None:
     add_serve_options(p)
 
 
-def _engine(args):
-    from engine.engine import Engine, EngineConfig
+def _engine(args, single_request: bool = False):
+    from engine.engine import Engine
 
-    return Engine(_config(args))
+    return Engine(_config(args, single_request))
 
 
-def _config(args):
+def _config(args, single_request: bool = False):
     from engine.engine import EngineConfig
 
     return EngineConfig(models_dir=args.models_dir, outputs_dir=args.outdir, data_dir=args.data_dir,
                         device=args.device, precision=args.precision, backend=args.backend,
                         watermark=not args.no_watermark,
-                        catalog_path=getattr(args, "catalog", None))
+                        catalog_path=getattr(args, "catalog", None), single_request=single_request)
 
 
 def _generate(args, mode: str) -> int:
     from engine.images import open_image
 
-    engine = _engine(args)
+    engine = _engine(args, single_request=True)  # this process makes one request's images, then ends
     model = args.model
     if model and Path(model).exists():
         model = engine.add_model_path(Path(model))  # a path typed by the user on their own machine

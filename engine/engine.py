@@ -44,6 +44,9 @@ class EngineConfig:
     backend: str = "auto"   # what runs the UNet: auto, torch or openvino (engine/devices.py)
     watermark: bool = True
     catalog_path: Path | None = None  # the models offered for download; None: engine/configs/catalog.json
+    # The process ends after one request (the CLI's txt2img/img2img): the compiled UNet is dropped
+    # before the request's last decode, as nothing runs it again (engine.generator says why).
+    single_request: bool = False
 
 
 @dataclass(frozen=True)
@@ -87,7 +90,8 @@ class Engine:
         self.embeddings = Embeddings(self.library)
         self.faces = FaceRestorers(self.library, device=resolve_device(self.hardware, config.device))
         self.generator = Generator(self.manager, self.publisher, upscalers=self.upscalers, loras=self.loras,
-                                   embeddings=self.embeddings, faces=self.faces)
+                                   embeddings=self.embeddings, faces=self.faces,
+                                   single_request=config.single_request)
         # The page's and the API's jobs take turns on the device in arrival order (engine/turns.py).
         self.turns = TurnQueue()
         # The download catalogue and its advice for this machine; partial downloads wait in data/downloads.

@@ -83,6 +83,7 @@ class Run:
     faces_restored: int = 0  # restore_faces: how many faces the job's pictures had redrawn
     step_lora: str | None = None  # the kind of step-distilled LoRA the prompt runs ("LCM-LoRA", ...): engine.lora
     decode_noted: bool = False  # the note on a step LoRA's bf16 decode is in `notes`
+    last_batch: bool = True  # the request's last batch is sampling: no UNet step follows its decode
     _encoded: tuple = ()
 
     def prompts(self) -> tuple:
@@ -134,7 +135,8 @@ class Generator:
 
     def __init__(self, manager: ModelManager, publisher: Publisher, reuse_interval: int = INTERVAL,
                  upscalers: Upscalers | None = None, loras: Loras | None = None,
-                 embeddings: Embeddings | None = None, faces: FaceRestorers | None = None):
+                 embeddings: Embeddings | None = None, faces: FaceRestorers | None = None,
+                 single_request: bool = False):
         self.manager = manager
         self.publisher = publisher
         self.loras = loras            # the models folder's LoRAs; None: <lora:...> tags are refused
@@ -142,6 +144,7 @@ class Generator:
         self.upscalers = upscalers  # engine.upscalers.Upscalers: hires fix's upscaler models
         self.faces = faces          # engine.faces.FaceRestorers: restore_faces' models; None: refused
         self.reuse_interval = reuse_interval  # speed "fast": one full UNet step in this many
+        self.single_request = single_request  # the process ends after one request (see _finish_pictures)
 
     def run(self, request: GenerationRequest, model: LoadedModel, job: Job | None = None) -> GenerationResult:
         job = job or Job()
@@ -153,6 +156,7 @@ class Generator:
         publication = self.publisher.begin(request.mode, save=request.save_images, job=job)
         seeds, infotexts = [], []
         for batch, batch_seeds in enumerate(self._batch_seeds(request)):
+            run.last_batch = batch == request.batch_count - 1
             for image, seed in zip(self.sample(run, batch, batch_seeds), batch_seeds):
                 info = self.infotext(request, model, seed, run.infotext_networks(), run.backend())
                 publication.add(image, seed, info)
@@ -229,6 +233,14 @@ class Generator:
         return self._finish_pictures(run, latents)
 
     def _finish_pictures(self, run: Run, latents: torch.Tensor) -> list[Image.Image]:
+        if self.single_request and run.last_batch and run.model.openvino is not None:
+            # The process ends after this request, and no UNet step follows this decode: its compiled
+            # graphs (1.7 GB of repacked weights for SD 1.5) go now, and the VAE's first call, which
+            # allocates its large activations, reuses that memory instead of faulting in fresh pages:
+            # 6.6-6.9 s against 7.5-8.7 s for SD 1.5's bf16 decode at 512² on a 2-core Zen 4
+            # (docs/benchmarks.md). A server keeps them: its next job would pay the compile and the
+            # first call's repacking (about 1.5 s) to save that second.
+            run.model.openvino.unload()
         images = self.manager.with_fallback(run.model, lambda: self._decode(run, latents), run.notes)
         stopping_early(run.job)
         images = self._restored(run, images)  # before the inpaint composite, as A1111: unmasked pixels stay the init's

@@ -489,6 +489,13 @@ class OpenVINOUNet:
         value, built = self._loras.get(unet, build)
         return value, (self._loras.seconds if built else None)
 
+    def unload(self) -> None:
+        """Drop the compiled graphs, the LoRA set's too (each compiles again from its blob if called)."""
+        for own in (self, self._loras.value):
+            if isinstance(own, OpenVINOUNet):
+                own.compiled.unload()
+                own.compiled_reuse.unload()
+
     def drop_loras(self) -> None:
         """Forget the last LoRA set's graphs (a job without LoRAs is about to run the plain ones)."""
         self._loras.clear()

@@ -196,3 +196,16 @@ def test_a_decoder_compiled_in_bf16_computes_in_bf16(ov):
     assert torch.equal(again, f32)
     assert not torch.equal(bf16, f32)
     assert (bf16 - f32).abs().max() < 0.05 * f32.abs().max()
+
+
+def test_a_single_request_engine_drops_the_compiled_unet_before_its_last_decode(ov, models, tmp_path, plain_cpu):
+    once = loaded_engine(models, tmp_path, replace(plain_cpu, openvino=True))
+    once.generator.single_request = True  # as the CLI's EngineConfig(single_request=True) sets it
+    prompt = "a red fox <lora:style:0.6>"
+    first = run(once, prompt)
+    unet = once.manager.current.openvino
+    assert not unet._loras.value.compiled.loaded and not unet.compiled.loaded  # gone before the decode
+    expected = pixels(run(ov, prompt).images[0])
+    assert np.array_equal(pixels(first.images[0]), expected)
+    assert np.array_equal(pixels(run(once, prompt).images[0]), expected)  # called again, it compiles again
+    assert run(ov, prompt) and ov.manager.current.openvino._loras.value.compiled.loaded  # a server keeps it
