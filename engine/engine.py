@@ -23,6 +23,8 @@ from engine.infotext import parse_infotext, printable, read_infotext
 from engine.library import ModelLibrary
 from engine.lora import Loras
 from engine.manager import LoadedModel, ModelFacts, ModelManager, ModelSettings
+from engine.networks import JobNetworks
+from engine.networks.controlnet import ControlNetKind, ControlNets
 from engine.outputs import OutputSettings, remove_leftovers
 from engine.publish import Publisher
 from engine.request import HIRES_UPSCALERS, LIMITS, GenerationRequest, size_multiple
@@ -89,9 +91,11 @@ class Engine:
         self.loras = Loras(self.library)
         self.embeddings = Embeddings(self.library)
         self.faces = FaceRestorers(self.library, device=resolve_device(self.hardware, config.device))
+        self.controlnets = ControlNets(config.models_dir)
         self.generator = Generator(self.manager, self.publisher, upscalers=self.upscalers, loras=self.loras,
                                    embeddings=self.embeddings, faces=self.faces,
-                                   single_request=config.single_request)
+                                   single_request=config.single_request,
+                                   networks=JobNetworks((ControlNetKind(self.controlnets),)))
         # The page's and the API's jobs take turns on the device in arrival order (engine/turns.py).
         self.turns = TurnQueue()
         # The download catalogue and its advice for this machine; partial downloads wait in data/downloads.
@@ -304,6 +308,8 @@ class Engine:
             resolve_vae(self.library, request.vae)  # a name outside models/VAE: RequestError("vae") now
         if request.restore_faces:  # the restorer that will run (its file and the detector on disk), named now
             request = replace(request, face_restorer=self.faces.resolve(request.face_restorer))
+        for i, unit in enumerate(request.controlnet):  # a name outside models/ControlNet: refused now
+            self.controlnets.resolve(unit.model, f"controlnet[{i}].model")
         if request.enable_hr and facts.info.inpaint_unet:
             raise RequestError("enable_hr", f"hires fix needs an ordinary checkpoint; {facts.info.label} models "
                                             "redraw through a mask")
@@ -316,6 +322,17 @@ class Engine:
     def face_restorer_names(self) -> list[str]:
         """The face restorers with a model on disk ("GFPGAN", "CodeFormer"), the first one the default."""
         return self.faces.names()
+
+    def controlnet_names(self) -> list[str]:
+        """The ControlNets in models/ControlNet (and an A1111 tree's extension folder), as
+        sd-webui-controlnet lists them: "name [hash8]"."""
+        return self.controlnets.titles()
+
+    def controlnet_detect(self, module, image, processor_res=-1, threshold_a=-1, threshold_b=-1):
+        """A picture's control map by a preprocessor (the page's preview, /controlnet/detect)."""
+        from engine.networks.control_units import detect_map
+
+        return detect_map(module, open_image(image, "image"), processor_res, threshold_a, threshold_b)
 
     def lora_names(self) -> list[str]:
         """The LoRAs in models/Lora and models/LyCORIS, by the name <lora:NAME:1> takes."""

@@ -24,6 +24,7 @@ from engine.inpaint import InpaintJob
 from engine.jobs import GenerationResult, Job, ProgressUpdate, check_cancelled, stopping_early
 from engine.lora import Loras, strip_loras
 from engine.manager import LoadedModel, ModelManager
+from engine.networks import JobNetworks
 from engine.openvino_parts import compiled_in, unload_before_steps
 from engine.publish import Publisher
 from engine.preview import latents_to_preview
@@ -84,8 +85,14 @@ class Run:
     step_lora: str | None = None  # the kind of step-distilled LoRA the prompt runs ("LCM-LoRA", ...): engine.lora
     decode_noted: bool = False  # the note on a step LoRA's bf16 decode is in `notes`
     last_batch: bool = True  # the request's last batch is sampling: no UNet step follows its decode
+    scheduler: object = None  # the running pass's scheduler (engine.networks read its progress)
+    pass_images: int = 1      # pictures in the running pass (a CFG call holds twice as many rows)
+    network_parts: list = field(default_factory=list)  # engine.networks.JobPart of the job's ControlNets, ...
     _encoded: tuple = ()
 
+    def cfg_halves(self, rows: int) -> bool:
+        """Whether a UNet call of `rows` rows is CFG's [negative, positive] halves."""
+        return rows == 2 * self.pass_images
     def prompts(self) -> tuple:
         """(positive, negative) embeddings; encoded once, and again only if an out-of-memory step
         down moved the text encoder (the manager rebuilds the encoder for the new plan)."""
@@ -136,7 +143,7 @@ class Generator:
     def __init__(self, manager: ModelManager, publisher: Publisher, reuse_interval: int = INTERVAL,
                  upscalers: Upscalers | None = None, loras: Loras | None = None,
                  embeddings: Embeddings | None = None, faces: FaceRestorers | None = None,
-                 single_request: bool = False):
+                 single_request: bool = False, networks: JobNetworks | None = None):
         self.manager = manager
         self.publisher = publisher
         self.loras = loras            # the models folder's LoRAs; None: <lora:...> tags are refused
@@ -145,6 +152,7 @@ class Generator:
         self.faces = faces          # engine.faces.FaceRestorers: restore_faces' models; None: refused
         self.reuse_interval = reuse_interval  # speed "fast": one full UNet step in this many
         self.single_request = single_request  # the process ends after one request (see _finish_pictures)
+        self.networks = networks or JobNetworks()  # what a job adds besides LoRAs: engine.networks
 
     def run(self, request: GenerationRequest, model: LoadedModel, job: Job | None = None) -> GenerationResult:
         job = job or Job()
@@ -153,17 +161,19 @@ class Generator:
         run.notes.extend(model.notes)  # what loading it had to say (OpenVINO's first conversion), once
         model.notes.clear()
         self._networks(run)
-        publication = self.publisher.begin(request.mode, save=request.save_images, job=job)
-        seeds, infotexts = [], []
-        for batch, batch_seeds in enumerate(self._batch_seeds(request)):
-            run.last_batch = batch == request.batch_count - 1
-            for image, seed in zip(self.sample(run, batch, batch_seeds), batch_seeds):
-                info = self.infotext(request, model, seed, run.infotext_networks(), run.backend())
-                publication.add(image, seed, info)
-                seeds.append(seed)
-                infotexts.append(info)
-            if stopping_early(job):  # interrupted with keep_partial: no further batch
-                break
+        with self.networks.for_job(run) as added:  # ControlNet units: loaded once, hooked per pass
+            run.networks = {**run.networks, **added}
+            publication = self.publisher.begin(request.mode, save=request.save_images, job=job)
+            seeds, infotexts = [], []
+            for batch, batch_seeds in enumerate(self._batch_seeds(request)):
+                run.last_batch = batch == request.batch_count - 1
+                for image, seed in zip(self.sample(run, batch, batch_seeds), batch_seeds):
+                    info = self.infotext(request, model, seed, run.infotext_networks(), run.backend())
+                    publication.add(image, seed, info)
+                    seeds.append(seed)
+                    infotexts.append(info)
+                if stopping_early(job):  # interrupted with keep_partial: no further batch
+                    break
         if request.restore_faces:
             run.notes.append(f"restore faces: {run.faces_restored} face(s) redrawn by {request.face_restorer}"
                              if run.faces_restored else "restore faces: no face found in the pictures")
@@ -193,9 +203,12 @@ class Generator:
         if request.mask is not None:  # the mask goes through the same resize as the init image
             mask = resize_init_image(request.mask, request.width, request.height, request.resize_mode)
             inpaint = InpaintJob.prepare(request, init, mask)
-        reuse = request.speed == "fast" and denoising_steps(request) >= MIN_STEPS
+        reuse = request.speed == "fast" and denoising_steps(request) >= MIN_STEPS and not request.controlnet
         run = Run(request, model, job, time.monotonic(), init, pipeline_steps(request), reuse, inpaint)
-        if request.speed == "fast" and not reuse:
+        if request.speed == "fast" and request.controlnet:
+            run.notes.append("speed fast: ran every step in full (the ControlNet's residuals change the deep "
+                             "features a reuse step would keep)")
+        elif request.speed == "fast" and not reuse:
             run.notes.append(f"speed fast: {denoising_steps(request)} denoising steps are too few to reuse "
                              f"features (it needs {MIN_STEPS}); ran every step in full")
         return run
@@ -355,7 +368,9 @@ class Generator:
         if pos.pooled is not None:
             kwargs["pooled_prompt_embeds"] = rep(pos.pooled)
             kwargs["negative_pooled_prompt_embeds"] = rep(neg.pooled)
-        with torch.inference_mode(), self._unet_backend(run, pipe.unet, reuse) as record:
+        run.scheduler, run.pass_images = pipe.scheduler, n
+        with torch.inference_mode(), self._unet_backend(run, pipe.unet, reuse) as record, \
+                self.networks.on_pass(run, pipe.unet):  # after the backend's hook: outermost
             latents = pipe(**kwargs).images
         run.backends |= record.used if record is not None else {"torch"}
         return latents

@@ -140,6 +140,13 @@ def params_from_values(values: Mapping[str, object], *, model_hash: str | None, 
         else:
             value = values.get(spec.field)
             params[spec.key] = None if value == spec.unset or value is None else spec.write(value)
+    # The other networks' pairs (`ControlNet 0`, ...) go where A1111 puts its extensions' pairs:
+    # after its own, before Version.
+    more = {k: v for k, v in (networks or {}).items() if k not in params}
+    if more:
+        keys = list(params)
+        at = keys.index("Version") if "Version" in keys else len(keys)
+        params = {**{k: params[k] for k in keys[:at]}, **more, **{k: params[k] for k in keys[at:]}}
     return params
 
 

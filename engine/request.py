@@ -19,6 +19,7 @@ from PIL import Image
 from engine.errors import RequestError
 from engine.images import MAX_INPUT_PIXELS, open_image
 from engine.inpaint import MASKED_CONTENT, check_mask, mask_from_image
+from engine.networks.control_units import units_from
 from engine.prompt_syntax import weight_problem
 from engine.samplers import DEFAULT_SAMPLER, check_sampler, split_legacy_name
 
@@ -143,6 +144,9 @@ class GenerationRequest:
     restore_faces: bool = False
     face_restorer: str | None = None
     codeformer_weight: float = 0.5
+    # ControlNet units (engine.networks.control_units.ControlUnit), the active ones only: a disabled
+    # unit or one at weight 0 is dropped when validated, so the job is the plain one.
+    controlnet: tuple = ()
 
     @property
     def total_images(self) -> int:
@@ -207,6 +211,7 @@ class GenerationRequest:
         if values["enable_hr"] and mode != "txt2img":
             raise RequestError("enable_hr", "hires fix is for txt2img; img2img sets its size directly")
 
+        values["controlnet"] = units_from(raw["controlnet"])
         values["init_image"] = _init_image(raw["init_image"], mode)
         values["mask"] = _mask(raw["mask"], mode, values["init_image"], values["inpainting_mask_invert"])
         width_given = fields.get("width") is not None or fields.get("height") is not None

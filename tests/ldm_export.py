@@ -255,3 +255,34 @@ def export_single_file(pipe, family: Family, dest: Path, *, sidecar: bool = True
     if sidecar:
         write_yaml(ldm_config(pipe, family), dest.with_suffix(".yaml"))
     return dest
+
+
+def controlnet_to_ldm(controlnet, prefix: str = "control_model.") -> dict[str, torch.Tensor]:
+    """A diffusers ControlNetModel in lllyasviel's original layout (control_v11p_sd15_canny.pth):
+    the UNet's encoder half numbered as LDM numbers it, zero_convs.N.0 for the residual convs,
+    middle_block_out.0, and the hint encoder as input_hint_block.{0, 2, 4, ..., 14} (its SiLUs
+    sit between the convolutions, at the odd places). `prefix`: "control_model." as the v1.0 and
+    v1.1 releases ship, "" as some re-releases do."""
+    cfg = controlnet.config
+    per = cfg.layers_per_block
+    top = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+           "conv_in": "input_blocks.0.0", "add_embedding.linear_1": "label_emb.0.0",
+           "add_embedding.linear_2": "label_emb.0.2", "mid_block.attentions.0": "middle_block.1",
+           "controlnet_mid_block": "middle_block_out.0", "controlnet_cond_embedding.conv_in": "input_hint_block.0"}
+    blocks = 2 * (len(cfg.conditioning_embedding_out_channels) - 1)
+    top["controlnet_cond_embedding.conv_out"] = f"input_hint_block.{2 * (blocks + 1)}"
+    for k in range(blocks):
+        top[f"controlnet_cond_embedding.blocks.{k}"] = f"input_hint_block.{2 * (k + 1)}"
+    resnets = {"mid_block.resnets.0": "middle_block.0", "mid_block.resnets.1": "middle_block.2"}
+    for i in range(len(cfg.down_block_types)):
+        for j in range(per):
+            resnets[f"down_blocks.{i}.resnets.{j}"] = f"input_blocks.{i * (per + 1) + j + 1}.0"
+            top[f"down_blocks.{i}.attentions.{j}"] = f"input_blocks.{i * (per + 1) + j + 1}.1"
+        top[f"down_blocks.{i}.downsamplers.0.conv"] = f"input_blocks.{(i + 1) * (per + 1)}.0.op"
+    for n in range(len(cfg.down_block_types) * (per + 1)):
+        top[f"controlnet_down_blocks.{n}"] = f"zero_convs.{n}.0"
+    state = controlnet.state_dict()
+    resnet_keys = {k: v for k, v in state.items() if any(k.startswith(p + ".") for p in resnets)}
+    out = _rename(resnet_keys, resnets, _UNET_RESNET)
+    out.update(_rename({k: v for k, v in state.items() if k not in resnet_keys}, top, {}))
+    return {prefix + k: v.contiguous() for k, v in out.items()}

@@ -113,11 +113,11 @@ def test_a_recorded_a1111_body_is_understood_field_for_field(server):
 
 
 def test_unsupported_fields_are_accepted_and_reported_as_ignored(server):
-    extra = {"script_name": "x/y/z plot", "script_args": [1, 2],
-             "alwayson_scripts": {"ControlNet": {"args": [{"enabled": True}]}}, "some_extension_field": 3}
-    response = post(server, "txt2img", {**SMALL, **extra})
+    extra = {"script_name": "x/y/z plot", "script_args": [1, 2], "some_extension_field": 3}
+    scripts = {"ADetailer": {"args": [True]}, "ControlNet": {"args": [{"enabled": False}]}}  # a unit that is off
+    response = post(server, "txt2img", {**SMALL, **extra, "alwayson_scripts": scripts})
     assert response.status_code == 200, response.text
-    assert json.loads(response.json()["info"])["ignored"] == sorted(extra)
+    assert json.loads(response.json()["info"])["ignored"] == [*sorted(extra), "alwayson_scripts.ADetailer"]
 
 
 def test_scheduler_is_taken_by_a1111_name_or_label(server):

@@ -46,6 +46,7 @@ from engine.jobs import Job
 from engine.request import LIMITS, a1111_count
 from engine.samplers import SAMPLERS, SCHEDULES, schedule_label
 from ui import api_lists as lists
+from ui.api_controlnet import ControlNetRoutes, DetectRequest, api_field, controlnet_units, script_key
 from ui.api_options import Options
 from ui.progress import preview_every
 
@@ -266,7 +267,7 @@ def answering(names: dict[str, str]):
                 return refusal.response
             except RequestError as e:
                 message = str(e)[len(e.field) + 2:] if str(e).startswith(f"{e.field}: ") else str(e)
-                return unprocessable(names.get(e.field, e.field), message)
+                return unprocessable(names.get(e.field, api_field(e.field, _controlnet_key(kwargs))), message)
             except ModelNotFoundError as e:
                 return unprocessable(names["model"], str(e).removeprefix("model: "))
             except EaselError as e:
@@ -276,6 +277,12 @@ def answering(names: dict[str, str]):
                 return failure(500, type(e).__name__, f"internal error ({type(e).__name__}); see the server's log")
         return wrapped
     return decorate
+
+
+def _controlnet_key(kwargs: dict) -> str:
+    """How the handler's body spelled alwayson_scripts' ControlNet key, for naming its fields."""
+    body = kwargs.get("body")
+    return script_key(getattr(body, "alwayson_scripts", None)) or "controlnet"
 
 
 def renamed(error: RequestError, field: str) -> RequestError:
@@ -458,7 +465,7 @@ class Route(NamedTuple):
     in_schema: bool = True  # False: served, but not an A1111 route, so left out of the OpenAPI document
 
 
-class Api(lists.ListRoutes):
+class Api(lists.ListRoutes, ControlNetRoutes):
     """The /sdapi/v1 routes (and /docs, /openapi.json) on `engine`; `router` has them, each route a
     method, registered from ROUTES. `logins`: (user, password) pairs accepted as HTTP Basic
     credentials (none: open, as the page is); `limiter`: the request guard's LoginLimiter, so wrong
@@ -497,6 +504,11 @@ class Api(lists.ListRoutes):
         Route("GET", f"{PREFIX}/cmd-flags", "cmd_flags", names={}),
         Route("GET", f"{PREFIX}/memory", "memory", lists.MemoryResponse, {}),
         Route("POST", f"{PREFIX}/interrogate", "interrogate"),
+        # sd-webui-controlnet's (ui/api_controlnet.py), outside /sdapi/v1 as the extension mounts them.
+        Route("GET", "/controlnet/version", "controlnet_version"),
+        Route("GET", "/controlnet/model_list", "controlnet_model_list", names={}),
+        Route("GET", "/controlnet/module_list", "controlnet_module_list"),
+        Route("POST", "/controlnet/detect", "controlnet_detect", names={}),
         Route("GET", "/internal/ping", "ping"),  # A1111 mounts it outside /sdapi/v1
         # The OpenAPI document and its page, behind the same credentials.
         Route("GET", "/openapi.json", "openapi", in_schema=False),
@@ -760,9 +772,11 @@ def generation_fields(body, mode: str, used: frozenset[str]) -> tuple[dict[str, 
         "speed": body.speed, "denoising_strength": body.denoising_strength, "tiling": body.tiling,
         "restore_faces": body.restore_faces,
     }
-    ignored = ignored_fields(body, used)
+    ignored = ignored_fields(body, used | {"alwayson_scripts"})
     own, sources, own_ignored = (txt2img_fields if mode == "txt2img" else img2img_fields)(body)
     fields.update(own)
+    fields["controlnet"], scripts_ignored = controlnet_units(body.alwayson_scripts)  # the others are ignored
+    ignored += scripts_ignored
     if not isinstance(fields["sampler"], str):
         raise RequestError("sampler", f"must be a sampler name, got {type(fields['sampler']).__name__}")
     return fields, sources, ignored + own_ignored
