@@ -387,6 +387,8 @@ class Generator:
             compiled = self._lora_unet(run, compiled, unet)  # None: this LoRA set runs on torch
         elif compiled is not None:
             compiled.drop_loras()  # its memory goes before the plain graphs are compiled again
+            if compiled.control is not None and not run.request.controlnet:
+                compiled.control.unload()  # likewise the UNet graph a ControlNet job used
         tiling = compiled is not None and run.request.tiling
         if tiling and TILING_ON_TORCH not in run.notes:
             run.notes.append(TILING_ON_TORCH)

@@ -251,6 +251,60 @@ def convert_unet_reuse(unet: torch.nn.Module):
     return _named(model, (*names, "features"), OUTPUTS[:1])
 
 
+CONTROL_PART = "unet_control"  # the UNet taking a ControlNet's residuals (engine/networks/controlnet_openvino.py)
+
+
+def residual_shapes(config, sample_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """The shapes of the residuals a ControlNet adds to a UNet of `config` at `sample_shape`: one
+    per skip connection (the input conv's, each down layer's, each downsampler's), then the middle
+    block's. Each downsampler is a stride-2, padding-1, 3x3 conv: a side s becomes (s - 1) // 2 + 1."""
+    batch, _, h, w = sample_shape
+    widths = config.block_out_channels
+    per = config.layers_per_block
+    per = [per] * len(widths) if isinstance(per, int) else list(per)
+    shapes = [(batch, widths[0], h, w)]
+    for level, width in enumerate(widths):
+        shapes += [(batch, width, h, w)] * per[level]
+        if level < len(widths) - 1:
+            h, w = (h - 1) // 2 + 1, (w - 1) // 2 + 1
+            shapes.append((batch, width, h, w))
+    return shapes + [(batch, widths[-1], h, w)]
+
+
+def control_input_names(names: tuple[str, ...], n_down: int) -> tuple[str, ...]:
+    return (*names, *(f"control_down_{i}" for i in range(n_down)), "control_mid")
+
+
+class _TraceableControlled(_Traceable):
+    """The UNet with a ControlNet's residuals as inputs: the UNet's inputs, then the skip
+    connections' residuals, then the middle block's; out, the noise prediction."""
+
+    def __init__(self, unet: torch.nn.Module, names: tuple[str, ...], n_down: int):
+        super().__init__(unet, names)
+        self.n_down = n_down
+
+    def forward(self, *tensors):
+        n = len(self.names)
+        given = dict(zip(self.names, tensors[:n]))
+        down, mid = tensors[n:n + self.n_down], tensors[n + self.n_down]
+        added = {k: given.pop(k) for k in ("text_embeds", "time_ids") if k in given}
+        return self.unet(given.pop("sample"), given.pop("timestep"), given.pop("encoder_hidden_states"),
+                         added_cond_kwargs=added or None, down_block_additional_residuals=tuple(down),
+                         mid_block_additional_residual=mid, return_dict=False, **given)[0]
+
+
+def convert_unet_control(unet: torch.nn.Module):
+    """The UNet taking ControlNet residuals (see _TraceableControlled) as an openvino.Model, dynamic
+    as convert_unet's; its weight names are the plain graph's (the wrapper's attribute is `unet`)."""
+    names = input_names(unet.config)
+    example = example_inputs(unet, names)
+    shapes = residual_shapes(unet.config, tuple(example[0].shape))
+    residuals = tuple(torch.randn(shape) for shape in shapes)
+    with _quiet_trace():
+        model = convert_model(_TraceableControlled(unet, names, len(shapes) - 1), example_input=(*example, *residuals))
+    return _named(model, control_input_names(names, len(shapes) - 1), OUTPUTS[:1])
+
+
 def cache_key(checkpoint_hash: str, part: str, module: torch.nn.Module, inputs: tuple[str, ...],
               stored: str = "f32", compression: str | None = None) -> str:
     """Everything one converted part's graph depends on (see the module docstring), hashed. `part`
@@ -457,6 +511,9 @@ class OpenVINOUNet:
         self.compression = compression  # "int8": NNCF-compressed weights; None: f32 (or f16) weights
         self.device = device            # where it was compiled: "CPU" or an Intel GPU ("GPU.0")
         self._loras = LoraVariant()     # the last LoRA set's fused graphs (engine.openvino_lora)
+        self.checkpoint_hash: str | None = None  # set by prepare_unet: the key of parts made later
+        self.parked_dtype: torch.dtype | None = None  # the torch UNet's weights' dtype (park_weights)
+        self.control = None  # the UNet graph taking ControlNet residuals, once a job asked for it
 
     def for_loras(self, unet: torch.nn.Module):
         """(this UNet compiled with `unet`'s active LoRAs fused in, the seconds fusing and compiling
@@ -490,11 +547,14 @@ class OpenVINOUNet:
         return value, (self._loras.seconds if built else None)
 
     def unload(self) -> None:
-        """Drop the compiled graphs, the LoRA set's too (each compiles again from its blob if called)."""
+        """Drop the compiled graphs, the LoRA set's and the ControlNet one's too (each compiles again
+        from its blob if called)."""
         for own in (self, self._loras.value):
             if isinstance(own, OpenVINOUNet):
                 own.compiled.unload()
                 own.compiled_reuse.unload()
+        if self.control is not None:
+            self.control.unload()
 
     def drop_loras(self) -> None:
         """Forget the last LoRA set's graphs (a job without LoRAs is about to run the plain ones)."""
@@ -638,7 +698,9 @@ def prepare_unet(unet: torch.nn.Module, checkpoint_hash: str, cache: OpenVINOCac
     if torch_dtype is not None:  # after converting: both parts are traced from the f32 UNet
         park_weights(unet, cache.entry(entries[0][0]), torch_dtype)
     compiled = [compile_entry(cache, key, xml, precision, threads, device) for key, xml in entries]
-    return OpenVINOUNet(*compiled, names, precision, from_cache, time.monotonic() - started, compression, device)
+    model = OpenVINOUNet(*compiled, names, precision, from_cache, time.monotonic() - started, compression, device)
+    model.checkpoint_hash, model.parked_dtype = checkpoint_hash, torch_dtype
+    return model
 
 
 def _plain_entry(cache: OpenVINOCache, checkpoint_hash: str, part: str, unet, inputs: tuple[str, ...]):

@@ -252,6 +252,7 @@ class ActiveUnit:
     title: str
     controlnet: torch.nn.Module
     detected: Image.Image  # the preprocessed map, before it is fitted to a pass's size
+    file_hash: str = ""    # what names its converted OpenVINO graph in the cache
     _hints: dict = field(default_factory=dict)
 
     def hint(self, latent_hw: tuple[int, int], batch: int, device, dtype) -> torch.Tensor:
@@ -292,15 +293,18 @@ def _hook_class():
         """On the UNet for one job: each call first runs the job's ControlNets on the same latents,
         timestep and text states, and passes their summed residuals to the UNet."""
 
-        def __init__(self, units: list[ActiveUnit], run):
+        def __init__(self, units: list[ActiveUnit], run, ov=None):
             super().__init__()
             self.units = units
             self.run = run  # engine.generator.Run: its scheduler and request (CFG, images per pass)
+            self.ov = ov    # controlnet_openvino.OpenVINOControl, or None: torch runs the call
 
         def new_forward(self, module, *args, **kwargs):
             given = inspect.signature(self.fn_ref.original_forward).bind(*args, **kwargs).arguments
             sample, timestep = given["sample"], given["timestep"]
             progress = pass_progress(self.run.scheduler, timestep)
+            if self.ov is not None:
+                return self._on_openvino(module, given, progress)
             down, mid = None, None
             for active in self.units:
                 unit = active.unit
@@ -315,6 +319,46 @@ def _hook_class():
                 return self.fn_ref.original_forward(**kwargs)
             return self.fn_ref.original_forward(*args, **kwargs)
 
+        def _on_openvino(self, module, given, progress):
+            """The whole call on OpenVINO: each unit's ControlNet graph, then the UNet graph with
+            their summed residuals (zeros where no unit's window holds this step)."""
+            import numpy as np
+
+            from engine.openvino_backend import residual_shapes
+
+            sample, timestep = given["sample"], given["timestep"]
+            inputs = {**given, **(given.get("added_cond_kwargs") or {})}
+            down, mid = None, None
+            for index, active in enumerate(self.units):
+                unit = active.unit
+                if not unit.guidance_start <= progress <= unit.guidance_end:
+                    continue
+                latents = sample[:, :4]
+                hint = active.hint(tuple(latents.shape[-2:]), latents.shape[0], "cpu", torch.float32)
+                outs = self.ov.residuals(index, latents, timestep, inputs, hint)
+                outs = [o * s for o, s in zip(outs, self._scales(unit, len(outs)))]
+                if unit.control_mode == "ControlNet is more important" and self.run.cfg_halves(sample.shape[0]):
+                    for o in outs:
+                        o[: sample.shape[0] // 2] = 0
+                down = outs[:-1] if down is None else [a + b for a, b in zip(down, outs[:-1])]
+                mid = outs[-1] if mid is None else mid + outs[-1]
+            if down is None:
+                shapes = residual_shapes(module.config, tuple(sample.shape))
+                zeros = [np.zeros(shape, dtype=np.float32) for shape in shapes]
+                down, mid = zeros[:-1], zeros[-1]
+            out = self.ov.noise(inputs, down, mid).to(dtype=sample.dtype, device=sample.device)
+            self.run.backends.add(self.ov.unet.label)
+            if given.get("return_dict", True):
+                from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+                return UNet2DConditionOutput(sample=out)
+            return (out,)
+
+        @staticmethod
+        def _scales(unit, n: int) -> list[float]:
+            soft = unit.control_mode != "Balanced"
+            return [unit.weight * (SOFT_INJECTION_BASE ** (n - 1 - i) if soft else 1.0) for i in range(n)]
+
         def _residuals(self, active: ActiveUnit, sample, timestep, given):
             net, unit = active.controlnet, active.unit
             latents = sample[:, :4]  # an inpainting UNet's mask and masked image are not the ControlNet's
@@ -325,10 +369,7 @@ def _hook_class():
                             controlnet_cond=hint, conditioning_scale=1.0, return_dict=False,
                             added_cond_kwargs=None if added is None else {k: cast(v) for k, v in added.items()})
             outs = [*down, mid]
-            n = len(outs)
-            soft = unit.control_mode != "Balanced"
-            scales = [unit.weight * (SOFT_INJECTION_BASE ** (n - 1 - i) if soft else 1.0) for i in range(n)]
-            outs = [o.to(dtype=sample.dtype, device=sample.device) * s for o, s in zip(outs, scales)]
+            outs = [o.to(dtype=sample.dtype, device=sample.device) * s for o, s in zip(outs, self._scales(unit, len(outs)))]
             if unit.control_mode == "ControlNet is more important" and self.run.cfg_halves(sample.shape[0]):
                 # the control acts on the prompt's half only, so CFG pushes the picture toward it
                 keep = torch.ones(sample.shape[0], 1, 1, 1, dtype=sample.dtype, device=sample.device)
@@ -363,13 +404,38 @@ class ControlNetKind:
             res = pixel_perfect_resolution(unit, request.width, request.height) if unit.pixel_perfect \
                 else unit.processor_res
             detected = preprocess(unit.module, unit.image, res, unit.threshold_a, unit.threshold_b)
-            active.append(ActiveUnit(unit, file.title, net, detected))
+            stat = file.entry.path.stat()
+            active.append(ActiveUnit(unit, file.title, net, detected, f"{file.hash}-{stat.st_size}"))
         self.controlnets.keep_only(paths)
-        if run.model.openvino is not None:
-            run.notes.append("ControlNet: the UNet's steps ran on torch (the OpenVINO UNet takes no ControlNet "
-                             "residuals yet)")
+        ov = self._on_openvino(run, active) if run.model.openvino is not None else None
         yield JobPart({f"ControlNet {i}": a.unit.infotext(a.title) for i, a in enumerate(active)},
-                      functools.partial(_on_pass, active, run))
+                      functools.partial(_on_pass, active, run, ov))
+
+    def _on_openvino(self, run, active: list[ActiveUnit]):
+        """The units' OpenVINO graphs (engine.networks.controlnet_openvino), or None with a note
+        saying why the UNet's steps run on torch."""
+        compiled = run.model.openvino
+        why = None
+        if any(unet_weight for _, _, unet_weight in run.model.lora_weights):
+            why = "with LoRAs, the UNet's steps ran on torch (the LoRAs' fused OpenVINO graphs take no residuals yet)"
+        elif compiled.compression:
+            why = "the UNet's steps ran on torch (its int8 OpenVINO graph takes no residuals)"
+        if why is None:
+            from engine.networks.controlnet_openvino import OpenVINOControl, compiled_controlnet, controlled_unet
+
+            try:
+                unet = run.model.pipe.unet
+                controlled = controlled_unet(compiled, unet, run.notes)
+                nets = [compiled_controlnet(a.controlnet, f"{a.file_hash}", unet, hint_factor(a.controlnet),
+                                            compiled, run.notes) for a in active]
+                compiled.compiled.unload()  # one compiled UNet in memory: the plain graphs come back from their blob
+                compiled.compiled_reuse.unload()
+                return OpenVINOControl(compiled, controlled, nets, unet.config.addition_embed_type == "text_time")
+            except Exception as error:  # noqa: BLE001 - torch still runs the ControlNet and the UNet
+                logger.warning("ControlNet on OpenVINO failed: %s", error)
+                why = f"the UNet's steps ran on torch (OpenVINO could not take the ControlNet: {type(error).__name__})"
+        run.notes.append(f"ControlNet: {why}")
+        return None
 
 
 def pixel_perfect_resolution(unit: ControlUnit, width: int, height: int) -> int:
@@ -383,11 +449,11 @@ def pixel_perfect_resolution(unit: ControlUnit, width: int, height: int) -> int:
 
 
 @contextlib.contextmanager
-def _on_pass(active: list[ActiveUnit], run, unet):
+def _on_pass(active: list[ActiveUnit], run, ov, unet):
     from diffusers.hooks import HookRegistry
 
     registry = HookRegistry.check_if_exists_or_initialize(unet)
-    registry.register_hook(_hook_class()(active, run), HOOK_NAME)  # outermost: after OpenVINO's hook
+    registry.register_hook(_hook_class()(active, run, ov), HOOK_NAME)  # outermost: after OpenVINO's hook
     try:
         yield
     finally:
