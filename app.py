@@ -50,6 +50,35 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-watermark", action="store_true", help="do not embed the invisible watermark")
 
 
+class _ControlUnitOption(argparse.Action):
+    """--controlnet starts a unit; --control-image, --control-module and --control-weight after it
+    set that unit's fields (so `--controlnet a --control-image x --controlnet b ...` pairs rightly)."""
+
+    def __call__(self, parser, namespace, value, option=None):
+        units = getattr(namespace, "controlnet", None) or []
+        if self.dest == "controlnet":
+            units.append({"model": value})
+        elif not units:
+            parser.error(f"{option}: give --controlnet MODEL before it")
+        elif self.dest in units[-1]:
+            parser.error(f"{option}: given twice for --controlnet {units[-1]['model']}")
+        else:
+            units[-1][self.dest] = value
+        namespace.controlnet = units
+
+
+def _add_controlnet_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--controlnet", action=_ControlUnitOption, default=[], metavar="MODEL",
+                   help="a ControlNet from models/ControlNet (repeatable: up to 3 units, each followed by its "
+                        "--control-* options)")
+    p.add_argument("--control-image", dest="image", action=_ControlUnitOption, metavar="FILE",
+                   help="the unit's picture (an edge map, or a photo for its --control-module)")
+    p.add_argument("--control-module", dest="module", action=_ControlUnitOption, metavar="NAME",
+                   help="the unit's preprocessor: none (default), canny, invert, threshold, tile_resample")
+    p.add_argument("--control-weight", dest="weight", action=_ControlUnitOption, metavar="W",
+                   help="the unit's weight, 0-2 (default 1)")
+
+
 def _add_generation_options(p: argparse.ArgumentParser, img2img: bool) -> None:
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default=None)
@@ -77,6 +106,7 @@ def _add_generation_options(p: argparse.ArgumentParser, img2img: bool) -> None:
                    help="CodeFormer's fidelity, 0-1: 0 restores the most, 1 keeps closest to the face (default 0.5)")
     p.add_argument("--speed", default=None, help="exact (default) or fast: reuse the UNet's deep features "
                                                  "across steps, about 2.5-3x faster, a slightly different image")
+    _add_controlnet_options(p)
     if not img2img:  # hires fix: A1111's names, as in its API
         p.add_argument("--hires", dest="enable_hr", action="store_true",
                        help="hires fix: generate at --width x --height, enlarge, then refine with a second pass")
@@ -203,6 +233,7 @@ def _generate(args, mode: str) -> int:
         fields.update(mask_blur=args.mask_blur, inpainting_fill=args.inpainting_fill,
                       inpaint_full_res=args.inpaint_full_res or None, inpaint_full_res_padding=args.inpaint_padding,
                       inpainting_mask_invert=args.mask_invert or None)
+    fields["controlnet"] = [_cli_unit(unit, i) for i, unit in enumerate(args.controlnet)]
     request = engine.make_request(fields, model=model)
     result = engine.generate(request, model=model)
     for note in result.notes:
@@ -216,6 +247,15 @@ def _generate(args, mode: str) -> int:
         print(f"error: {_one_line(result.save_error)}", file=sys.stderr)
         return EXIT_FAILURE
     return 0
+
+
+def _cli_unit(unit: dict, index: int) -> dict:
+    """A --controlnet unit's fields, its picture opened within the image bounds before decoding."""
+    from engine.images import open_image
+
+    if "image" not in unit:
+        raise BadInput(f"--controlnet {unit['model']}: give its --control-image FILE")
+    return {**unit, "image": open_image(Path(unit["image"]), f"controlnet[{index}].image")}
 
 
 SD_X4_OPTIONS = {"prompt": "--prompt", "negative_prompt": "--negative-prompt", "steps": "--steps",

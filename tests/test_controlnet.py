@@ -242,3 +242,40 @@ def test_a_unit_works_in_img2img_and_hires_fix(engine, plain):
 def test_the_generator_takes_the_hooks_off_after_the_job(engine, plain):
     generate(engine, [unit()])
     assert np.array_equal(pixels(generate(engine)), plain)
+
+
+# --- the command line -------------------------------------------------------------------------
+
+def cli(capsys, models, tmp_path, *extra):
+    import app
+
+    code = app.main(["txt2img", "--models-dir", str(models), "--outdir", str(tmp_path / "out"), "--data-dir",
+                     str(tmp_path / "data"), "--prompt", "a house", "--steps", "2", "--width", "64", "--height", "64",
+                     "--seed", "3", *extra])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_the_cli_makes_a_guided_picture_with_its_infotext(capsys, models, tmp_path):
+    house().save(tmp_path / "house.png")
+    code, out, err = cli(capsys, models, tmp_path, "--controlnet", "control_v11p_sd15_canny", "--control-image",
+                         str(tmp_path / "house.png"), "--control-module", "canny", "--control-weight", "0.8")
+    assert code == 0, err
+    guided = Image.open(out.split()[0])
+    assert 'ControlNet 0: "Module: canny, Model: control_v11p_sd15_canny [' in guided.info["parameters"]
+    assert "Weight: 0.8," in guided.info["parameters"]
+    code, out, err = cli(capsys, models, tmp_path)
+    plain = np.asarray(Image.open(out.split()[0]).convert("RGB"), dtype=np.int16)
+    assert np.abs(np.asarray(guided.convert("RGB"), dtype=np.int16) - plain).mean() > 1.0
+
+
+def test_the_cli_refuses_a_control_option_without_its_controlnet(capsys, models, tmp_path):
+    code, out, err = cli(capsys, models, tmp_path, "--control-weight", "0.5")
+    assert code == 2 and "--control-weight: give --controlnet MODEL before it" in err
+
+
+def test_the_cli_names_a_bad_unit_field(capsys, models, tmp_path):
+    house().save(tmp_path / "house.png")
+    code, out, err = cli(capsys, models, tmp_path, "--controlnet", "control_v11p_sd15_canny", "--control-image",
+                         str(tmp_path / "house.png"), "--control-weight", "9")
+    assert code == 2 and err.strip().splitlines() == ["error: controlnet[0].weight: must be between 0 and 2, got '9'"]
