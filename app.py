@@ -74,7 +74,7 @@ def _add_controlnet_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--control-image", dest="image", action=_ControlUnitOption, metavar="FILE",
                    help="the unit's picture (an edge map, or a photo for its --control-module)")
     p.add_argument("--control-module", dest="module", action=_ControlUnitOption, metavar="NAME",
-                   help="the unit's preprocessor: none (default), canny, invert, threshold, tile_resample")
+                   help="the unit's preprocessor: none (default), canny, invert, threshold, scribble_xdog, tile_resample")
     p.add_argument("--control-weight", dest="weight", action=_ControlUnitOption, metavar="W",
                    help="the unit's weight, 0-2 (default 1)")
 

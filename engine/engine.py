@@ -25,6 +25,8 @@ from engine.lora import Loras
 from engine.manager import LoadedModel, ModelFacts, ModelManager, ModelSettings
 from engine.networks import JobNetworks
 from engine.networks.controlnet import ControlNetKind, ControlNets
+from engine.networks.embeddings import EmbeddingsKind
+from engine.networks.lora import LoraKind
 from engine.outputs import OutputSettings, remove_leftovers
 from engine.publish import Publisher
 from engine.request import HIRES_UPSCALERS, LIMITS, GenerationRequest, size_multiple
@@ -92,10 +94,10 @@ class Engine:
         self.embeddings = Embeddings(self.library)
         self.faces = FaceRestorers(self.library, device=resolve_device(self.hardware, config.device))
         self.controlnets = ControlNets(config.models_dir)
-        self.generator = Generator(self.manager, self.publisher, upscalers=self.upscalers, loras=self.loras,
-                                   embeddings=self.embeddings, faces=self.faces,
-                                   single_request=config.single_request,
-                                   networks=JobNetworks((ControlNetKind(self.controlnets),)))
+        # What a job may add to the model, in the order it is attached (engine/networks/).
+        networks = JobNetworks((LoraKind(self.loras), EmbeddingsKind(self.embeddings), ControlNetKind(self.controlnets)))
+        self.generator = Generator(self.manager, self.publisher, upscalers=self.upscalers, faces=self.faces,
+                                   single_request=config.single_request, networks=networks)
         # The page's and the API's jobs take turns on the device in arrival order (engine/turns.py).
         self.turns = TurnQueue()
         # The download catalogue and its advice for this machine; partial downloads wait in data/downloads.

@@ -15,14 +15,13 @@ import torch
 from PIL import Image, ImageOps
 
 from engine import __version__
-from engine.embeddings import Embeddings, model_embeddings, ti_hashes
 from engine.errors import EaselError
 from engine.faces import FaceRestorers
 from engine.feature_cache import INTERVAL, MIN_STEPS, FeatureReuse
 from engine.infotext import build_infotext, params_from_values
 from engine.inpaint import InpaintJob
 from engine.jobs import GenerationResult, Job, ProgressUpdate, check_cancelled, stopping_early
-from engine.lora import Loras, strip_loras
+from engine.lora import strip_loras
 from engine.manager import LoadedModel, ModelManager
 from engine.networks import JobNetworks
 from engine.openvino_parts import compiled_in, unload_before_steps
@@ -79,8 +78,7 @@ class Run:
     inpaint: InpaintJob | None = None  # img2img with a mask
     notes: list[str] = field(default_factory=list)
     backends: set = field(default_factory=set)  # what ran the UNet's calls: "torch", "openvino", "openvino int8"
-    networks: dict = field(default_factory=dict)  # infotext pairs of the job's LoRAs ("Lora hashes")
-    embeddings: dict = field(default_factory=dict)  # the textual inversions the model's prompts may use
+    networks: dict = field(default_factory=dict)  # infotext pairs of the job's networks ("Lora hashes", "ControlNet 0")
     faces_restored: int = 0  # restore_faces: how many faces the job's pictures had redrawn
     step_lora: str | None = None  # the kind of step-distilled LoRA the prompt runs ("LCM-LoRA", ...): engine.lora
     decode_noted: bool = False  # the note on a step LoRA's bf16 decode is in `notes`
@@ -107,10 +105,13 @@ class Run:
         """What ran the UNet in this run ("torch", "openvino", "openvino int8", "openvino+torch")."""
         return "+".join(sorted(self.backends, key=lambda name: name == "torch")) or "torch"
 
+    def used_embeddings(self) -> tuple[str, ...]:
+        """The textual inversions the encoded prompts used, in order (engine/networks/embeddings.py)."""
+        return tuple(dict.fromkeys(n for e in (self._encoded[1] if self._encoded else ()) for n in e.embeddings))
+
     def infotext_networks(self) -> dict:
-        """`Lora hashes` and `TI hashes` for the infotext (TI: the embeddings the prompts used)."""
-        used = tuple(dict.fromkeys(n for e in (self._encoded[1] if self._encoded else ()) for n in e.embeddings))
-        return {**self.networks, **ti_hashes(used, self.embeddings)}
+        """The job's networks' infotext pairs (`Lora hashes`, `TI hashes`, `ControlNet 0`, ...)."""
+        return {**self.networks, **JobNetworks.late_infotext(self)}
 
 
 TILING_ON_TORCH = ("tiling ran on torch: OpenVINO's compiled UNet and VAE pad with zeros, and seamless "
@@ -140,19 +141,18 @@ class Generator:
     """Sampling: a request and a loaded model in, images out (`sample`); `run` hands them to the
     publishing step (watermark, infotext, save, grid: `engine.publish`)."""
 
-    def __init__(self, manager: ModelManager, publisher: Publisher, reuse_interval: int = INTERVAL,
-                 upscalers: Upscalers | None = None, loras: Loras | None = None,
-                 embeddings: Embeddings | None = None, faces: FaceRestorers | None = None,
-                 single_request: bool = False, networks: JobNetworks | None = None):
+    def __init__(self, manager: ModelManager, publisher: Publisher, *, networks: JobNetworks,
+                 reuse_interval: int = INTERVAL, upscalers: Upscalers | None = None,
+                 faces: FaceRestorers | None = None, single_request: bool = False):
         self.manager = manager
         self.publisher = publisher
-        self.loras = loras            # the models folder's LoRAs; None: <lora:...> tags are refused
-        self.embeddings = embeddings  # the embeddings folders' textual inversions; None: none
         self.upscalers = upscalers  # engine.upscalers.Upscalers: hires fix's upscaler models
         self.faces = faces          # engine.faces.FaceRestorers: restore_faces' models; None: refused
         self.reuse_interval = reuse_interval  # speed "fast": one full UNet step in this many
         self.single_request = single_request  # the process ends after one request (see _finish_pictures)
-        self.networks = networks or JobNetworks()  # what a job adds besides LoRAs: engine.networks
+        # What a job adds to the model (LoRAs, embeddings, ControlNet units): engine.networks, built
+        # by the engine (a <lora:...> tag is refused by its LoRA kind when there is no LoRA folder).
+        self.networks = networks
 
     def run(self, request: GenerationRequest, model: LoadedModel, job: Job | None = None) -> GenerationResult:
         job = job or Job()
@@ -160,9 +160,8 @@ class Generator:
         run = self._plan(request, model, job)
         run.notes.extend(model.notes)  # what loading it had to say (OpenVINO's first conversion), once
         model.notes.clear()
-        self._networks(run)
-        with self.networks.for_job(run) as added:  # ControlNet units: loaded once, hooked per pass
-            run.networks = {**run.networks, **added}
+        with self.networks.for_job(run) as added:  # LoRAs, embeddings, ControlNet units: once per job
+            run.networks = added
             publication = self.publisher.begin(request.mode, save=request.save_images, job=job)
             seeds, infotexts = [], []
             for batch, batch_seeds in enumerate(self._batch_seeds(request)):
@@ -182,19 +181,6 @@ class Generator:
             run.notes.append(published.save_error)
         return GenerationResult(published.images, tuple(seeds), tuple(infotexts), published.paths,
                                 published.grid_path, tuple(run.notes), published.save_error)
-
-    def _networks(self, run: Run) -> None:
-        """Put the prompt's LoRAs on the model (and take others off) and give its prompt encoder
-        the embeddings that fit it, before anything is encoded or sampled."""
-        if self.loras is not None:
-            run.networks = self.loras.apply(run.model, run.request.prompt)
-            step = self.loras.step_lora(run.request.prompt, run.model.info.label)
-            if step is not None and run.model.distillation == "none":  # as Engine.lora_defaults
-                run.step_lora = step.kind
-        elif strip_loras(run.request.prompt) != run.request.prompt:
-            raise EaselError("lora: this engine has no LoRA folder; <lora:...> tags cannot be used")
-        if self.embeddings is not None:
-            run.embeddings = model_embeddings(self.embeddings, run.model)
 
     def _plan(self, request: GenerationRequest, model: LoadedModel, job: Job) -> Run:
         init = inpaint = None

@@ -17,7 +17,7 @@ from engine.errors import ModelNotFoundError
 
 CHECKPOINT_DIR = "Stable-diffusion"
 SUBFOLDERS = ("Stable-diffusion", "VAE", "ESRGAN", "RealESRGAN", "SwinIR", "Lora", "LyCORIS", "embeddings",
-              "GFPGAN", "Codeformer")
+              "GFPGAN", "Codeformer", "ControlNet")
 # Every suffix the safe reader (engine/safe_files.py) accepts; kept here too so this module needs no torch.
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 # The other model folders, by the heading `app.py models` lists them under.

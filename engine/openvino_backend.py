@@ -13,8 +13,9 @@ adapters all keep working), and for one sampling pass `OpenVINOUNet.running(unet
 forward with the compiled model through diffusers' own `HookRegistry` (the mechanism
 `engine.feature_cache` uses). Samplers, CFG, img2img, hires fix, previews and cancel live outside
 the UNet's forward (the scheduler and the step-end callback), so they are unchanged. A call the
-converted graph does not cover (ControlNet residuals, class labels, a LoRA scale passed per call)
-runs the torch forward instead, and the pass says so.
+converted graph does not cover (class labels, a LoRA scale passed per call, ControlNet residuals
+with a LoRA set) runs the torch forward instead, and the pass says so. A ControlNet job has a graph
+of its own, the UNet with residual inputs (convert_unet_control; engine/networks/controlnet_openvino.py).
 
 The `fast` speed (feature reuse, engine.feature_cache) runs here too, as two compiled parts: the
 full graph, which also returns the deep features (the output of feature_cache.feature_part), and

@@ -132,3 +132,10 @@ def test_threshold_whitens_what_is_brighter_than_the_level():
 def test_tile_resample_shrinks_by_the_rate():
     assert preprocess("tile_resample", square(128), 512, 4.0, None).size == (32, 32)
     assert preprocess("tile_resample", square(128), 512, 1.0, None).size == (128, 128)
+
+
+def test_scribble_xdog_draws_the_squares_outline():
+    lines = np.asarray(preprocess("scribble_xdog", square(128), 128, 32, None).convert("L"))
+    assert lines.shape == (128, 128) and set(np.unique(lines)) == {0, 255}
+    assert lines[28:36, 40:88].max() == 255  # along the top edge at y=32
+    assert lines[0:16, 0:16].max() == 0 and lines[56:72, 56:72].max() == 0  # flat white, flat black

@@ -163,7 +163,7 @@ def test_a_unit_that_adds_nothing_gives_the_plain_pixels(engine, plain, off):
 
 def test_each_unet_call_gets_the_controlnets_own_residuals(engine, source):
     """The hook's call equals the UNet called with diffusers' ControlNetModel residuals, by hand."""
-    from engine.networks.controlnet import ActiveUnit, _hook_class
+    from engine.networks.controlnet import ActiveUnit, AddControl
     from engine.networks.control_units import units_from
     from diffusers.hooks import HookRegistry
 
@@ -191,7 +191,7 @@ def test_each_unet_call_gets_the_controlnets_own_residuals(engine, source):
         active = ActiveUnit(the_unit, "t", net, the_unit.image)
         active._hints[((8, 8), 1, "cpu", torch.float32)] = hint  # the same map as above, fitted by hand
         registry = HookRegistry.check_if_exists_or_initialize(unet)
-        registry.register_hook(_hook_class()([active], Pass()), "probe")
+        registry.register_hook(AddControl([active], Pass()), "probe")
         try:
             got = unet(sample, t, encoder_hidden_states=text).sample
         finally:

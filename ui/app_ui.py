@@ -22,6 +22,7 @@ import gradio as gr
 
 from engine.errors import CancelledError, EaselError
 from engine.prompt_syntax import add_lora_tag
+from ui.controlnet_panel import ControlNetPanel
 from ui.downloads_tab import DownloadsPanel, cancel_look, wire_downloads
 from ui.handlers import Studio
 from ui.progress import progress_html
@@ -266,6 +267,7 @@ class GenerationTab:
         with gr.Row():
             f["batch_count"] = gr.Slider(*limits.ranges["batch_count"], value=1, step=1, label="Batch count", elem_id=f"{mode}-batch-count")
             f["batch_size"] = gr.Slider(*limits.ranges["batch_size"], value=1, step=1, label="Batch size", elem_id=f"{mode}-batch-size")
+        self.controlnet = ControlNetPanel(engine, mode, uploaded_image)  # not request fields: a list of units
 
     def _results_column(self) -> None:
         mode = self.mode
@@ -280,6 +282,7 @@ class GenerationTab:
     def wire(self) -> None:
         self._wire_generate()
         self._wire_helpers()
+        self.controlnet.wire(shows_errors)
 
     def _run(self, values: dict, request: gr.Request):
         """The Generate event: the widgets' values (a {component: value} dict) turned into the request's
@@ -293,6 +296,10 @@ class GenerationTab:
         if self.mask_upload is not None and values.get(self.mask_upload):
             fields["mask"] = values[self.mask_upload]
         key = (request.session_hash, self.mode)
+        try:
+            fields["controlnet"] = self.controlnet.units(values)
+        except EaselError as e:
+            raise _readable(e) from None
         # Every yield gives each shown output (progress, preview, gallery, infotext) a plain value, never
         # leaving one out: Gradio fills a left-out output with gr.skip(), an update that builds a new copy
         # of that component for the session, and the next plain value files the copy under its own new id
@@ -349,6 +356,7 @@ class GenerationTab:
 
         inputs = set(self.fields.values()) | {model, self.job_token, self.styles} | {c for c in (self.vae, self.mask_upload)
                                                                                        if c}
+        inputs |= self.controlnet.components()
         outputs = [self.progress, self.preview, self.gallery, self.infotext, self.infotexts, self.last_seed]
         self.generate_button.click(prepare, None, [self.progress, self.job_token, self.cancel_button], queue=False,
                                    api_visibility="private").then(
@@ -630,12 +638,16 @@ class PngInfoTab:
                 if (parsed or {}).get("VAE") and not picked:
                     gr.Warning(f"VAE {parsed['VAE']!r} is not in models/VAE; the VAE picker keeps its choice.")
                 picked.update(self._send_clip_skip(tab, model, values.get("clip_skip")))
-                return {**tab.fill(values), **picked, tabs: gr.Tabs(selected=tab.mode)}
+                units, warnings = tab.controlnet.fill(parsed or {})  # A1111's `ControlNet N` entries
+                for warning in warnings:
+                    gr.Warning(warning)
+                return {**tab.fill(values), **picked, **units, tabs: gr.Tabs(selected=tab.mode)}
             return send
 
         for button, tab, with_image in ((self.send_txt, txt2img, False), (self.send_img, img2img, True)):
             button.click(send_to(tab, with_image), [self.parsed, self.image, tab.model],
-                         [tabs, tab.vae, tab.clip_skip, *tab.fields.values()], queue=False, api_visibility="private")
+                         [tabs, tab.vae, tab.clip_skip, *tab.fields.values(), *tab.controlnet.components()], queue=False,
+                         api_visibility="private")
 
     def _send_clip_skip(self, tab: GenerationTab, model, clip_skip) -> dict:
         """An infotext's Clip skip (1 when it has none) on the header's slider, remembered for the

@@ -18,12 +18,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import inspect
 import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 import torch
+from diffusers.hooks import ModelHook  # engine.openvino_backend has it imported already
 from PIL import Image
 
 from engine.errors import RequestError
@@ -139,6 +141,11 @@ class ControlNets:
             self._loaded[key] = load_controlnet(file, unet, field_name)
         return self._loaded[key]
 
+    def forget(self, model) -> None:
+        """Drop a loaded ControlNet (OpenVINO runs its compiled copy)."""
+        for key in [k for k, v in self._loaded.items() if v is model]:
+            del self._loaded[key]
+
     def keep_only(self, wanted: set) -> None:
         for key in list(self._loaded):
             if key[0] not in wanted:
@@ -253,6 +260,7 @@ class ActiveUnit:
     controlnet: torch.nn.Module
     detected: Image.Image  # the preprocessed map, before it is fitted to a pass's size
     file_hash: str = ""    # what names its converted OpenVINO graph in the cache
+    factor: int = 8        # pixels of control map per latent pixel (hint_factor)
     _hints: dict = field(default_factory=dict)
 
     def hint(self, latent_hw: tuple[int, int], batch: int, device, dtype) -> torch.Tensor:
@@ -261,7 +269,7 @@ class ActiveUnit:
         if key not in self._hints:
             import numpy as np
 
-            f = hint_factor(self.controlnet)
+            f = self.factor
             fitted = fit_map(self.detected, (latent_hw[1] * f, latent_hw[0] * f), self.unit.resize_mode)
             pixels = torch.from_numpy(np.asarray(fitted.convert("RGB"), dtype=np.float32) / 255.0)
             tensor = pixels.permute(2, 0, 1).unsqueeze(0).repeat(batch, 1, 1, 1)
@@ -283,101 +291,93 @@ def pass_progress(scheduler, timestep) -> float:
     return float(torch.argmin(places)) / max(1, len(steps) - begin)
 
 
-def _hook_class():
-    """Built on first use: diffusers' ModelHook is imported when a job uses a ControlNet."""
-    import inspect
+class AddControl(ModelHook):
+    """On the UNet for one job: each call first runs the job's ControlNets on the same latents,
+    timestep and text states, and passes their summed residuals to the UNet."""
 
-    from diffusers.hooks import ModelHook
+    def __init__(self, units: list[ActiveUnit], run, ov=None):
+        super().__init__()
+        self.units = units
+        self.run = run  # engine.generator.Run: its scheduler and request (CFG, images per pass)
+        self.ov = ov    # controlnet_openvino.OpenVINOControl, or None: torch runs the call
 
-    class AddControl(ModelHook):
-        """On the UNet for one job: each call first runs the job's ControlNets on the same latents,
-        timestep and text states, and passes their summed residuals to the UNet."""
+    def new_forward(self, module, *args, **kwargs):
+        given = inspect.signature(self.fn_ref.original_forward).bind(*args, **kwargs).arguments
+        sample, timestep = given["sample"], given["timestep"]
+        progress = pass_progress(self.run.scheduler, timestep)
+        if self.ov is not None:
+            return self._on_openvino(module, given, progress)
+        down, mid = None, None
+        for active in self.units:
+            unit = active.unit
+            if not unit.guidance_start <= progress <= unit.guidance_end:
+                continue
+            d, m = self._residuals(active, sample, timestep, given)
+            down = d if down is None else [a + b for a, b in zip(down, d)]
+            mid = m if mid is None else mid + m
+        if down is not None:
+            kwargs = {**given, "down_block_additional_residuals": tuple(down),
+                      "mid_block_additional_residual": mid}
+            return self.fn_ref.original_forward(**kwargs)
+        return self.fn_ref.original_forward(*args, **kwargs)
 
-        def __init__(self, units: list[ActiveUnit], run, ov=None):
-            super().__init__()
-            self.units = units
-            self.run = run  # engine.generator.Run: its scheduler and request (CFG, images per pass)
-            self.ov = ov    # controlnet_openvino.OpenVINOControl, or None: torch runs the call
+    def _on_openvino(self, module, given, progress):
+        """The whole call on OpenVINO: each unit's ControlNet graph, then the UNet graph with
+        their summed residuals (zeros where no unit's window holds this step)."""
+        import numpy as np
 
-        def new_forward(self, module, *args, **kwargs):
-            given = inspect.signature(self.fn_ref.original_forward).bind(*args, **kwargs).arguments
-            sample, timestep = given["sample"], given["timestep"]
-            progress = pass_progress(self.run.scheduler, timestep)
-            if self.ov is not None:
-                return self._on_openvino(module, given, progress)
-            down, mid = None, None
-            for active in self.units:
-                unit = active.unit
-                if not unit.guidance_start <= progress <= unit.guidance_end:
-                    continue
-                d, m = self._residuals(active, sample, timestep, given)
-                down = d if down is None else [a + b for a, b in zip(down, d)]
-                mid = m if mid is None else mid + m
-            if down is not None:
-                kwargs = {**given, "down_block_additional_residuals": tuple(down),
-                          "mid_block_additional_residual": mid}
-                return self.fn_ref.original_forward(**kwargs)
-            return self.fn_ref.original_forward(*args, **kwargs)
+        from engine.openvino_backend import residual_shapes
 
-        def _on_openvino(self, module, given, progress):
-            """The whole call on OpenVINO: each unit's ControlNet graph, then the UNet graph with
-            their summed residuals (zeros where no unit's window holds this step)."""
-            import numpy as np
-
-            from engine.openvino_backend import residual_shapes
-
-            sample, timestep = given["sample"], given["timestep"]
-            inputs = {**given, **(given.get("added_cond_kwargs") or {})}
-            down, mid = None, None
-            for index, active in enumerate(self.units):
-                unit = active.unit
-                if not unit.guidance_start <= progress <= unit.guidance_end:
-                    continue
-                latents = sample[:, :4]
-                hint = active.hint(tuple(latents.shape[-2:]), latents.shape[0], "cpu", torch.float32)
-                outs = self.ov.residuals(index, latents, timestep, inputs, hint)
-                outs = [o * s for o, s in zip(outs, self._scales(unit, len(outs)))]
-                if unit.control_mode == "ControlNet is more important" and self.run.cfg_halves(sample.shape[0]):
-                    for o in outs:
-                        o[: sample.shape[0] // 2] = 0
-                down = outs[:-1] if down is None else [a + b for a, b in zip(down, outs[:-1])]
-                mid = outs[-1] if mid is None else mid + outs[-1]
-            if down is None:
-                shapes = residual_shapes(module.config, tuple(sample.shape))
-                zeros = [np.zeros(shape, dtype=np.float32) for shape in shapes]
-                down, mid = zeros[:-1], zeros[-1]
-            out = self.ov.noise(inputs, down, mid).to(dtype=sample.dtype, device=sample.device)
-            self.run.backends.add(self.ov.unet.label)
-            if given.get("return_dict", True):
-                from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
-
-                return UNet2DConditionOutput(sample=out)
-            return (out,)
-
-        @staticmethod
-        def _scales(unit, n: int) -> list[float]:
-            soft = unit.control_mode != "Balanced"
-            return [unit.weight * (SOFT_INJECTION_BASE ** (n - 1 - i) if soft else 1.0) for i in range(n)]
-
-        def _residuals(self, active: ActiveUnit, sample, timestep, given):
-            net, unit = active.controlnet, active.unit
-            latents = sample[:, :4]  # an inpainting UNet's mask and masked image are not the ControlNet's
-            hint = active.hint(tuple(latents.shape[-2:]), latents.shape[0], net.device, net.dtype)
-            cast = lambda t: t.to(device=net.device, dtype=net.dtype) if torch.is_tensor(t) and t.is_floating_point() else t  # noqa: E731
-            added = given.get("added_cond_kwargs")
-            down, mid = net(cast(latents), timestep, encoder_hidden_states=cast(given["encoder_hidden_states"]),
-                            controlnet_cond=hint, conditioning_scale=1.0, return_dict=False,
-                            added_cond_kwargs=None if added is None else {k: cast(v) for k, v in added.items()})
-            outs = [*down, mid]
-            outs = [o.to(dtype=sample.dtype, device=sample.device) * s for o, s in zip(outs, self._scales(unit, len(outs)))]
+        sample, timestep = given["sample"], given["timestep"]
+        inputs = {**given, **(given.get("added_cond_kwargs") or {})}
+        down, mid = None, None
+        for index, active in enumerate(self.units):
+            unit = active.unit
+            if not unit.guidance_start <= progress <= unit.guidance_end:
+                continue
+            latents = sample[:, :4]
+            hint = active.hint(tuple(latents.shape[-2:]), latents.shape[0], "cpu", torch.float32)
+            outs = self.ov.residuals(index, latents, timestep, inputs, hint)
+            outs = [o * s for o, s in zip(outs, self._scales(unit, len(outs)))]
             if unit.control_mode == "ControlNet is more important" and self.run.cfg_halves(sample.shape[0]):
-                # the control acts on the prompt's half only, so CFG pushes the picture toward it
-                keep = torch.ones(sample.shape[0], 1, 1, 1, dtype=sample.dtype, device=sample.device)
-                keep[: sample.shape[0] // 2] = 0
-                outs = [o * keep for o in outs]
-            return outs[:-1], outs[-1]
+                for o in outs:
+                    o[: sample.shape[0] // 2] = 0
+            down = outs[:-1] if down is None else [a + b for a, b in zip(down, outs[:-1])]
+            mid = outs[-1] if mid is None else mid + outs[-1]
+        if down is None:
+            shapes = residual_shapes(module.config, tuple(sample.shape))
+            zeros = [np.zeros(shape, dtype=np.float32) for shape in shapes]
+            down, mid = zeros[:-1], zeros[-1]
+        out = self.ov.noise(inputs, down, mid).to(dtype=sample.dtype, device=sample.device)
+        self.run.backends.add(self.ov.unet.label)
+        if given.get("return_dict", True):
+            from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
-    return AddControl
+            return UNet2DConditionOutput(sample=out)
+        return (out,)
+
+    @staticmethod
+    def _scales(unit, n: int) -> list[float]:
+        soft = unit.control_mode != "Balanced"
+        return [unit.weight * (SOFT_INJECTION_BASE ** (n - 1 - i) if soft else 1.0) for i in range(n)]
+
+    def _residuals(self, active: ActiveUnit, sample, timestep, given):
+        net, unit = active.controlnet, active.unit
+        latents = sample[:, :4]  # an inpainting UNet's mask and masked image are not the ControlNet's
+        hint = active.hint(tuple(latents.shape[-2:]), latents.shape[0], net.device, net.dtype)
+        cast = lambda t: t.to(device=net.device, dtype=net.dtype) if torch.is_tensor(t) and t.is_floating_point() else t  # noqa: E731
+        added = given.get("added_cond_kwargs")
+        down, mid = net(cast(latents), timestep, encoder_hidden_states=cast(given["encoder_hidden_states"]),
+                        controlnet_cond=hint, conditioning_scale=1.0, return_dict=False,
+                        added_cond_kwargs=None if added is None else {k: cast(v) for k, v in added.items()})
+        outs = [*down, mid]
+        outs = [o.to(dtype=sample.dtype, device=sample.device) * s for o, s in zip(outs, self._scales(unit, len(outs)))]
+        if unit.control_mode == "ControlNet is more important" and self.run.cfg_halves(sample.shape[0]):
+            # the control acts on the prompt's half only, so CFG pushes the picture toward it
+            keep = torch.ones(sample.shape[0], 1, 1, 1, dtype=sample.dtype, device=sample.device)
+            keep[: sample.shape[0] // 2] = 0
+            outs = [o * keep for o in outs]
+        return outs[:-1], outs[-1]
 
 
 class ControlNetKind:
@@ -405,7 +405,7 @@ class ControlNetKind:
                 else unit.processor_res
             detected = preprocess(unit.module, unit.image, res, unit.threshold_a, unit.threshold_b)
             stat = file.entry.path.stat()
-            active.append(ActiveUnit(unit, file.title, net, detected, f"{file.hash}-{stat.st_size}"))
+            active.append(ActiveUnit(unit, file.title, net, detected, f"{file.hash}-{stat.st_size}", hint_factor(net)))
         self.controlnets.keep_only(paths)
         ov = self._on_openvino(run, active) if run.model.openvino is not None else None
         yield JobPart({f"ControlNet {i}": a.unit.infotext(a.title) for i, a in enumerate(active)},
@@ -421,15 +421,22 @@ class ControlNetKind:
         elif compiled.compression:
             why = "the UNet's steps ran on torch (its int8 OpenVINO graph takes no residuals)"
         if why is None:
-            from engine.networks.controlnet_openvino import OpenVINOControl, compiled_controlnet, controlled_unet
+            from engine.networks.controlnet_openvino import (OpenVINOControl, compile_controlnet, controlled_unet,
+                                                             controlnet_entry)
 
             try:
                 unet = run.model.pipe.unet
-                controlled = controlled_unet(compiled, unet, run.notes)
-                nets = [compiled_controlnet(a.controlnet, f"{a.file_hash}", unet, hint_factor(a.controlnet),
-                                            compiled, run.notes) for a in active]
-                compiled.compiled.unload()  # one compiled UNet in memory: the plain graphs come back from their blob
+                entries = [controlnet_entry(a.controlnet, a.file_hash, unet, a.factor, compiled, run.notes)
+                           for a in active]
+                for a in active:  # OpenVINO will hold its own copy: torch's (1.4 GB for SD 1.5 in f32) goes first
+                    self.controlnets.forget(a.controlnet)
+                    a.controlnet = None
+                # One compiled UNet in memory: the plain graphs go before the ControlNet one compiles
+                # (a later plain job compiles them again from their blob).
+                compiled.compiled.unload()
                 compiled.compiled_reuse.unload()
+                controlled = controlled_unet(compiled, unet, run.notes)
+                nets = [compile_controlnet(xml, compiled) for xml in entries]
                 return OpenVINOControl(compiled, controlled, nets, unet.config.addition_embed_type == "text_time")
             except Exception as error:  # noqa: BLE001 - torch still runs the ControlNet and the UNet
                 logger.warning("ControlNet on OpenVINO failed: %s", error)
@@ -453,7 +460,7 @@ def _on_pass(active: list[ActiveUnit], run, ov, unet):
     from diffusers.hooks import HookRegistry
 
     registry = HookRegistry.check_if_exists_or_initialize(unet)
-    registry.register_hook(_hook_class()(active, run, ov), HOOK_NAME)  # outermost: after OpenVINO's hook
+    registry.register_hook(AddControl(active, run, ov), HOOK_NAME)  # outermost: after OpenVINO's hook
     try:
         yield
     finally:

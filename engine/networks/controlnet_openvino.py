@@ -130,10 +130,12 @@ def controlled_unet(compiled, unet: torch.nn.Module, notes: list[str]):
     return compiled.control
 
 
-def compiled_controlnet(controlnet: torch.nn.Module, file_hash: str, unet: torch.nn.Module, factor: int,
-                        compiled, notes: list[str]):
-    """A ControlNet compiled like the UNet `compiled` (read from the cache, else converted and cached)."""
-    from engine.openvino_backend import CompiledPart, OpenVINOCache, cache_key, stored_weights
+def controlnet_entry(controlnet: torch.nn.Module, file_hash: str, unet: torch.nn.Module, factor: int,
+                     compiled, notes: list[str]):
+    """The model.xml of a ControlNet's graph in the UNet `compiled`'s cache: read, else converted
+    (from the torch ControlNet, in f32) and cached. Compiled by `compile_controlnet`, after the torch
+    ControlNet is dropped (its weights and OpenVINO's copy are never both held)."""
+    from engine.openvino_backend import OpenVINOCache, cache_key, stored_weights
 
     cache = OpenVINOCache(compiled.compiled.folder.parent)
     sdxl = unet.config.addition_embed_type == "text_time"
@@ -151,5 +153,13 @@ def compiled_controlnet(controlnet: torch.nn.Module, file_hash: str, unet: torch
         del model
         notes.append(f"ControlNet: converted {file_hash[:8]} for OpenVINO in {time.monotonic() - started:.0f} s, "
                      "once (cached)")
+    return xml
+
+
+def compile_controlnet(xml, compiled):
+    """A ControlNet's cached graph compiled like the UNet `compiled` (its device and config)."""
+    from engine.openvino_backend import CompiledPart, OpenVINOCache
+
+    cache = OpenVINOCache(compiled.compiled.folder.parent)
     config = compiled.compiled.config
     return CompiledPart(lambda: cache.compile(xml, compiled.device, config), xml.parent, compiled.device, config)
